@@ -1,0 +1,229 @@
+"""Building blocks shared by the model families, with Hugging Face parameter layouts.
+
+Weights keep the PyTorch layout of the checkpoint (`nn.Linear.weight` is [out, in], GPT-2's
+`Conv1D.weight` is [in, out]) so that loading and export are plain renames with shape checks.
+Parameters are stored in `param_dtype`; every op casts them to the compute `dtype` at use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resofilter_jax.models.config import RopeConfig
+
+Array = jax.Array
+
+
+def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype: jnp.dtype, std: float) -> Array:
+    if rngs is None:  # shapes only (loading overwrites every value)
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """`torch.nn.Linear` layout: weight [out, in], optional bias [out]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs | None,
+    ):
+        self.weight = nnx.Param(_init(rngs, (out_features, in_features), param_dtype, 0.02))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        w = self.weight[...].astype(self.dtype)  # [out, in]
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Conv1D(nnx.Module):
+    """GPT-2's `Conv1D` layout: weight [in, out], bias [out]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs | None,
+    ):
+        self.weight = nnx.Param(_init(rngs, (in_features, out_features), param_dtype, 0.02))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        w = self.weight[...].astype(self.dtype)  # [in, out]
+        return jnp.einsum("...i,io->...o", x.astype(self.dtype), w) + self.bias[...].astype(
+            self.dtype
+        )
+
+
+class Embedding(nnx.Module):
+    """Token (or position) embedding table, weight [num, dim]."""
+
+    def __init__(
+        self, num: int, dim: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs | None
+    ):
+        self.weight = nnx.Param(_init(rngs, (num, dim), param_dtype, 0.02))
+        self.dtype = dtype
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)  # [..., dim]
+
+    def attend(self, x: Array) -> Array:
+        """Tied output projection: x [..., dim] -> logits [..., num]."""
+        return jnp.einsum(
+            "...d,vd->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype)
+        )
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm computed in fp32.
+
+    Llama style (`gemma=False`): `w * cast(x * rsqrt(mean(x^2) + eps))`.
+    Gemma style (`gemma=True`): `cast(x * rsqrt(mean(x^2) + eps) * (1 + w))`, all in fp32.
+    """
+
+    def __init__(
+        self, dim: int, *, eps: float, gemma: bool, dtype: jnp.dtype, param_dtype: jnp.dtype
+    ):
+        init = jnp.zeros if gemma else jnp.ones
+        self.weight = nnx.Param(init((dim,), param_dtype))
+        self.eps = eps
+        self.gemma = gemma
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        in_dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(in_dtype)
+        return self.weight[...].astype(in_dtype) * normed.astype(in_dtype)
+
+
+class LayerNorm(nnx.Module):
+    """`torch.nn.LayerNorm` (weight, bias), computed in fp32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def activation(name: str, x: Array) -> Array:
+    """Hugging Face activation by name."""
+    if name in ("silu", "swish"):
+        return jax.nn.silu(x)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"activation {name!r} is not supported")
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Array:
+    """Inverse frequencies [head_dim // 2] in fp32, with linear or llama3 scaling."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions: Array, inv_freq: Array, dtype: jnp.dtype) -> tuple[Array, Array]:
+    """cos/sin tables [batch, seq, head_dim] (computed in fp32, cast to `dtype`)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [batch, seq, head_dim]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates x [batch, seq, heads, head_dim] by the half-split convention of HF."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask_bias(attention_mask: Array, sliding_window: int | None = None) -> Array:
+    """Boolean mask [batch, 1, q, k]: causal, key padding, optional sliding window.
+
+    Args:
+        attention_mask: [batch, seq], 1 for real tokens and 0 for padding.
+        sliding_window: keys j with j <= i - window are hidden from query i (HF semantics).
+    """
+    seq = attention_mask.shape[-1]
+    q = jnp.arange(seq)[:, None]
+    k = jnp.arange(seq)[None, :]
+    allowed = k <= q  # [q, k]
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    return allowed[None, None] & (attention_mask[:, None, None, :] > 0)
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> Array:
+    """Grouped-query attention with an fp32 softmax.
+
+    Args:
+        q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
+        mask: bool [batch, 1, q_seq, k_seq].
+    Returns:
+        [batch, seq, heads, head_dim] in q's dtype.
+    """
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    groups = h // kv
+    qg = q.reshape(b, s, kv, groups, d)  # [b, s, kv, g, d]
+    scores = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * scale  # [b, kv, g, q, t]
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)  # [b, q, kv, g, d]
+    return out.reshape(b, s, h, d)

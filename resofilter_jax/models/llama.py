@@ -1,0 +1,144 @@
+"""Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) with HF parameter names.
+
+State paths equal HF state-dict keys, e.g. `model.layers.3.mlp.up_proj.weight`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resofilter_jax.models.base import CausalLM, default_positions
+from resofilter_jax.models.config import ModelConfig
+from resofilter_jax.models.layers import (
+    Embedding,
+    Linear,
+    RMSNorm,
+    activation,
+    apply_rope,
+    attention_mask_bias,
+    dot_product_attention,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+Array = jax.Array
+
+
+class LlamaAttention(nnx.Module):
+    """Multi-head / grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(h, cfg.num_attention_heads * d, bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(cfg.num_attention_heads * d, h, bias=cfg.o_proj_bias, **kw)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = d
+        self.scale = cfg.attention_scale()
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, mask, scale=self.scale)  # [b, s, heads, head_dim]
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)), shared by Llama and Gemma."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+        kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(cfg, rngs=rngs, **kw)
+        self.mlp = GatedMLP(cfg, rngs=rngs, **kw)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, gemma=False, **kw)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.norm_eps, gemma=False, **kw
+        )
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nnx.Module):
+    """Embedding, decoder layers and final norm (HF prefix `model.`)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, gemma=False, **kw)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama-family causal LM; `lm_head` is absent when embeddings are tied."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(
+                config.hidden_size,
+                config.vocab_size,
+                bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+    def output_embedding(self) -> Array:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
+
+    def hidden_states(
+        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+    ) -> Array:
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if positions is None:
+            positions = default_positions(input_ids)
+        x = self.model.embed_tokens(input_ids)  # [b, s, hidden]
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim), self.dtype)
+        full_mask = attention_mask_bias(attention_mask)
+        slide_mask = (
+            attention_mask_bias(attention_mask, cfg.sliding_window)
+            if any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
+            else full_mask
+        )
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, slide_mask if cfg.is_sliding(i) else full_mask)
+        return self.model.norm(x)

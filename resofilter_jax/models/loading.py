@@ -1,0 +1,208 @@
+"""Load a causal LM and its tokenizer from a HF directory, a hub id, or a GGUF file.
+
+Tensors are read one at a time and placed straight into an abstract (shape-only) model, so a
+checkpoint is never held twice in host memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resofilter_jax.models.base import CausalLM
+from resofilter_jax.models.config import ModelConfig, config_from_hf
+from resofilter_jax.models.registry import (
+    CheckpointMismatchError,
+    abstract_model,
+    param_name,
+)
+
+log = logging.getLogger("resofilter_jax.models")
+
+# Checkpoint keys that are buffers or tied aliases, not parameters.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+DTYPES = {
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "fp16": jnp.float16,
+}
+
+
+def as_dtype(name: str | jnp.dtype) -> jnp.dtype:
+    """'bf16' / 'bfloat16' / 'fp32' / a dtype -> jnp dtype."""
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    return name
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with the tokenizer and config it came with."""
+
+    model: CausalLM
+    tokenizer: Any
+    config: ModelConfig
+    source: str
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    if name.endswith(IGNORED_SUFFIXES):
+        return True
+    return config.tie_word_embeddings and name == "lm_head.weight"
+
+
+def model_from_tensors(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, Any]],
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    source: str = "checkpoint",
+) -> CausalLM:
+    """Builds a model from an iterable of (HF name, array), filling an abstract model.
+
+    Raises:
+        CheckpointMismatchError: unexpected or missing tensors, or a shape mismatch (named).
+    """
+    abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    flat = dict(nnx.to_flat_state(params))
+    by_name = {param_name(p): p for p in flat}
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for name, value in tensors:
+        if name not in by_name:
+            if not _ignored(name, config):
+                unexpected.append(name)
+            continue
+        var = flat[by_name[name]]
+        if tuple(value.shape) != tuple(var.shape):
+            raise CheckpointMismatchError(
+                f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the "
+                f"{config.model_type} model expects {tuple(var.shape)}"
+            )
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
+        filled.add(name)
+    missing = sorted(set(by_name) - filled)
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{source} does not match the {config.model_type} model: missing tensors "
+            f"{missing[:6]}{' ...' if len(missing) > 6 else ''} ({len(missing)} in all), "
+            f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} "
+            f"({len(unexpected)} in all)"
+        )
+    params = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, params, rest)
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{index} names shard {f.name}, which is missing")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors in {model_dir} (PyTorch .bin checkpoints are not read: convert "
+            "them with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return files
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, jax.Array]]:
+    """Yields (name, array) from safetensors files, one tensor at a time (bf16 kept)."""
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="flax") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
+    """A transformers fast tokenizer from a directory, a GGUF file, or a hub id."""
+    from transformers import AutoTokenizer
+
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    """Downloads config, safetensors and tokenizer files of a hub repo (needs the network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised with the cause attached
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Pass a local model directory or a .gguf file instead."
+        ) from e
+    return Path(path)
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: str | jnp.dtype = jnp.float32,
+    param_dtype: str | jnp.dtype = jnp.float32,
+    tokenizer: bool = True,
+) -> LoadedModel:
+    """Loads a model (and tokenizer) from a HF directory, a `.gguf` file, or a hub id.
+
+    Args:
+        source: a directory with config.json + *.safetensors (sharded index supported), a path
+            to a `.gguf` file, or a hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct`.
+        dtype: compute dtype; param_dtype: storage dtype of the parameters.
+        tokenizer: also load the tokenizer.
+    """
+    dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        from resofilter_jax.models.gguf_io import GGUFFile
+
+        g = GGUFFile(path)
+        config = config_from_hf(g.hf_config())
+        model = model_from_tensors(
+            config, g.tensors(), dtype=dtype, param_dtype=param_dtype, source=str(path)
+        )
+        tok = load_tokenizer(path.parent, gguf_file=path.name) if tokenizer else None
+        return LoadedModel(model, tok, config, str(path))
+    if not path.exists():
+        if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+            raise FileNotFoundError(f"model path {str(source)!r} does not exist")
+        path = _resolve_hub(str(source))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    files = _safetensors_files(path)
+    log.info("loading %s (%s, %d shard(s))", path, config.model_type, len(files))
+    model = model_from_tensors(
+        config, iter_safetensors(files), dtype=dtype, param_dtype=param_dtype, source=str(path)
+    )
+    tok = load_tokenizer(path) if tokenizer else None
+    return LoadedModel(model, tok, config, str(path))
