@@ -62,7 +62,7 @@ def param_name(path: tuple) -> str:
 def named_params(model: nnx.Module) -> dict[str, jax.Array]:
     """{HF name: array} for every parameter of `model`."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {param_name(path): var[...] for path, var in flat}
+    return {param_name(path): var.get_value() for path, var in flat}
 
 
 def load_state_dict(

@@ -1,0 +1,314 @@
+"""Numerical parity of every model family with the transformers PyTorch reference.
+
+Each case builds a tiny random HF model (fp32, eager attention), copies its state dict into the
+NNX model with `load_state_dict(strict=True)` and compares logits and final hidden states at
+every non-padded position of a right-padded batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from resofilter_jax.models.base import CausalLM
+from resofilter_jax.models.config import ModelConfig, config_from_hf
+from resofilter_jax.models.gpt2 import GPT2_IGNORED_KEYS
+from resofilter_jax.models.registry import (
+    CheckpointMismatchError,
+    build_model,
+    load_state_dict,
+)
+
+VOCAB, SEQ, WINDOW = 128, 24, 8
+LENGTHS = (SEQ, 17, 11)  # rows 1 and 2 are right-padded
+INIT_STD = 0.15  # large enough that logits are O(1..10), not trivially tiny
+
+_TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=INIT_STD,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_GEMMA = dict(_TINY, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW)
+_GPT2 = dict(
+    vocab_size=VOCAB,
+    n_positions=64,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    initializer_range=INIT_STD,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> HF config factory. Every case has a sequence longer than any sliding window.
+HF_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "gpt2": lambda: transformers.GPT2Config(**_GPT2),
+    "gpt2_unscaled": lambda: transformers.GPT2Config(**_GPT2, scale_attn_weights=False),
+    "llama": lambda: transformers.LlamaConfig(**_TINY),
+    "llama3_rope": lambda: transformers.LlamaConfig(
+        **_TINY,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,  # wavelengths hit all three branches
+        },
+    ),
+    "llama_tied": lambda: transformers.LlamaConfig(**_TINY, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**_TINY, sliding_window=WINDOW),
+    "qwen2": lambda: transformers.Qwen2Config(**_TINY),
+    "qwen2_sliding": lambda: transformers.Qwen2Config(
+        **_TINY, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=8.0
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **dict(_GEMMA, num_hidden_layers=4),
+        sliding_window_pattern=2,  # sliding, full, sliding, full
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+}
+
+
+class Case(NamedTuple):
+    """A tiny HF model's weights, inputs and reference outputs."""
+
+    config: ModelConfig
+    state_dict: dict[str, np.ndarray]
+    ignore: tuple[str, ...]
+    input_ids: np.ndarray  # [batch, seq]
+    attention_mask: np.ndarray  # [batch, seq]
+    logits: np.ndarray  # [batch, seq, vocab]
+    hidden: np.ndarray  # [batch, seq, hidden]
+    hf: Any  # the transformers model
+
+
+def _inputs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, VOCAB, size=(len(LENGTHS), SEQ))
+    mask = (np.arange(SEQ)[None, :] < np.array(LENGTHS)[:, None]).astype(np.int64)
+    return np.where(mask > 0, ids, 0), mask
+
+
+def _ignored(config: ModelConfig) -> tuple[str, ...]:
+    if config.arch == "gpt2":
+        return GPT2_IGNORED_KEYS
+    return ("lm_head.weight",) if config.tie_word_embeddings else ()
+
+
+@functools.cache
+def reference(name: str) -> Case:
+    """Builds the HF model of case `name` once and runs it on a padded batch."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        HF_CONFIGS[name](), attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases (HF initialises them to 0/1)
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    ids, mask = _inputs(seed=len(name))
+    with torch.no_grad():
+        t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        logits = hf(input_ids=t_ids, attention_mask=t_mask).logits.numpy()
+        hidden = hf.base_model(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.numpy()
+    config = config_from_hf(hf.config.to_dict())
+    state = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    return Case(config, state, _ignored(config), ids, mask, logits, hidden, hf)
+
+
+@functools.cache
+def loaded(name: str, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
+    """The NNX model of case `name` with the HF weights, and its output on the batch."""
+    case = reference(name)
+    model = build_model(case.config, dtype=dtype, param_dtype=dtype, seed=None)
+    load_state_dict(model, case.state_dict, ignore=case.ignore, strict=True)
+    out = model(jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask))
+    return model, out
+
+
+def _assert_parity(actual: Any, expected: np.ndarray, mask: np.ndarray) -> None:
+    valid = mask > 0
+    want = expected[valid]
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float32)[valid],
+        want,
+        rtol=1e-5,
+        atol=1e-5 * float(np.abs(want).max()),
+    )
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_logits_and_hidden_match_transformers(name: str) -> None:
+    case = reference(name)
+    assert np.abs(case.logits).max() > 1.0, "reference logits are trivially small"
+    _, out = loaded(name)
+    assert out.logits.shape == case.logits.shape
+    _assert_parity(out.logits, case.logits, case.attention_mask)
+    _assert_parity(out.hidden, case.hidden, case.attention_mask)
+
+
+def test_cases_exercise_sliding_windows_and_both_gemma3_layer_types() -> None:
+    for name in ("mistral", "qwen2_sliding", "gemma2", "gemma3"):
+        cfg = reference(name).config
+        assert cfg.sliding_window is not None and cfg.sliding_window < SEQ
+        assert any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)), name
+    gemma3 = reference("gemma3").config
+    assert set(gemma3.layer_types) == {"sliding_attention", "full_attention"}
+    assert gemma3.rope.rope_type == "linear" and gemma3.rope.factor == 4.0
+    assert gemma3.rope_local is not None and gemma3.rope_local.theta == 1e4
+    gemma2 = reference("gemma2").config
+    assert gemma2.attn_logit_softcapping == 5.0 and gemma2.final_logit_softcapping == 8.0
+    assert gemma2.attention_scale() == pytest.approx(24**-0.5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "gemma3"])
+def test_logits_at_equals_gathered_logits(name: str) -> None:
+    model, out = loaded(name)
+    index = jnp.asarray([[0, 5, 23], [16, 2, 9], [10, 10, 0]])  # [batch, k]
+    picked = model.logits_at(out.hidden, index)  # [batch, k, vocab]
+    want = jnp.take_along_axis(out.logits, index[..., None], axis=1)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(picked), np.asarray(want), rtol=1e-6, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "gemma2", "gemma3"])
+def test_bfloat16_runs_close_to_float32(name: str) -> None:
+    """Smoke check of bf16 params and compute, not parity."""
+    case = reference(name)
+    _, ref = loaded(name)
+    _, out = loaded(name, jnp.bfloat16)
+    assert out.logits.dtype == jnp.bfloat16 and out.hidden.dtype == jnp.bfloat16
+    valid = case.attention_mask > 0
+    lo = np.asarray(out.logits, dtype=np.float32)[valid]  # [tokens, vocab]
+    hi = np.asarray(ref.logits)[valid]
+    assert np.isfinite(lo).all()
+    bound = 0.05 * np.abs(hi).max()
+    assert np.abs(lo - hi).max() <= bound
+    agree = lo.argmax(-1) == hi.argmax(-1)  # [tokens]
+    assert agree.mean() >= 0.95
+    top2 = np.sort(hi, axis=-1)[:, -2:]  # [tokens, 2]
+    assert agree[top2[:, 1] - top2[:, 0] > 2 * bound].all()  # clear winners never flip
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3_rope", "gemma3"])
+def test_explicit_positions_match_transformers(name: str) -> None:
+    """Per-row positions reach the learned (GPT-2) or rotary position encodings."""
+    case = reference(name)
+    model, _ = loaded(name)
+    # Row 1 is stretched (changes relative distances, so rope sees it), row 2 shifted.
+    positions = np.arange(SEQ)[None, :] * np.array([[1], [2], [1]]) + np.array([[0], [1], [3]])
+    with torch.no_grad():
+        want = case.hf(
+            input_ids=torch.from_numpy(case.input_ids),
+            attention_mask=torch.from_numpy(case.attention_mask),
+            position_ids=torch.from_numpy(positions),
+        ).logits.numpy()
+    assert not np.allclose(want, case.logits, atol=1e-3)  # the offsets change the output
+    out = model(
+        jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask), jnp.asarray(positions)
+    )
+    _assert_parity(out.logits, want, case.attention_mask)
+
+
+def test_gpt2_legacy_checkpoint_buffers_are_ignored() -> None:
+    case = reference("gpt2")
+    state = dict(case.state_dict)
+    n_pos = case.config.max_position_embeddings
+    for i in range(case.config.num_hidden_layers):  # buffers of pre-v4.x GPT-2 checkpoints
+        state[f"transformer.h.{i}.attn.bias"] = np.tril(np.ones((1, 1, n_pos, n_pos), np.uint8))
+        state[f"transformer.h.{i}.attn.masked_bias"] = np.asarray(-1e4, np.float32)
+    assert "lm_head.weight" in state  # HF's tied alias of transformer.wte.weight
+    model = build_model(case.config, seed=None)
+    with pytest.raises(CheckpointMismatchError, match=r"transformer\.h\.0\.attn\.bias"):
+        load_state_dict(model, state, strict=True)
+    load_state_dict(model, state, ignore=GPT2_IGNORED_KEYS, strict=True)
+    out = model(jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask))
+    _assert_parity(out.logits, case.logits, case.attention_mask)
+
+
+def test_gpt2_rejects_unsupported_attention_options() -> None:
+    for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        hf = transformers.GPT2Config(**_GPT2, **{option: True}).to_dict()
+        with pytest.raises(NotImplementedError, match=option):
+            build_model(config_from_hf(hf), seed=None)
+
+
+def test_load_state_dict_names_shape_mismatch_and_missing_keys() -> None:
+    case = reference("llama")
+    model = build_model(case.config, seed=None)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    bad = dict(case.state_dict)
+    bad[name] = np.zeros((3, 64), np.float32)
+    with pytest.raises(CheckpointMismatchError, match=name.replace(".", r"\.")):
+        load_state_dict(model, bad, strict=True)
+    missing = dict(case.state_dict)
+    del missing["model.layers.0.mlp.down_proj.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"model\.layers\.0\.mlp\.down_proj\.weight"):
+        load_state_dict(model, missing, strict=True)
+
+
+def test_gemma_configs_use_hf_defaults_for_absent_keys() -> None:
+    """Legacy/minimal config.json files parse to what transformers itself would run."""
+    gemma2 = dict(_GEMMA, model_type="gemma2")
+    for key in ("query_pre_attn_scalar", "head_dim", "sliding_window"):
+        del gemma2[key]
+    gemma3 = dict(
+        _GEMMA,
+        model_type="gemma3_text",
+        num_hidden_layers=6,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        rope_local_base_freq=10000.0,
+    )
+    for hf_dict, cls in (
+        (gemma2, transformers.Gemma2Config),
+        (gemma3, transformers.Gemma3TextConfig),
+    ):
+        ours = config_from_hf(hf_dict)
+        theirs = config_from_hf(cls(**hf_dict).to_dict())
+        for field in (
+            "head_dim",
+            "hidden_act",
+            "query_pre_attn_scalar",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "sliding_window",
+            "layer_types",
+            "rope",
+            "rope_local",
+        ):
+            assert getattr(ours, field) == getattr(theirs, field), (cls.__name__, field)
+
+
+def test_jit_matches_eager() -> None:
+    model, out = loaded("gemma3")
+    case = reference("gemma3")
+
+    @jax.jit
+    def run(ids: jax.Array, mask: jax.Array) -> jax.Array:
+        return model(ids, mask).logits
+
+    jitted = run(jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask))
+    _assert_parity(jitted, np.asarray(out.logits), case.attention_mask)
