@@ -1,0 +1,396 @@
+"""Exact token encodings for IFD scoring (Superfiltering) and SFT/resonance (ResoFilter).
+
+Both encoders batch-encode whole lists of texts with the (fast) tokenizer and reproduce
+``tokenizer.encode(text, truncation=True, max_length=L)`` exactly by cutting the
+untruncated encodings with the tokenizer's special-token layout (see :func:`truncate_ids`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from resofilter_jax.data.records import Record
+from resofilter_jax.data.templates import Template, get_template
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IFDPair",
+    "SFTExample",
+    "SpecialLayout",
+    "encode_ifd_pairs",
+    "encode_sft_examples",
+    "encode_texts",
+    "encode_truncated",
+    "num_scored",
+    "special_layout",
+    "truncate_ids",
+]
+
+IGNORE_INDEX = -100
+_PROBES = ("a", "Hello world", "0 1 2")
+
+
+@dataclass(frozen=True)
+class SpecialLayout:
+    """Special tokens a tokenizer puts around a single sequence.
+
+    Attributes:
+        prefix: Token ids added before the content (e.g. BOS).
+        suffix: Token ids added after the content (e.g. EOS).
+    """
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+    @property
+    def n_special(self) -> int:
+        """Number of added special tokens."""
+        return len(self.prefix) + len(self.suffix)
+
+    def matches(self, ids: Sequence[int]) -> bool:
+        """Whether ``ids`` (encoded with special tokens) has exactly this prefix and suffix."""
+        p, s = len(self.prefix), len(self.suffix)
+        return (
+            len(ids) >= p + s
+            and tuple(ids[:p]) == self.prefix
+            and tuple(ids[len(ids) - s :]) == self.suffix
+        )
+
+
+@dataclass(frozen=True)
+class IFDPair:
+    """Token sequences for one record's IFD score.
+
+    Scored positions of a sequence ``ids`` with start ``s`` are ``t`` with
+    ``max(s, 1) <= t < len(ids)`` (token ``t`` predicted from the logits at ``t - 1``).
+
+    Attributes:
+        index: The record's index.
+        direct_ids: [n_d] int32, the output alone.
+        direct_start: First scored position of ``direct_ids``.
+        cond_ids: [n_c] int32, prompt + output.
+        cond_start: First scored position of ``cond_ids``.
+        status: ``ok``, ``empty_output``, ``no_response_tokens`` or the record's error status.
+        turn: The record's turn.
+    """
+
+    index: int
+    direct_ids: np.ndarray
+    direct_start: int
+    cond_ids: np.ndarray
+    cond_start: int
+    status: str
+    turn: int = 0
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """Token ids and labels for one record's SFT loss / gradient.
+
+    Attributes:
+        index: The record's index.
+        ids: [n] int32 token ids.
+        labels: [n] int32 target ids, ``IGNORE_INDEX`` (-100) on prompt positions.
+        status: ``ok``, ``no_response_tokens`` or the record's error status.
+        turn: The record's turn.
+    """
+
+    index: int
+    ids: np.ndarray
+    labels: np.ndarray
+    status: str
+    turn: int = 0
+
+
+def num_scored(n: int, start: int) -> int:
+    """Number of scored tokens in a sequence of length ``n`` with first label ``start``."""
+    return max(0, n - max(start, 1))
+
+
+def _empty() -> np.ndarray:
+    return np.zeros((0,), np.int32)
+
+
+def encode_texts(
+    tokenizer: Any, texts: Sequence[str], *, add_special_tokens: bool = True, batch: int = 1024
+) -> list[list[int]]:
+    """Encodes texts with batched tokenizer calls, without truncation."""
+    out: list[list[int]] = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(
+            list(texts[i : i + batch]),
+            add_special_tokens=add_special_tokens,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        out.extend(list(ids) for ids in enc["input_ids"])
+    return out
+
+
+def _find(hay: list[int], needle: list[int]) -> int:
+    """Start of the first occurrence of ``needle`` in ``hay``, or -1."""
+    for i in range(len(hay) - len(needle) + 1):
+        if hay[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
+def special_layout(tokenizer: Any) -> SpecialLayout | None:
+    """Finds the special tokens the tokenizer adds around one sequence.
+
+    Encodes a few probe texts with and without special tokens; returns ``None`` if they
+    do not agree on one prefix/suffix (then callers fall back to per-text encoding).
+    """
+    layouts = set()
+    for probe in _PROBES:
+        full = encode_texts(tokenizer, [probe])[0]
+        bare = encode_texts(tokenizer, [probe], add_special_tokens=False)[0]
+        at = _find(full, bare) if bare else -1
+        if at < 0:
+            return None
+        layouts.add(SpecialLayout(tuple(full[:at]), tuple(full[at + len(bare) :])))
+    if len(layouts) != 1:
+        return None
+    layout = layouts.pop()
+    if tuple(encode_texts(tokenizer, [""])[0]) != layout.prefix + layout.suffix:
+        return None
+    return layout
+
+
+def truncate_ids(
+    ids: Sequence[int], layout: SpecialLayout, max_length: int, side: str = "right"
+) -> list[int]:
+    """Cuts an untruncated encoding as ``encode(text, truncation=True, max_length=...)`` does.
+
+    The content between the special tokens is cut to ``max_length - n_special`` tokens
+    (from the right, or the left for ``side="left"``) and the special tokens are kept.
+    Like the Rust tokenizer, nothing is cut when ``max_length < n_special``.
+    ``ids`` must match ``layout`` (see :meth:`SpecialLayout.matches`).
+    """
+    ids = list(ids)
+    n = layout.n_special
+    if max_length < n or len(ids) <= max_length:
+        return ids
+    keep = max_length - n
+    content = ids[len(layout.prefix) : len(ids) - len(layout.suffix)]
+    content = content[:keep] if side == "right" else content[len(content) - keep :]
+    return [*layout.prefix, *content, *layout.suffix]
+
+
+def _cut(
+    tokenizer: Any,
+    layout: SpecialLayout | None,
+    text: str,
+    ids: list[int],
+    max_length: int,
+) -> list[int]:
+    """Truncates one untruncated encoding, falling back to the tokenizer if it is unusual."""
+    if layout is not None and layout.matches(ids):
+        side = getattr(tokenizer, "truncation_side", "right")
+        return truncate_ids(ids, layout, max_length, side)
+    return list(tokenizer.encode(text, truncation=True, max_length=max_length))
+
+
+def encode_truncated(
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_lengths: int | Sequence[int],
+    *,
+    layout: SpecialLayout | None = None,
+) -> list[list[int]]:
+    """Batched equivalent of ``[tokenizer.encode(t, truncation=True, max_length=L) ...]``.
+
+    Args:
+        tokenizer: A HF tokenizer.
+        texts: Texts to encode (with special tokens).
+        max_lengths: One limit for all texts, or one per text.
+        layout: The tokenizer's :func:`special_layout` (computed if not given).
+    """
+    if isinstance(max_lengths, int):
+        max_lengths = [max_lengths] * len(texts)
+    if len(max_lengths) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(max_lengths)} max_lengths")
+    layout = layout if layout is not None else special_layout(tokenizer)
+    full = encode_texts(tokenizer, texts)
+    return [
+        _cut(tokenizer, layout, t, ids, m)
+        for t, ids, m in zip(texts, full, max_lengths, strict=True)
+    ]
+
+
+def _check_room(tokenizer: Any, layout: SpecialLayout | None, max_length: int) -> None:
+    """Raises if ``max_length`` leaves no room for text next to the special tokens."""
+    n_special = layout.n_special if layout is not None else len(encode_texts(tokenizer, [""])[0])
+    if max_length <= n_special:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for text next to the tokenizer's "
+            f"{n_special} special tokens"
+        )
+
+
+def encode_ifd_pairs(
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    template: str | Template = "none",
+    batch: int = 1024,
+) -> list[IFDPair]:
+    """Encodes records for IFD scoring with Superfiltering's exact tokenization.
+
+    For ``prompt = template.prompt(r)``, ``output = r.output``, ``whole = prompt + output``
+    (``encode`` = ``tokenizer.encode`` with special tokens):
+
+    * ``ins_len = len(encode(prompt, truncation=True, max_length=max_length))``
+    * direct: ``encode(output, truncation=True, max_length=max_length - ins_len + 1)``
+      with start 0 (the reference scores the output alone with ``labels = input_ids``).
+    * conditioned: ``encode(whole, truncation=True, max_length=max_length)`` with start
+      ``len(encode(whole[:whole.rfind(output)]))`` (not truncated, as in the reference).
+
+    Note the reference quirk kept here: when ``max_length - ins_len + 1`` is smaller than
+    the number of special tokens, the tokenizer does not truncate at all, so the direct
+    sequence can be longer than ``max_length``.
+
+    Args:
+        records: Records to encode.
+        tokenizer: A HF (fast) tokenizer.
+        max_length: The reference's ``max_length``.
+        template: Prompt template (default ``none``, Superfiltering's).
+        batch: Records tokenized per batched tokenizer call (bounds memory).
+
+    Raises:
+        ValueError: If ``max_length`` is not larger than the number of special tokens.
+
+    Returns:
+        One :class:`IFDPair` per record, in order. Records with an error status pass
+        through with empty ids; an empty output gives ``empty_output``; a pair with no
+        scored token in either sequence gives ``no_response_tokens``.
+    """
+    tmpl = get_template(template, tokenizer)
+    layout = special_layout(tokenizer) if records else None
+    if records:
+        _check_room(tokenizer, layout, max_length)
+    out: list[IFDPair] = []
+    for s in range(0, len(records), batch):
+        out.extend(_ifd_chunk(records[s : s + batch], tokenizer, tmpl, layout, max_length))
+    return out
+
+
+def _ifd_chunk(
+    records: Sequence[Record],
+    tokenizer: Any,
+    tmpl: Template,
+    layout: SpecialLayout | None,
+    max_length: int,
+) -> list[IFDPair]:
+    """:func:`encode_ifd_pairs` for one batch of records."""
+    todo = [i for i, r in enumerate(records) if r.ok and r.output != ""]
+    prompts = [tmpl.prompt(records[i]) for i in todo]
+    outputs = [records[i].output for i in todo]
+    wholes = [p + o for p, o in zip(prompts, outputs, strict=True)]
+    prompt_ids = encode_texts(tokenizer, prompts)
+    output_ids = encode_texts(tokenizer, outputs)
+    whole_ids = encode_texts(tokenizer, wholes)
+    pairs: dict[int, IFDPair] = {}
+    for k, i in enumerate(todo):
+        prompt, output, whole = prompts[k], outputs[k], wholes[k]
+        ins_len = len(_cut(tokenizer, layout, prompt, prompt_ids[k], max_length))
+        direct = _cut(tokenizer, layout, output, output_ids[k], max_length - ins_len + 1)
+        cond = _cut(tokenizer, layout, whole, whole_ids[k], max_length)
+        cut = whole.rfind(output)
+        # whole ends with output, so rfind finds it right after the prompt.
+        head_len = len(prompt_ids[k]) if cut == len(prompt) else len(tokenizer.encode(whole[:cut]))
+        ok = num_scored(len(direct), 0) > 0 and num_scored(len(cond), head_len) > 0
+        r = records[i]
+        pairs[i] = IFDPair(
+            r.index,
+            np.asarray(direct, np.int32),  # [n_d]
+            0,
+            np.asarray(cond, np.int32),  # [n_c]
+            head_len,
+            "ok" if ok else "no_response_tokens",
+            r.turn,
+        )
+    out = []
+    for i, r in enumerate(records):
+        if i in pairs:
+            out.append(pairs[i])
+        else:
+            status = r.status if not r.ok else "empty_output"
+            out.append(IFDPair(r.index, _empty(), 0, _empty(), 0, status, r.turn))
+    return out
+
+
+def encode_sft_examples(
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    template: str | Template = "alpaca",
+    batch: int = 1024,
+) -> list[SFTExample]:
+    """Encodes records as SFT examples with ResoFilter's tokenization.
+
+    ``source = template.prompt(r)``, ``target = template.response(r)``, both encoded with
+    special tokens. ``ids = encode(source) + target_ids + [eos]`` where ``target_ids`` is
+    ``encode(target)`` without its first token when the tokenizer adds a BOS prefix (its
+    special layout has a prefix and the encoding starts with it). Labels are -100 on the
+    ``len(encode(source))`` source positions and equal to the ids elsewhere (the appended
+    EOS is a label). Both are then right-truncated to ``max_length``.
+
+    Args:
+        records: Records to encode.
+        tokenizer: A HF (fast) tokenizer with an EOS token.
+        max_length: Right-truncation length.
+        template: Prompt template (default ``alpaca``).
+        batch: Records tokenized per batched tokenizer call (bounds memory).
+
+    Returns:
+        One :class:`SFTExample` per record, in order. Error records pass through with
+        empty arrays; ``no_response_tokens`` when no label survives truncation.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; SFT examples append EOS")
+    tmpl = get_template(template, tokenizer)
+    layout = special_layout(tokenizer) if records else None
+    out: list[SFTExample] = []
+    for s in range(0, len(records), batch):
+        out.extend(_sft_chunk(records[s : s + batch], tokenizer, tmpl, layout, max_length, eos))
+    return out
+
+
+def _sft_chunk(
+    records: Sequence[Record],
+    tokenizer: Any,
+    tmpl: Template,
+    layout: SpecialLayout | None,
+    max_length: int,
+    eos: int,
+) -> list[SFTExample]:
+    """:func:`encode_sft_examples` for one batch of records."""
+    todo = [i for i, r in enumerate(records) if r.ok]
+    bos = tokenizer.bos_token_id
+    src_ids = encode_texts(tokenizer, [tmpl.prompt(records[i]) for i in todo])
+    tgt_ids = encode_texts(tokenizer, [tmpl.response(records[i]) for i in todo])
+    done: dict[int, SFTExample] = {}
+    for k, i in enumerate(todo):
+        src, tgt = src_ids[k], tgt_ids[k]
+        if layout is not None:
+            added_bos = bool(layout.prefix) and tuple(tgt[: len(layout.prefix)]) == layout.prefix
+        else:
+            added_bos = bos is not None and bool(tgt) and tgt[0] == bos
+        tgt = tgt[1:] if added_bos else tgt
+        ids = np.asarray([*src, *tgt, eos][:max_length], np.int32)  # [n]
+        labels = np.asarray(([IGNORE_INDEX] * len(src) + [*tgt, eos])[:max_length], np.int32)  # [n]
+        status = "ok" if bool(np.any(labels != IGNORE_INDEX)) else "no_response_tokens"
+        r = records[i]
+        done[i] = SFTExample(r.index, ids, labels, status, r.turn)
+    return [
+        done[i] if i in done else SFTExample(r.index, _empty(), _empty(), r.status, r.turn)
+        for i, r in enumerate(records)
+    ]
