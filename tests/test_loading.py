@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_model_parity import reference
+from test_model_parity import HF_CONFIGS, reference
 
 from resofilter_jax.models.config import UnsupportedArchitectureError
 from resofilter_jax.models.export import export_hf
@@ -151,3 +151,39 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
 def test_hf_directory_tokenizer_is_loaded(tmp_path: Path, smollm2_hf_dir: Path) -> None:
     loaded = load_model(smollm2_hf_dir)
     assert loaded.tokenizer("Hello world").input_ids == [19556, 905]
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path: Path) -> None:
+    text = HF_CONFIGS["gemma3"]()
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=5,
+        boi_token_index=6,
+        eoi_token_index=7,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "mm", safe_serialization=True)
+    case = reference("gemma3")  # same text config: same batch layout
+    with torch.no_grad():
+        want = hf(
+            input_ids=torch.from_numpy(case.input_ids),
+            attention_mask=torch.from_numpy(case.attention_mask),
+        ).logits.numpy()
+    loaded = load_model(tmp_path / "mm", tokenizer=False)
+    assert loaded.config.model_type == "gemma3_text"
+    out = loaded.model(jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask))
+    _assert_logits(np.asarray(out.logits), want, case.attention_mask)

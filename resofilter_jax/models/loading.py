@@ -138,6 +138,33 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, jax.Array]]:
                 yield name, handle.get_tensor(name)
 
 
+_MULTIMODAL_PREFIXES = (
+    ("model.language_model.", "model."),  # transformers >= 4.52 layout
+    ("language_model.model.", "model."),  # original Gemma 3 release layout
+    ("language_model.lm_head.", "lm_head."),
+)
+_VISION_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+def text_model_tensors(
+    tensors: Iterable[tuple[str, Any]],
+) -> Iterator[tuple[str, Any]]:
+    """Keeps the text model of a multimodal (Gemma 3) checkpoint, renamed to causal-LM keys."""
+    for name, value in tensors:
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        for old, new in _MULTIMODAL_PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        yield name, value
+
+
 def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
     """A transformers fast tokenizer from a directory, a GGUF file, or a hub id."""
     from transformers import AutoTokenizer
@@ -198,11 +225,15 @@ def load_model(
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-    config = config_from_hf(json.loads(config_file.read_text()))
+    raw_config = json.loads(config_file.read_text())
+    config = config_from_hf(raw_config)
     files = _safetensors_files(path)
     log.info("loading %s (%s, %d shard(s))", path, config.model_type, len(files))
+    tensors = iter_safetensors(files)
+    if "text_config" in raw_config:  # multimodal checkpoint: load its text model
+        tensors = text_model_tensors(tensors)
     model = model_from_tensors(
-        config, iter_safetensors(files), dtype=dtype, param_dtype=param_dtype, source=str(path)
+        config, tensors, dtype=dtype, param_dtype=param_dtype, source=str(path)
     )
     tok = load_tokenizer(path) if tokenizer else None
     return LoadedModel(model, tok, config, str(path))
