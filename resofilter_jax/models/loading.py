@@ -170,7 +170,14 @@ def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
+        try:
+            return AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
+        except ModuleNotFoundError as e:
+            raise ImportError(
+                f"reading the tokenizer of {gguf_file} uses transformers' GGUF reader, which "
+                f"imports torch ({e}); install it (the CPU build is enough: pip install torch), "
+                "or pass a Hugging Face model directory instead of a GGUF file"
+            ) from e
     return AutoTokenizer.from_pretrained(str(source))
 
 
