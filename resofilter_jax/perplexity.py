@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -60,8 +60,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         on_error=config.data.on_error,
         allow_truncated=config.data.allow_truncated,
     )
-    if report.truncated:
-        logging.warning("%s", report.message)
     if config.limit:
         records = records[: config.limit]
     pairs = encode_ifd_pairs(
