@@ -1,0 +1,41 @@
+"""Superfiltering's paper setting: IFD under GPT-2 on Alpaca-format data, max_length 1024.
+
+    python -m resofilter_jax.score --config configs/ifd_gpt2_alpaca.py \
+        --config.model.path=/path/to/gpt2 --config.data.path=alpaca_data.json
+
+`model.path` is required: a local GPT-2 Hugging Face directory (config.json, safetensors,
+tokenizer files), e.g. one saved with `save_pretrained`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The whole run; every field can be overridden with --config.<field>=..."""
+    c = ml_collections.ConfigDict()
+    c.method = "ifd"  # Superfiltering IFD
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # REQUIRED: local GPT-2 HF directory (no default weights ship for it)
+    c.model.dtype = "float32"  # fp32 as in the reference
+    c.model.param_dtype = "float32"
+    c.require_model_path = True  # error clearly when model.path is empty
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # Alpaca JSON/JSONL (instruction, input, output); "" = embedded ShareGPT
+    c.data.format = "alpaca"
+    c.data.sharegpt_turns = "first"  # only used by the sharegpt format
+    c.data.allow_truncated = False  # a cut-off JSON array is an error
+    c.data.on_error = "status"  # status: bad rows become error:<reason> rows | raise
+    c.data.fields = ml_collections.ConfigDict()  # source key renames
+    c.template = "none"  # Superfiltering's prompt: "{instruction}\n{input}\n"
+    c.max_length = 1024
+    c.limit = 0  # first N input rows; 0 = all
+    c.token_budget = 16384  # padded tokens per batch (does not change scores)
+    c.min_bucket = 64
+    c.chunk = 128  # CE sequence chunk
+    c.num_devices = 0  # 0 = all local devices
+    c.shard_size = 2048  # rows per output shard (resume unit)
+    c.output_dir = "outputs/ifd_gpt2_alpaca"
+    c.overwrite = False
+    c.progress = True
+    c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"  # "" = off
+    return c

@@ -1,0 +1,43 @@
+"""Superfiltering IFD scores of ShareGPT first turns under SmolLM2-135M-Instruct (embedded).
+
+    python -m resofilter_jax.score --config configs/ifd_smollm2_sharegpt.py \
+        --config.limit=256 --config.output_dir=outputs/ifd_smollm2_sharegpt
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The whole run; every field can be overridden with --config.<field>=..."""
+    c = ml_collections.ConfigDict()
+    c.method = "ifd"  # ifd (Superfiltering); "resonance" is not implemented yet
+    # Model: a HF directory, a .gguf file, or a hub id; "" = the embedded SmolLM2 GGUF.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.dtype = "float32"  # compute dtype: float32 (parity) | bfloat16 (speed)
+    c.model.param_dtype = "float32"  # storage dtype of the parameters
+    # Data: a file or dataset; "" = the embedded ShareGPT V3 file (truncated near its end).
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""
+    c.data.format = "sharegpt"  # alpaca | query_response | sharegpt | gsm8k | auto
+    c.data.sharegpt_turns = "first"  # first | all (one row per human->gpt pair, with `turn`)
+    c.data.allow_truncated = True  # the shipped ShareGPT file is cut off near its end
+    c.data.on_error = "status"  # status: bad rows become error:<reason> rows | raise
+    c.data.fields = ml_collections.ConfigDict()  # source key renames, e.g. {"output": "answer"}
+    c.template = "none"  # prompt template; "none" = Superfiltering's "{instruction}\n{input}\n"
+    c.max_length = 1024  # Superfiltering's max_length (truncation rules of DESIGN 3.1)
+    c.limit = 0  # score the first N input rows; 0 = all
+    # Batching (does not change scores): padded tokens per batch, smallest length bucket.
+    c.token_budget = 16384
+    c.min_bucket = 64
+    c.chunk = 128  # sequence chunk of the cross-entropy (bounds [batch, chunk, vocab] logits)
+    c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
+    # Outputs: shards of `shard_size` rows are written as they finish; a re-run with the same
+    # settings computes only missing shards. overwrite=True discards a different earlier run.
+    c.shard_size = 2048
+    c.output_dir = "outputs/ifd_smollm2_sharegpt"
+    c.overwrite = False
+    c.progress = True  # tqdm progress bar
+    # JAX persistent compilation cache ("" = off).
+    c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"
+    return c

@@ -1,0 +1,227 @@
+"""Score instruction data (Superfiltering IFD) with resumable sharded outputs.
+
+    python -m resofilter_jax.score --config configs/ifd_smollm2_sharegpt.py \
+        --config.limit=256 --config.output_dir=outputs/ifd
+
+Writes OUTPUT_DIR/shards/*.parquet while running (a re-run with the same configuration
+computes only the missing shards), then OUTPUT_DIR/scores.parquet, scores.jsonl and run.json.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resofilter_jax import assets
+from resofilter_jax.data import ReadReport, Record, iter_raw_rows, to_records
+from resofilter_jax.models.loading import load_model
+from resofilter_jax.parallel import make_mesh
+from resofilter_jax.scoring import outputs
+from resofilter_jax.scoring.runner import score_ifd
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
+
+METHODS = ("ifd", "resonance")
+
+
+def _resolve_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """Model and data paths, with the embedded defaults for empty ones."""
+    model_path = config.model.path or str(assets.smollm2_gguf())
+    data_path = config.data.path or str(assets.sharegpt_json())
+    return model_path, data_path
+
+
+def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: str) -> dict:
+    """Everything that affects the scores and the shard layout (not batching, not paths out)."""
+    data = config.data
+    return {
+        "method": config.method,
+        "model": {
+            **outputs.path_stamp(model_path),
+            "dtype": config.model.dtype,
+            "param_dtype": config.model.param_dtype,
+        },
+        "data": {
+            **outputs.path_stamp(data_path, mtime=False),
+            "format": data.format,
+            "sharegpt_turns": data.sharegpt_turns,
+            "allow_truncated": data.allow_truncated,
+            "on_error": data.on_error,
+            "fields": dict(data.fields),
+        },
+        "template": config.template,
+        "max_length": config.max_length,
+        "limit": config.limit,
+        "shard_size": config.shard_size,
+    }
+
+
+def read_records(
+    config: ml_collections.ConfigDict, data_path: str
+) -> tuple[list[Record], ReadReport]:
+    """Reads the records of the first ``config.limit`` input rows (all rows when 0)."""
+    d = config.data
+    report = ReadReport()
+    rows = iter_raw_rows(
+        data_path, on_error=d.on_error, allow_truncated=d.allow_truncated, report=report
+    )
+    if config.limit:
+        rows = itertools.islice(rows, config.limit)
+    records = list(
+        to_records(
+            rows,
+            d.format,
+            fields=dict(d.fields) or None,
+            sharegpt_turns=d.sharegpt_turns,
+            on_error=d.on_error,
+        )
+    )
+    if report.truncated:
+        logging.warning("%s", report.message)
+    return records, report
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "transformers", "numpy", "tokenizers", "pyarrow"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _enable_compilation_cache(path: str) -> None:
+    if path:
+        cache = Path(path).expanduser()
+        cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Scores ``config.data`` with ``config.model``; writes the outputs; returns the summary.
+
+    Raises:
+        NotImplementedError: For ``method="resonance"`` (not implemented yet).
+        ValueError: For an unknown method.
+        outputs.FingerprintMismatchError: If ``output_dir`` holds a different run.
+    """
+    t0 = time.perf_counter()
+    if config.method not in METHODS:
+        raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
+    if config.method == "resonance":
+        raise NotImplementedError("method='resonance' is not implemented yet; use method='ifd'")
+    if config.get("require_model_path", False) and not config.model.path:
+        raise ValueError(
+            "this config needs --config.model.path=<local Hugging Face model dir or .gguf file> "
+            "(e.g. a GPT-2 directory saved with save_pretrained)"
+        )
+    _enable_compilation_cache(config.compilation_cache_dir)
+    model_path, data_path = _resolve_paths(config)
+    out_dir = outputs.prepare_output_dir(
+        config.output_dir, fingerprint(config, model_path, data_path), overwrite=config.overwrite
+    )
+    records, report = read_records(config, data_path)
+    ranges = outputs.shard_ranges(len(records), config.shard_size)
+    todo = outputs.missing_shards(out_dir, len(ranges))
+    t_read = time.perf_counter()
+    lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    t_load = time.perf_counter()
+    devices = jax.local_devices()
+    if config.num_devices:
+        devices = devices[: config.num_devices]
+    mesh = make_mesh(devices)
+    stats = score_ifd(
+        lm.model,
+        lm.tokenizer,
+        records,
+        max_length=config.max_length,
+        template=config.template,
+        token_budget=config.token_budget,
+        min_bucket=config.min_bucket,
+        chunk=config.chunk,
+        shard_size=config.shard_size,
+        shards=todo,
+        mesh=mesh,
+        on_shard=lambda k, cols: outputs.write_shard(out_dir, k, cols),
+        progress=config.progress,
+    )
+    table = outputs.merge_shards(
+        out_dir,
+        len(ranges),
+        with_id=any(r.id is not None for r in records),
+        with_turn=config.data.sharegpt_turns == "all",
+        expected_rows=len(records),
+    )
+    t_end = time.perf_counter()
+    statuses = outputs.status_counts(table.column("status").to_pylist())
+    summary = {
+        "output_dir": str(out_dir),
+        "model": model_path,
+        "data": data_path,
+        "rows": table.num_rows,
+        "statuses": statuses,
+        "shards": {"total": len(ranges), "computed": len(todo), "reused": len(ranges) - len(todo)},
+        "loop": stats.summary(),
+        "seconds": {
+            "read": t_read - t0,
+            "load_model": t_load - t_read,
+            "score": stats.seconds,
+            "total": t_end - t0,
+        },
+        "samples_per_s": stats.samples_per_s,
+        "tokens_per_s": stats.tokens_per_s,
+    }
+    cfg = lm.config
+    outputs.write_json(
+        out_dir / "run.json",
+        {
+            **summary,
+            "config": config.to_dict(),
+            "model_config": {
+                "model_type": cfg.model_type,
+                "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.hidden_size,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "source": lm.source,
+            },
+            "versions": _versions(),
+            "devices": [str(d) for d in devices],
+            "read_report": {
+                "path": report.path,
+                "rows_read": report.rows_read,
+                "errors": report.errors,
+                "truncated": report.truncated,
+                "bytes_total": report.bytes_total,
+                "bytes_unparsed": report.bytes_unparsed,
+                "message": report.message,
+                "limit": config.limit,
+            },
+        },
+    )
+    logging.info("summary: %s", json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    """absl entry point: runs the config given with --config and prints the summary."""
+    del argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    summary = run(_CONFIG.value)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

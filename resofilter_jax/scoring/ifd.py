@@ -1,0 +1,146 @@
+"""Superfiltering's IFD score: pure device and host functions (no files, flags or loops).
+
+Every ``ok`` sample contributes two sequences to ONE sequence list, ``2 * k`` (direct: the
+response alone) and ``2 * k + 1`` (conditioned: prompt + response), so both go through the
+same length-bucketed batches. The device function returns per-row (loss_sum, count); the
+host function turns per-sequence results into per-sample scores:
+
+    loss = loss_sum / count,  ppl = exp(loss),  ifd = ppl_condition / ppl_direct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+
+from resofilter_jax.data import IFDPair
+from resofilter_jax.models.base import CausalLM
+from resofilter_jax.scoring.losses import sequence_losses
+
+Array = jax.Array
+OK = "ok"
+
+# Per-sample result columns, in output order after index/id/turn/status.
+SCORE_COLUMNS = (
+    "loss_direct",
+    "loss_condition",
+    "ppl_direct",
+    "ppl_condition",
+    "ifd",
+    "n_tokens_direct",
+    "n_tokens_condition",
+)
+
+
+def batch_losses(
+    model: CausalLM, batch: dict[str, Array], *, chunk: int = 128
+) -> tuple[Array, Array]:
+    """Per-row summed CE and scored-token count of one collated batch.
+
+    Args:
+        model: The causal LM.
+        batch: ``input_ids``, ``attention_mask`` [B, L] int32 and ``loss_mask`` [B, L] float32
+            (from :func:`resofilter_jax.data.collate`).
+        chunk: Sequence chunk of the cross-entropy.
+
+    Returns:
+        (loss_sum [B] fp32, count [B] fp32).
+    """
+    return sequence_losses(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=chunk
+    )
+
+
+def make_batch_fn(
+    graphdef: nnx.GraphDef, *, chunk: int = 128
+) -> Callable[[nnx.State, dict[str, Array]], tuple[Array, Array]]:
+    """A jitted ``(state, batch) -> (loss_sum [B], count [B])`` for a split NNX model.
+
+    Shardings follow the inputs: a batch split over the ``data`` axis with replicated
+    ``state`` gives data-parallel scoring (per-row results stay on their device).
+    """
+
+    @jax.jit
+    def fn(state: nnx.State, batch: dict[str, Array]) -> tuple[Array, Array]:
+        model = nnx.merge(graphdef, state)
+        return batch_losses(model, batch, chunk=chunk)
+
+    return fn
+
+
+@dataclass(frozen=True)
+class IFDSequences:
+    """The sequence list of a group of samples (two per ``ok`` sample).
+
+    Attributes:
+        seqs: Token ids per sequence; ``seqs[2k]`` direct, ``seqs[2k + 1]`` conditioned.
+        starts: First label position per sequence.
+        owner: [n_ok] position (in the ``pairs`` list) of the sample of sequence pair k.
+    """
+
+    seqs: list[np.ndarray]
+    starts: list[int]
+    owner: np.ndarray
+
+    @property
+    def lengths(self) -> list[int]:
+        """Length of every sequence."""
+        return [len(s) for s in self.seqs]
+
+
+def ifd_sequences(pairs: Sequence[IFDPair]) -> IFDSequences:
+    """Builds the interleaved direct/conditioned sequence list of the ``ok`` pairs."""
+    owner = [i for i, p in enumerate(pairs) if p.status == OK]
+    seqs: list[np.ndarray] = []
+    starts: list[int] = []
+    for i in owner:
+        p = pairs[i]
+        seqs += [p.direct_ids, p.cond_ids]
+        starts += [p.direct_start, p.cond_start]
+    return IFDSequences(seqs, starts, np.asarray(owner, np.int64))
+
+
+def ifd_scores(
+    pairs: Sequence[IFDPair], owner: np.ndarray, loss_sum: np.ndarray, count: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-sample IFD columns from per-sequence results.
+
+    Args:
+        pairs: All samples of the group (any status).
+        owner: [n_ok] from :class:`IFDSequences`.
+        loss_sum, count: [2 * n_ok] per-sequence summed CE and scored-token count, in the
+            order of the sequence list.
+
+    Returns:
+        Columns ``status`` (list of str) and :data:`SCORE_COLUMNS` ([n] arrays: float64
+        scores, NaN where the status is not ``ok``; int64 token counts, 0 there).
+    """
+    n = len(pairs)
+    s = np.asarray(loss_sum, np.float64).reshape(-1, 2)  # [n_ok, 2] (direct, cond)
+    c = np.asarray(count, np.float64).reshape(-1, 2)  # [n_ok, 2]
+    if s.shape[0] != len(owner) or c.shape != s.shape:
+        raise ValueError(f"{len(owner)} ok samples but results of shape {s.shape}, {c.shape}")
+    status = [p.status for p in pairs]
+    out = {k: np.full(n, np.nan) for k in SCORE_COLUMNS[:5]}
+    out["n_tokens_direct"] = np.zeros(n, np.int64)
+    out["n_tokens_condition"] = np.zeros(n, np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss = s / c  # [n_ok, 2]; 0/0 -> NaN (no scored token)
+    bad = ~np.isfinite(loss).all(axis=1)  # [n_ok]
+    for k in np.nonzero(bad)[0]:
+        status[int(owner[k])] = "no_response_tokens"
+    good = owner[~bad]
+    loss = loss[~bad]  # [n_good, 2]
+    ppl = np.exp(loss)
+    out["loss_direct"][good] = loss[:, 0]
+    out["loss_condition"][good] = loss[:, 1]
+    out["ppl_direct"][good] = ppl[:, 0]
+    out["ppl_condition"][good] = ppl[:, 1]
+    out["ifd"][good] = ppl[:, 1] / ppl[:, 0]
+    out["n_tokens_direct"][good] = c[~bad, 0].astype(np.int64)
+    out["n_tokens_condition"][good] = c[~bad, 1].astype(np.int64)
+    return {"status": status, **out}

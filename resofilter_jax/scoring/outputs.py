@@ -1,0 +1,222 @@
+"""Scoring outputs: a run fingerprint, atomic per-shard Parquet files, resume and merge.
+
+Layout of an output directory::
+
+    run_config.json          fingerprint of everything that affects the scores
+    shards/shard-00000.parquet ...   one file per ``shard_size`` rows, written atomically
+    scores.parquet scores.jsonl      the merged result, one row per row, in input order
+    run.json                 resolved config, versions, devices, timings, read report
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RUN_CONFIG = "run_config.json"
+SHARD_DIR = "shards"
+
+# Columns of every shard file (the merge may drop ``id`` / ``turn``).
+SHARD_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("id", pa.string()),
+        ("turn", pa.int64()),
+        ("status", pa.string()),
+        ("loss_direct", pa.float64()),
+        ("loss_condition", pa.float64()),
+        ("ppl_direct", pa.float64()),
+        ("ppl_condition", pa.float64()),
+        ("ifd", pa.float64()),
+        ("n_tokens_direct", pa.int64()),
+        ("n_tokens_condition", pa.int64()),
+    ]
+)
+
+
+class FingerprintMismatchError(RuntimeError):
+    """The output directory holds shards of a run with a different configuration."""
+
+
+def path_stamp(path: str | os.PathLike[str], *, mtime: bool = True) -> dict[str, Any]:
+    """Identity of a file or directory for the fingerprint: resolved path, size(s), mtime.
+
+    For a directory, the total size and latest mtime of its top-level files are used.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        return {"path": str(path)}
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+    stamp: dict[str, Any] = {"path": str(p.resolve()), "size": sum(f.stat().st_size for f in files)}
+    if mtime:
+        stamp["mtime_ns"] = max((f.stat().st_mtime_ns for f in files), default=0)
+    return stamp
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temporary file in the same directory + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_table(path: Path, table: pa.Table) -> None:
+    """Writes a Parquet file atomically."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix or "<root>"] if a != b else []
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in a or k not in b:
+            out.append(key)
+        else:
+            out += _diff_keys(a[k], b[k], key)
+    return out
+
+
+def prepare_output_dir(
+    out_dir: str | os.PathLike[str], fingerprint: Mapping[str, Any], *, overwrite: bool = False
+) -> Path:
+    """Creates ``out_dir`` and records the fingerprint, or checks it against an older run.
+
+    Raises:
+        FingerprintMismatchError: If the directory belongs to a run with a different
+            fingerprint and ``overwrite`` is False (the message names the differing keys).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = json.loads(json.dumps(fingerprint))  # normalise (tuples -> lists, ...)
+    cfg = out / RUN_CONFIG
+    if cfg.exists():
+        old = json.loads(cfg.read_text())
+        diff = _diff_keys(old, fp)
+        if diff and not overwrite:
+            raise FingerprintMismatchError(
+                f"{out} holds results of a different run (differing keys: {', '.join(diff)}); "
+                "use another output_dir or pass overwrite=True to discard them"
+            )
+        if not diff and not overwrite:
+            return out
+    if overwrite or not cfg.exists():
+        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+        for name in ("scores.parquet", "scores.jsonl", "run.json"):
+            (out / name).unlink(missing_ok=True)
+    _atomic_write_bytes(cfg, json.dumps(fp, indent=2, sort_keys=True).encode())
+    return out
+
+
+def shard_path(out_dir: str | os.PathLike[str], k: int) -> Path:
+    """``OUT/shards/shard-{k:05d}.parquet``."""
+    return Path(out_dir) / SHARD_DIR / f"shard-{k:05d}.parquet"
+
+
+def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of consecutive shards covering ``n_rows`` rows."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
+
+
+def missing_shards(out_dir: str | os.PathLike[str], n_shards: int) -> list[int]:
+    """Shard numbers whose file does not exist yet."""
+    return [k for k in range(n_shards) if not shard_path(out_dir, k).exists()]
+
+
+def write_shard(out_dir: str | os.PathLike[str], k: int, columns: Mapping[str, Any]) -> Path:
+    """Writes shard ``k`` (columns of :data:`SHARD_SCHEMA`) atomically; returns its path."""
+    arrays = [pa.array(list(columns[f.name]), type=f.type) for f in SHARD_SCHEMA]
+    table = pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)
+    path = shard_path(out_dir, k)
+    _atomic_write_table(path, table)
+    return path
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def merge_shards(
+    out_dir: str | os.PathLike[str],
+    n_shards: int,
+    *,
+    with_id: bool,
+    with_turn: bool,
+    expected_rows: int | None = None,
+) -> pa.Table:
+    """Concatenates all shards into ``scores.parquet`` and ``scores.jsonl`` (NaN -> null).
+
+    Raises:
+        FileNotFoundError: If a shard is missing.
+        ValueError: If the row count differs from ``expected_rows``.
+    """
+    out = Path(out_dir)
+    missing = missing_shards(out, n_shards)
+    if missing:
+        raise FileNotFoundError(f"cannot merge: shards {missing[:8]} of {n_shards} are missing")
+    tables = [pq.read_table(shard_path(out, k), schema=SHARD_SCHEMA) for k in range(n_shards)]
+    table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+    if expected_rows is not None and table.num_rows != expected_rows:
+        raise ValueError(f"merged {table.num_rows} rows but the input has {expected_rows}")
+    drop = [c for c, keep in (("id", with_id), ("turn", with_turn)) if not keep]
+    table = table.drop_columns(drop)
+    _atomic_write_table(out / "scores.parquet", table)
+    lines = [
+        json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False)
+        for row in table.to_pylist()
+    ]
+    _atomic_write_bytes(out / "scores.jsonl", "".join(x + "\n" for x in lines).encode())
+    return table
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> None:
+    """Writes ``value`` as indented JSON atomically (NaN -> null, unknown types -> str)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, float | np.floating):
+            return None if math.isnan(float(v)) else float(v)
+        if isinstance(v, np.integer):
+            return int(v)
+        if v is None or isinstance(v, str | int | bool):
+            return v
+        return str(v)
+
+    _atomic_write_bytes(Path(path), json.dumps(clean(value), indent=2).encode())
+
+
+def status_counts(statuses: Sequence[str]) -> dict[str, int]:
+    """Number of rows per status, sorted by status."""
+    values, counts = np.unique(
+        np.asarray(list(statuses), dtype=object).astype(str), return_counts=True
+    )
+    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}

@@ -1,0 +1,296 @@
+"""The scoring loop: encode shards of rows, run bucketed batches on the mesh, hand back shards.
+
+This is the only module that loops over data. Rows are processed in fixed-size shards (in
+input order). For each shard the records are encoded (Superfiltering tokenization), the
+direct and conditioned sequences of all its samples form one sequence list that is cut into
+length-bucketed, token-budgeted batches, and the batches are dispatched one ahead of the
+host: batch n + 1 (and the tokenization of the next shard) is prepared and dispatched before
+the results of batch n are pulled to host, so host work overlaps device work through JAX's
+asynchronous dispatch. A finished shard's columns go to ``on_shard`` (e.g. a Parquet writer).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from resofilter_jax.data import (
+    BatchPlan,
+    Record,
+    bucket_lengths,
+    collate,
+    encode_ifd_pairs,
+    plan_batches,
+)
+from resofilter_jax.models.base import CausalLM
+from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
+from resofilter_jax.scoring import outputs
+from resofilter_jax.scoring.ifd import SCORE_COLUMNS, ifd_scores, ifd_sequences, make_batch_fn
+
+ShardCallback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclasses.dataclass
+class RunStats:
+    """Counters and timings of one scoring loop.
+
+    Attributes:
+        rows: Rows (records) in the shards that were computed.
+        shards_computed, shards_skipped: Shards run now / left out (already done).
+        sequences: Sequences scored (two per ``ok`` sample).
+        batches: Batches dispatched.
+        tokens: Real (non-padding) tokens scored.
+        padded_tokens: Tokens including padding (batch rows x bucket length).
+        shapes: Distinct (rows, length) batch shapes (each compiles once).
+        seconds: Wall time of the loop; first_result_s: until the first batch came back
+            (includes compilation).
+        statuses: Rows per status.
+    """
+
+    rows: int = 0
+    shards_computed: int = 0
+    shards_skipped: int = 0
+    sequences: int = 0
+    batches: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    first_result_s: float = 0.0
+    statuses: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Computed rows per second of loop time."""
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Real tokens per second of loop time."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready dict of the counters, timings and rates."""
+        d = dataclasses.asdict(self)
+        d["shapes"] = [list(s) for s in self.shapes]
+        d["samples_per_s"] = self.samples_per_s
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+@dataclasses.dataclass
+class _Shard:
+    """A shard in flight: its records, encodings and per-sequence results."""
+
+    k: int
+    records: Sequence[Record]
+    pairs: list[Any]
+    owner: np.ndarray
+    loss_sum: np.ndarray  # [n_seq] fp32
+    count: np.ndarray  # [n_seq] fp32
+    remaining: int = 0
+
+
+def _buckets(lengths: Sequence[int], max_length: int, min_bucket: int) -> list[int]:
+    """Bucket lengths, plus one for sequences longer than ``max_length`` (a reference quirk)."""
+    buckets = bucket_lengths(max_length, min(min_bucket, max_length))
+    longest = max(lengths, default=0)
+    if longest > max_length:
+        buckets.append(-(-longest // min_bucket) * min_bucket)
+    return buckets
+
+
+def _columns(shard: _Shard) -> dict[str, Any]:
+    """The output columns of a finished shard."""
+    scores = ifd_scores(shard.pairs, shard.owner, shard.loss_sum, shard.count)
+    return {
+        "index": [r.index for r in shard.records],
+        "id": [r.id for r in shard.records],
+        "turn": [r.turn for r in shard.records],
+        **scores,
+    }
+
+
+def score_ifd(
+    model: CausalLM,
+    tokenizer: Any,
+    records: Sequence[Record],
+    *,
+    max_length: int = 1024,
+    template: str = "none",
+    token_budget: int = 16384,
+    min_bucket: int = 64,
+    chunk: int = 128,
+    shard_size: int = 2048,
+    shards: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    on_shard: ShardCallback | None = None,
+    progress: bool = True,
+) -> RunStats:
+    """Computes the IFD columns of ``records``, shard by shard.
+
+    Args:
+        model: The scoring LM (its parameters are replicated over ``mesh``).
+        tokenizer: Its HF tokenizer.
+        records: All rows, in input order.
+        max_length, template: Superfiltering's encoding settings.
+        token_budget: Padded tokens per batch (rows x bucket length).
+        min_bucket: Smallest bucket length (buckets double up to ``max_length``).
+        chunk: Sequence chunk of the cross-entropy.
+        shard_size: Rows per shard.
+        shards: Shard numbers to compute (default: all).
+        mesh: Device mesh with a ``data`` axis (default: all local devices).
+        on_shard: Called as ``on_shard(k, columns)`` for every finished shard, where columns
+            are ``index, id, turn, status`` + :data:`SCORE_COLUMNS` (lists/arrays of one
+            value per row).
+        progress: Show a tqdm bar.
+
+    Returns:
+        The loop's :class:`RunStats`.
+    """
+    mesh = mesh if mesh is not None else make_mesh()
+    multiple = num_devices(mesh)
+    ranges = outputs.shard_ranges(len(records), shard_size)
+    todo = list(range(len(ranges))) if shards is None else sorted(shards)
+    stats = RunStats(shards_skipped=len(ranges) - len(todo))
+    stats.rows = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    graphdef, state = nnx.split(model)
+    state = replicate(state, mesh)
+    fn = make_batch_fn(graphdef, chunk=chunk)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shapes: set[tuple[int, int]] = set()
+    statuses: collections.Counter[str] = collections.Counter()
+
+    def batches() -> Iterator[tuple[_Shard, BatchPlan | None, dict[str, np.ndarray] | None]]:
+        for k in todo:
+            lo, hi = ranges[k]
+            recs = records[lo:hi]
+            pairs = encode_ifd_pairs(recs, tokenizer, max_length=max_length, template=template)
+            seq = ifd_sequences(pairs)
+            n = len(seq.seqs)
+            shard = _Shard(k, recs, pairs, seq.owner, np.zeros(n, np.float32), np.zeros(n))
+            lengths = seq.lengths
+            plans = plan_batches(
+                lengths,
+                buckets=_buckets(lengths, max_length, min_bucket),
+                token_budget=token_budget,
+                batch_multiple=multiple,
+                pow2_tail=True,
+            )
+            shard.remaining = len(plans)
+            if not plans:
+                yield shard, None, None
+            for plan in plans:
+                yield shard, plan, collate(plan, seq.seqs, seq.starts, pad_id)
+
+    progress_bar = _Progress(stats.rows, enabled=progress)
+
+    def finish(shard: _Shard) -> None:
+        cols = _columns(shard)
+        statuses.update(cols["status"])
+        if on_shard is not None:
+            on_shard(shard.k, cols)
+        stats.shards_computed += 1
+        progress_bar.add(len(shard.records) - len(shard.owner), 0)  # rows with no sequences
+
+    def collect(item: tuple[_Shard, BatchPlan, int, Any]) -> None:
+        shard, plan, n_tokens, (s, c) = item
+        s, c = np.asarray(s), np.asarray(c)  # [B] each: blocks until the batch is done
+        if stats.first_result_s == 0.0:
+            stats.first_result_s = progress_bar.elapsed()
+        real = plan.rows >= 0  # [B]
+        shard.loss_sum[plan.rows[real]] = s[real]
+        shard.count[plan.rows[real]] = c[real]
+        shard.remaining -= 1
+        progress_bar.add(real.sum() / 2, n_tokens)  # two sequences per sample
+        if shard.remaining == 0:
+            finish(shard)
+
+    pending: collections.deque = collections.deque()
+    for shard, plan, batch in batches():
+        if plan is None or batch is None:
+            finish(shard)
+            continue
+        rows = int(plan.rows.size)
+        n_tokens = int(batch["attention_mask"].sum())
+        shapes.add((rows, plan.length))
+        stats.batches += 1
+        stats.sequences += int((plan.rows >= 0).sum())
+        stats.tokens += n_tokens
+        stats.padded_tokens += rows * plan.length
+        arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+        out = fn(state, shard_batch(arrays, mesh))  # async dispatch
+        pending.append((shard, plan, n_tokens, out))
+        while len(pending) > 1:  # pull batch n only after batch n + 1 is dispatched
+            collect(pending.popleft())
+    while pending:
+        collect(pending.popleft())
+    progress_bar.close()
+    stats.seconds = progress_bar.elapsed()
+    stats.shapes = sorted(shapes)
+    stats.statuses = dict(sorted(statuses.items()))
+    if progress:
+        print_summary(stats)
+    return stats
+
+
+class _Progress:
+    """A tqdm bar over samples with samples/s and tokens/s of the finished work."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.bar = tqdm(total=total, unit="sample", desc="ifd", disable=not enabled)
+        self.t0 = time.perf_counter()
+        self.samples = 0.0
+        self.tokens = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, samples: float, tokens: int) -> None:
+        before = int(self.samples)
+        self.samples += float(samples)
+        self.tokens += tokens
+        self.bar.update(int(self.samples) - before)
+        t = max(self.elapsed(), 1e-9)
+        self.bar.set_postfix(samples_s=f"{self.samples / t:.1f}", tok_s=f"{self.tokens / t:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def print_summary(stats: RunStats) -> None:
+    """Prints rows, statuses, timings and rates of a loop to stderr."""
+    lines = [
+        f"scored {stats.rows} rows in {stats.shards_computed} shards "
+        f"({stats.shards_skipped} already done)",
+        f"statuses: {stats.statuses}",
+        f"{stats.batches} batches, {len(stats.shapes)} shapes, {stats.sequences} sequences, "
+        f"{stats.tokens} tokens ({stats.padded_tokens} padded)",
+        f"time {stats.seconds:.1f}s (first result {stats.first_result_s:.1f}s): "
+        f"{stats.samples_per_s:.2f} samples/s, {stats.tokens_per_s:.0f} tokens/s",
+    ]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def score_records(
+    model: CausalLM, tokenizer: Any, records: Sequence[Record], **kw: Any
+) -> tuple[dict[str, Any], RunStats]:
+    """:func:`score_ifd` over all shards, returning the concatenated columns in row order."""
+    got: dict[int, dict[str, Any]] = {}
+    stats = score_ifd(model, tokenizer, records, on_shard=got.__setitem__, **kw)
+    keys = ("index", "id", "turn", "status", *SCORE_COLUMNS)
+    cols: dict[str, Any] = {}
+    for key in keys:
+        parts = [list(got[k][key]) for k in sorted(got)]
+        flat = [x for p in parts for x in p]
+        cols[key] = flat if key in ("id", "status") else np.asarray(flat)
+    return cols, stats

@@ -1,0 +1,208 @@
+"""IFD parity of the JAX scorer with a batch-of-one PyTorch Superfiltering loop.
+
+Tiny random GPT-2 / Llama models (fp32) with small offline tokenizers at max_length 48 (so
+the truncation rules and the no-response cases occur), and the real SmolLM2 weights on
+ShareGPT at max_length 128 (long samples truncated); plus invariance of the scores to the
+device count and the token budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from data_fixtures import build_tokenizer, random_texts
+from torch_reference import ifd_reference, save_tiny_model
+
+from resofilter_jax.data import Record, iter_raw_rows, to_records
+from resofilter_jax.models.loading import load_model
+from resofilter_jax.parallel import make_mesh
+from resofilter_jax.scoring.ifd import ifd_scores, ifd_sequences
+from resofilter_jax.scoring.runner import score_records
+
+MAX_LENGTH = 48
+KEYS = ("loss_direct", "loss_condition", "ppl_direct", "ppl_condition", "ifd")
+
+
+def alpaca_rows(n: int = 24, seed: int = 0) -> list[dict[str, str]]:
+    """Alpaca rows of mixed lengths, incl. truncation cases, empty and 1-token outputs."""
+    rng = np.random.default_rng(seed)
+    words = iter(random_texts(4 * n + 16, seed=seed + 7, max_words=14))
+    longs = iter(random_texts(n // 3 + 4, seed=seed + 8, max_words=90))
+    rows = []
+    for i in range(n):
+        inp = next(words) if rng.random() < 0.4 else ""
+        rows.append({"instruction": next(words) or "x", "input": inp, "output": next(words)})
+        if i % 6 == 1:
+            rows[-1]["output"] = next(longs)  # long output: both sequences truncated
+        if i % 8 == 3:
+            rows[-1]["instruction"] = next(longs)  # long prompt: few/no response tokens
+    rows += [
+        {"instruction": "say hello world", "input": "", "output": "hello world"},
+        {"instruction": "empty", "input": "", "output": ""},
+        {"instruction": "one token", "input": "", "output": "a"},
+        {"instruction": " ".join(["the"] * 40), "input": "data", "output": "model score"},
+        {"instruction": " ".join(["of and"] * 30), "input": "", "output": "answer " * 12},
+    ]
+    return rows
+
+
+def records_of(rows: list[dict[str, str]]) -> list[Record]:
+    """Alpaca dicts -> records (as the alpaca format reader makes them)."""
+    return list(to_records(enumerate(rows), "alpaca"))
+
+
+@functools.cache
+def tiny(name: str, layout: str, root: str) -> tuple[Any, Any, Path]:
+    """(JAX LoadedModel, torch model, dir) of a tiny random model saved to ``root``."""
+    tok = build_tokenizer(layout)
+    path = Path(root) / f"{name}-{layout}"
+    hf = save_tiny_model(name, tok, path)
+    return load_model(path), hf, path
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("tiny_models"))
+
+
+def assert_matches_reference(
+    cols: dict[str, Any], ref: list[dict[str, float] | None], rtol: float
+) -> int:
+    """Checks every loss/ppl/ifd against the torch loop; returns the number of ok rows."""
+    n_ok = 0
+    for i, want in enumerate(ref):
+        status = cols["status"][i]
+        if want is None:
+            assert status == "empty_output", (i, status)
+            continue
+        if math.isnan(want["loss_direct"]) or math.isnan(want["loss_condition"]):
+            assert status == "no_response_tokens", (i, status, want)
+            assert all(math.isnan(cols[k][i]) for k in KEYS)
+            continue
+        assert status == "ok", (i, status, want)
+        n_ok += 1
+        for k in KEYS:
+            np.testing.assert_allclose(cols[k][i], want[k], rtol=rtol, err_msg=f"row {i} {k}")
+    return n_ok
+
+
+@pytest.mark.parametrize(("name", "layout"), [("gpt2", "none"), ("llama", "bos")])
+def test_tiny_models_match_torch_loop(name: str, layout: str, tiny_root: str) -> None:
+    lm, hf, _ = tiny(name, layout, tiny_root)
+    rows = alpaca_rows()
+    cols, stats = score_records(
+        lm.model,
+        lm.tokenizer,
+        records_of(rows),
+        max_length=MAX_LENGTH,
+        token_budget=256,
+        min_bucket=16,
+        shard_size=10,
+        progress=False,
+    )
+    ref = ifd_reference(lm.tokenizer, hf, rows, MAX_LENGTH)
+    n_ok = assert_matches_reference(cols, ref, rtol=1e-5)
+    statuses = set(cols["status"])
+    assert {"ok", "empty_output", "no_response_tokens"} <= statuses, statuses
+    assert n_ok >= 15
+    assert list(cols["index"]) == list(range(len(rows)))
+    ok = np.asarray(cols["status"]) == "ok"
+    assert (cols["n_tokens_condition"][ok] > 0).all() and (cols["n_tokens_direct"][ok] > 0).all()
+    assert stats.batches > 2 and stats.sequences == 2 * int(ok.sum())
+
+
+def test_truncation_cases_are_exercised(tiny_root: str) -> None:
+    lm, _, _ = tiny("gpt2", "none", tiny_root)
+    from resofilter_jax.data import encode_ifd_pairs
+
+    pairs = encode_ifd_pairs(records_of(alpaca_rows()), lm.tokenizer, max_length=MAX_LENGTH)
+    ok = [p for p in pairs if p.status == "ok"]
+    assert any(len(p.cond_ids) == MAX_LENGTH for p in ok)  # conditioned cut at max_length
+    full = [len(lm.tokenizer.encode(r["output"])) for r in alpaca_rows()]
+    assert any(len(p.direct_ids) < full[p.index] for p in ok)  # direct cut by the prompt
+
+
+@pytest.mark.parametrize(("name", "layout"), [("llama", "bos")])
+def test_scores_do_not_depend_on_devices_or_budget(name: str, layout: str, tiny_root: str) -> None:
+    lm, _, _ = tiny(name, layout, tiny_root)
+    records = records_of(alpaca_rows(40, seed=3))
+    kw = dict(max_length=MAX_LENGTH, min_bucket=16, progress=False)
+    one, s1 = score_records(
+        lm.model, lm.tokenizer, records, mesh=make_mesh(jax.devices()[:1]), token_budget=128, **kw
+    )
+    assert len(jax.devices()) == 8
+    eight, s8 = score_records(
+        lm.model, lm.tokenizer, records, mesh=make_mesh(), token_budget=1024, shard_size=16, **kw
+    )
+    assert s1.shapes != s8.shapes and all(rows % 8 == 0 for rows, _ in s8.shapes)
+    assert one["status"] == eight["status"]
+    for k in (*KEYS, "n_tokens_direct", "n_tokens_condition"):
+        np.testing.assert_allclose(one[k], eight[k], rtol=2e-6, err_msg=k)
+
+
+def test_ifd_scores_host_function() -> None:
+    from resofilter_jax.data import IFDPair
+
+    e = np.zeros((0,), np.int32)
+    ids = np.arange(5, dtype=np.int32)
+    pairs = [
+        IFDPair(0, ids, 0, ids, 2, "ok"),
+        IFDPair(1, e, 0, e, 0, "empty_output"),
+        IFDPair(2, ids, 0, ids, 2, "ok"),
+        IFDPair(3, e, 0, e, 0, "error:bad_json"),
+    ]
+    seq = ifd_sequences(pairs)
+    assert len(seq.seqs) == 4 and list(seq.owner) == [0, 2]
+    # sample 0: direct loss 2/4, cond 3/3; sample 2: cond has no scored token
+    cols = ifd_scores(pairs, seq.owner, np.array([2.0, 3.0, 1.0, 0.0]), np.array([4, 3, 4, 0]))
+    assert cols["status"] == ["ok", "empty_output", "no_response_tokens", "error:bad_json"]
+    assert cols["loss_direct"][0] == 0.5 and cols["loss_condition"][0] == 1.0
+    assert cols["ifd"][0] == pytest.approx(math.exp(1.0) / math.exp(0.5))
+    assert np.isnan(cols["ifd"][1:]).all() and list(cols["n_tokens_condition"]) == [3, 0, 0, 0]
+
+
+def _sharegpt_samples(path: Path, n_short: int, n_long: int) -> list[Record]:
+    """Short samples of spread lengths and long ones (short prompt, long response)."""
+    rows = itertools.islice(iter_raw_rows(path, allow_truncated=True, on_error="status"), 300)
+    recs = [r for r in to_records(rows, "sharegpt", on_error="status") if r.ok and r.output]
+    short = sorted(
+        (r for r in recs if len(r.instruction) + len(r.output) < 400),
+        key=lambda r: len(r.instruction) + len(r.output),
+    )
+    long = [r for r in recs if len(r.instruction) < 200 and len(r.output) > 1000]
+    return short[:: max(1, len(short) // n_short)][:n_short] + long[:n_long]
+
+
+def test_smollm2_matches_torch_on_sharegpt(smollm2, smollm2_torch, sharegpt_path) -> None:
+    max_length = 128
+    records = _sharegpt_samples(sharegpt_path, 9, 8)
+    records.append(Record(999, "What is 2+2?", output=""))  # empty output row
+    t0 = time.perf_counter()
+    cols, stats = score_records(
+        smollm2.model,
+        smollm2.tokenizer,
+        records,
+        max_length=max_length,
+        min_bucket=max_length,  # one bucket and one batch: a single compiled shape
+        token_budget=max_length * 40,  # 40 rows
+        progress=False,
+    )
+    rows = [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in records]
+    t1 = time.perf_counter()
+    ref = ifd_reference(smollm2.tokenizer, smollm2_torch, rows, max_length)
+    t2 = time.perf_counter()
+    print(f"smollm2: jax {t1 - t0:.1f}s (incl. compile), torch batch-of-one {t2 - t1:.1f}s")
+    n_ok = assert_matches_reference(cols, ref, rtol=1e-4)
+    assert n_ok >= 16
+    assert (cols["n_tokens_condition"] > 0).sum() >= 16
+    enc = [len(smollm2.tokenizer.encode(r.instruction + "\n" + r.output)) for r in records]
+    assert sum(n > max_length for n in enc) >= 6  # long samples hit truncation
+    print(f"smollm2 ifd: {stats.summary()}")

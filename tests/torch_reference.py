@@ -1,0 +1,110 @@
+"""A literal batch-of-one PyTorch implementation of Superfiltering's IFD loop (DESIGN 3.1).
+
+Used as the parity reference of the JAX scorer: one sample at a time, ``tokenizer.encode``
+with truncation, ``model(input_ids, labels=labels).loss`` and ``exp``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def prompt_of(instruction: str, input_text: str) -> str:
+    """Superfiltering's "none" prompt."""
+    if input_text == "":
+        return f"{instruction}\n"
+    return f"{instruction}\n{input_text}\n"
+
+
+def _loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        out = model(input_ids, labels=labels)
+    return float(out.loss)
+
+
+def ppl_whole_text(tokenizer: Any, model: Any, text: str, max_length: int) -> tuple[float, float]:
+    """(ppl, loss) of ``text`` alone (labels = input_ids)."""
+    ids = tokenizer.encode(text, return_tensors="pt", truncation=True, max_length=max_length)
+    loss = _loss(model, ids, ids.contiguous())
+    return math.exp(loss), loss
+
+
+def ppl_part_text(
+    tokenizer: Any, model: Any, text: str, target_span: str, max_length: int
+) -> tuple[float, float]:
+    """(ppl, loss) of the ``target_span`` at the end of ``text`` given what precedes it."""
+    ids = tokenizer.encode(text, return_tensors="pt", truncation=True, max_length=max_length)
+    start_index = text.rfind(target_span)
+    start_token = len(tokenizer.encode(text[:start_index]))
+    labels = ids.clone()
+    labels[0, :start_token] = -100
+    loss = _loss(model, ids, labels)
+    return math.exp(loss), loss
+
+
+def ifd_one(
+    tokenizer: Any, model: Any, instruction: str, input_text: str, output: str, max_length: int
+) -> dict[str, float] | None:
+    """The reference's per-sample computation; None for an empty output (the reference's {}).
+
+    A sequence with no scored token gives HF's NaN loss.
+    """
+    prompt = prompt_of(instruction, input_text)
+    whole = prompt + output
+    ins_ids = tokenizer.encode(prompt, return_tensors="pt", truncation=True, max_length=max_length)
+    ins_len = ins_ids.shape[1]
+    if output == "":
+        return None
+    ppl_alone, loss_alone = ppl_whole_text(tokenizer, model, output, max_length - ins_len + 1)
+    ppl_cond, loss_cond = ppl_part_text(tokenizer, model, whole, output, max_length)
+    return {
+        "loss_direct": loss_alone,
+        "loss_condition": loss_cond,
+        "ppl_direct": ppl_alone,
+        "ppl_condition": ppl_cond,
+        "ifd": ppl_cond / ppl_alone,
+    }
+
+
+def ifd_reference(
+    tokenizer: Any, model: Any, samples: list[dict[str, str]], max_length: int
+) -> list[dict[str, float] | None]:
+    """Runs :func:`ifd_one` over ``samples`` (dicts with instruction, input, output)."""
+    model.eval()
+    return [
+        ifd_one(
+            tokenizer, model, s["instruction"], s.get("input", "") or "", s["output"], max_length
+        )
+        for s in samples
+    ]
+
+
+def save_tiny_model(name: str, tokenizer: Any, path: Any, seed: int = 0) -> Any:
+    """Saves a tiny random HF model of parity case ``name`` (vocab fitted to ``tokenizer``).
+
+    Built like ``test_model_parity.reference`` (fp32, eager, perturbed 1-D params), with the
+    vocabulary and special ids of ``tokenizer``; model and tokenizer go to ``path``.
+    Returns the torch model.
+    """
+    import transformers
+    from test_model_parity import HF_CONFIGS
+
+    config = HF_CONFIGS[name]()
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return hf
