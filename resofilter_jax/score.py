@@ -137,6 +137,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     todo = outputs.missing_shards(out_dir, len(ranges))
     t_read = time.perf_counter()
     lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    lm.model.scan_layers = bool(config.model.get("scan_layers", False))
     t_load = time.perf_counter()
     devices = jax.local_devices()
     if config.num_devices:

@@ -312,3 +312,17 @@ def test_jit_matches_eager() -> None:
 
     jitted = run(jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask))
     _assert_parity(jitted, np.asarray(out.logits), case.attention_mask)
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_scanned_layers_match_transformers(name: str) -> None:
+    """`scan_layers=True` (one lax.scan over stacked layer params) computes the same model."""
+    case = reference(name)
+    model = build_model(case.config, seed=None)
+    load_state_dict(model, case.state_dict, ignore=case.ignore, strict=True)
+    model.scan_layers = True
+    out = jax.jit(lambda m, i, a: m(i, a))(
+        model, jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask)
+    )
+    _assert_parity(out.logits, case.logits, case.attention_mask)
+    _assert_parity(out.hidden, case.hidden, case.attention_mask)

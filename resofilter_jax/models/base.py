@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ class CausalLM(nnx.Module):
 
     config: ModelConfig
     dtype: jnp.dtype
+    scan_layers: bool = False  # run decoder layers with one lax.scan (see `run_layers`)
 
     def hidden_states(
         self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
@@ -75,3 +77,43 @@ class CausalLM(nnx.Module):
     ) -> CausalLMOutput:
         hidden = self.hidden_states(input_ids, attention_mask, positions)
         return CausalLMOutput(hidden=hidden, logits=self.logits(hidden))
+
+
+def pick(flag: bool | Array, if_true: Any, if_false: Any) -> Any:
+    """`if_true if flag else if_false` for a Python bool or a traced scalar (pytrees too)."""
+    if isinstance(flag, bool):
+        return if_true if flag else if_false
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
+
+
+def run_layers(
+    layers: Sequence[nnx.Module],
+    x: Array,
+    step: Callable[[nnx.Module, Array, bool | Array], Array],
+    *,
+    local: Sequence[bool],
+    scan: bool = False,
+) -> Array:
+    """Applies decoder layers in order: `x = step(layer, x, local[i])`.
+
+    With `scan=True` the layers' parameters are stacked on the fly and run by one `lax.scan`,
+    so compile time no longer grows with depth (same numbers; `local[i]` then arrives as a
+    traced bool, which `pick` handles). Keep it off where gradients must stop below a layer:
+    a scan's backward pass runs through every layer.
+    """
+    if not scan or len(layers) < 2:
+        for i, layer in enumerate(layers):
+            x = step(layer, x, bool(local[i]))
+        return x
+    splits = [nnx.split(layer) for layer in layers]
+    graphdef = splits[0][0]
+    if any(g != graphdef for g, _ in splits):
+        raise ValueError("scan_layers needs structurally identical layers")
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in splits])  # [layers, ...]
+
+    def body(h: Array, inputs: tuple[nnx.State, Array]) -> tuple[Array, None]:
+        state, flag = inputs
+        return step(nnx.merge(graphdef, state), h, flag), None
+
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(list(local), dtype=bool)))
+    return x

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import CausalLM, default_positions
+from resofilter_jax.models.base import CausalLM, default_positions, pick, run_layers
 from resofilter_jax.models.config import ModelConfig, RopeConfig
 from resofilter_jax.models.layers import (
     Embedding,
@@ -180,8 +180,22 @@ class GemmaForCausalLM(CausalLM):
             if self._local_rope() != cfg.rope
             else full_rope
         )
-        for i, layer in enumerate(self.model.layers):
-            local = bool(cfg.layer_types) and cfg.layer_types[i] == "sliding_attention"
-            cos, sin = local_rope if local else full_rope  # [b, s, head_dim] each
-            x = layer(x, cos, sin, slide_mask if cfg.is_sliding(i) else full_mask)
+        # Per layer: (uses the local rope table, uses the sliding-window mask).
+        kinds = [
+            (bool(cfg.layer_types) and cfg.layer_types[i] == "sliding_attention", cfg.is_sliding(i))
+            for i in range(cfg.num_hidden_layers)
+        ]
+        if any(rope != window for rope, window in kinds):  # rope and mask kinds disagree
+            for i, layer in enumerate(self.model.layers):
+                cos, sin = local_rope if kinds[i][0] else full_rope  # [b, s, head_dim] each
+                x = layer(x, cos, sin, slide_mask if kinds[i][1] else full_mask)
+            return self.model.norm(x)
+
+        def step(layer: nnx.Module, h: Array, local: bool | Array) -> Array:
+            cos, sin = pick(local, local_rope, full_rope)  # [b, s, head_dim] each
+            return layer(h, cos, sin, pick(local, slide_mask, full_mask))
+
+        x = run_layers(
+            self.model.layers, x, step, local=[k[0] for k in kinds], scan=self.scan_layers
+        )
         return self.model.norm(x)

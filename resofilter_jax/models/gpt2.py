@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import CausalLM, default_positions
+from resofilter_jax.models.base import CausalLM, default_positions, run_layers
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import (
     Conv1D,
@@ -153,6 +153,11 @@ class GPT2LMHeadModel(CausalLM):
         # [b, s, hidden]
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
         mask = attention_mask_bias(attention_mask)  # [b, 1, s, s]
-        for block in self.transformer.h:
-            x = block(x, mask)
+        x = run_layers(
+            self.transformer.h,
+            x,
+            lambda block, h, _: block(h, mask),
+            local=[False] * len(self.transformer.h),
+            scan=self.scan_layers,
+        )
         return self.transformer.ln_f(x)

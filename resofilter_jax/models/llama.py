@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import CausalLM, default_positions
+from resofilter_jax.models.base import CausalLM, default_positions, pick, run_layers
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import (
     Embedding,
@@ -139,6 +139,12 @@ class LlamaForCausalLM(CausalLM):
             if any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
             else full_mask
         )
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, slide_mask if cfg.is_sliding(i) else full_mask)
+        local = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+        x = run_layers(
+            self.model.layers,
+            x,
+            lambda layer, h, slide: layer(h, cos, sin, pick(slide, slide_mask, full_mask)),
+            local=local,
+            scan=self.scan_layers,
+        )
         return self.model.norm(x)
