@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resofilter_jax.models.config import ModelConfig
+from resofilter_jax.models.layers import Linear
 
 Array = jax.Array
 
@@ -77,6 +78,29 @@ class CausalLM(nnx.Module):
     ) -> CausalLMOutput:
         hidden = self.hidden_states(input_ids, attention_mask, positions)
         return CausalLMOutput(hidden=hidden, logits=self.logits(hidden))
+
+
+class EmbedHeadLM(CausalLM):
+    """Families with `model.embed_tokens` and an `lm_head` that is absent when tied."""
+
+    def _init_head(
+        self, config: ModelConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: Any
+    ) -> None:
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(
+                config.hidden_size,
+                config.vocab_size,
+                bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+    def output_embedding(self) -> Array:
+        """The LM head matrix [vocab, hidden] (the token embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
 
 
 def pick(flag: bool | Array, if_true: Any, if_false: Any) -> Any:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import CausalLM, default_positions, pick, run_layers
+from resofilter_jax.models.base import EmbedHeadLM, default_positions, pick, run_layers
 from resofilter_jax.models.config import ModelConfig, RopeConfig
 from resofilter_jax.models.layers import (
     Embedding,
@@ -108,7 +108,7 @@ class GemmaModel(nnx.Module):
         self.norm = _gemma_norm(cfg.hidden_size, cfg, **kw)
 
 
-class GemmaForCausalLM(CausalLM):
+class GemmaForCausalLM(EmbedHeadLM):
     """Gemma 2 / Gemma 3 text causal LM; `lm_head` is absent when embeddings are tied."""
 
     def __init__(
@@ -132,21 +132,7 @@ class GemmaForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         self.model = GemmaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = Linear(
-                config.hidden_size,
-                config.vocab_size,
-                bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-
-    def output_embedding(self) -> Array:
-        """The LM head matrix [vocab, hidden]."""
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.weight[...]
-        return self.lm_head.weight[...]
+        self._init_head(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _local_rope(self) -> RopeConfig:
         """Rope of the sliding layers: Gemma 3 has its own table, Gemma 2 shares the global one."""

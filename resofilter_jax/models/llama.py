@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import CausalLM, default_positions, pick, run_layers
+from resofilter_jax.models.base import EmbedHeadLM, default_positions, pick, run_layers
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import (
     Embedding,
@@ -94,7 +94,7 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, gemma=False, **kw)
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(EmbedHeadLM):
     """Llama-family causal LM; `lm_head` is absent when embeddings are tied."""
 
     def __init__(
@@ -108,20 +108,7 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = Linear(
-                config.hidden_size,
-                config.vocab_size,
-                bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-
-    def output_embedding(self) -> Array:
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.weight[...]
-        return self.lm_head.weight[...]
+        self._init_head(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def hidden_states(
         self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
