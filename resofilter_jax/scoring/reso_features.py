@@ -1,0 +1,196 @@
+"""The update rules and per-matrix features of the resonance score (pure jnp on one example).
+
+See `resofilter_jax.scoring.resonance` for the closed form of the first AdamW step and what each
+feature means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+RULES = ("adamw", "adam", "sgd")
+_DEFAULT_WD = {"adamw": 0.01, "adam": 0.0, "sgd": 0.0}  # torch.optim defaults
+AGGREGATES = ("mean", "sum", "max")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCALARS = ("score", "loss", "ppl", "n_tokens")
+
+
+@dataclass(frozen=True)
+class ResonanceSpec:
+    """What to measure and how.
+
+    Attributes:
+        params: HF names of the chosen parameters (see ``param_select.select_params``).
+        rule: Update model: ``adamw`` (default), ``adam`` or ``sgd``.
+        lr: Learning rate of the one step.
+        eps: Adam epsilon.
+        weight_decay: None: the rule's torch default (adamw 0.01, adam/sgd 0).
+        aggregate: How ``score`` combines the chosen matrices: mean | sum | max.
+        score_feature: The per-matrix feature that ``score`` aggregates.
+        bounds: Thresholds of the count features.
+        quantiles: Quantiles of ``|delta|`` (in (0, 1)).
+        compute_dtype: ``float32`` or ``bfloat16`` (model compute; gradients of the chosen
+            matrices and all features stay fp32).
+        micro: Examples per device per step; None: derived from ``memory_budget_bytes``.
+        memory_budget_bytes: Per-device bytes for per-example gradients, features and
+            activations of one step (beyond the resident weights).
+        ce_chunk: Sequence chunk of the cross-entropy (bounds the logits held at once).
+    """
+
+    params: tuple[str, ...]
+    rule: str = "adamw"
+    lr: float = 1e-5
+    eps: float = 1e-8
+    weight_decay: float | None = None
+    aggregate: str = "mean"
+    score_feature: str = "mean_abs"
+    bounds: tuple[float, ...] = (1e-6, 5e-6, 9e-6, 1e-5)
+    quantiles: tuple[float, ...] = (0.10, 0.25, 0.90, 0.95, 0.99)
+    compute_dtype: str = "float32"
+    micro: int | None = None
+    memory_budget_bytes: int = 4 << 30
+    ce_chunk: int = 128
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(self.params))
+        if not self.params or len(set(self.params)) != len(self.params):
+            raise ValueError(f"params must be non-empty and distinct, got {self.params}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {tuple(DTYPES)}")
+        if self.score_feature not in matrix_feature_names(self):
+            raise ValueError(f"score_feature {self.score_feature!r} is not a feature")
+        if not all(0.0 < q < 1.0 for q in self.quantiles):
+            raise ValueError(f"quantiles must lie in (0, 1), got {self.quantiles}")
+        if self.micro is not None and self.micro < 1:
+            raise ValueError(f"micro must be >= 1, got {self.micro}")
+        if self.lr <= 0 or self.eps < 0 or self.memory_budget_bytes < 1 or self.ce_chunk < 1:
+            raise ValueError("lr must be > 0, eps >= 0, memory_budget_bytes and ce_chunk >= 1")
+
+    @property
+    def wd(self) -> float:
+        """The weight decay in effect."""
+        return _DEFAULT_WD[self.rule] if self.weight_decay is None else self.weight_decay
+
+
+def _bound_tag(b: float) -> str:
+    return f"{b:g}"
+
+
+def matrix_feature_names(spec: ResonanceSpec) -> list[str]:
+    """Per-matrix feature names, in output order."""
+    names = ["mean_abs", "std", "max", "min", "std_abs", "l1", "l2"]
+    names += ["cosine", "pearson", "cosine_gap", "pearson_gap"]
+    names += [f"q{100 * q:g}_abs" for q in spec.quantiles]
+    for b in spec.bounds:
+        t = _bound_tag(b)
+        names += [f"n_abs_le_{t}", f"n_pos_gt_{t}", f"n_neg_lt_{t}"]
+    return names
+
+
+def feature_names(spec: ResonanceSpec) -> list[str]:
+    """Output column names: ``score, loss, ppl, n_tokens``, then ``reso/<param>/<feature>``."""
+    feats = matrix_feature_names(spec)
+    return [*SCALARS, *(f"reso/{p}/{f}" for p in spec.params for f in feats)]
+
+
+def update_delta(theta: Array, grad: Array, spec: ResonanceSpec) -> Array:
+    """The first-step update ``theta_after - theta_before`` (fp32, same shape as theta)."""
+    t, g = theta.astype(jnp.float32), grad.astype(jnp.float32)
+    lr, wd, eps = spec.lr, spec.wd, spec.eps
+    if spec.rule == "adamw":
+        return -lr * (g / (jnp.abs(g) + eps) + wd * t)
+    if spec.rule == "adam":
+        g = g + wd * t
+        return -lr * (g / (jnp.abs(g) + eps))
+    return -lr * (g + wd * t)
+
+
+def _mean(x: Array) -> Array:
+    """Mean of a 1-D array, corrected by a second pass (robust to summation error)."""
+    m0 = jnp.mean(x)
+    return m0 + jnp.mean(x - m0)
+
+
+def _angle(a: Array, d: Array) -> tuple[Array, Array]:
+    """cos(a, a + d) and 1 - cos(a, a + d) for 1-D a, d, without cancellation.
+
+    With ``c = <a, d> / |a|^2``, a + d has the component ``p = |a| (1 + c)`` along a and
+    ``q = |d - c a|`` across it, so ``cos = p / r`` and ``1 - cos = q^2 / (r (r + p))``,
+    ``r = sqrt(p^2 + q^2)``.
+    """
+    na2 = jnp.sum(a * a)
+    c = jnp.sum(a * d) / na2
+    q2 = jnp.sum(jnp.square(d - c * a))
+    p = jnp.sqrt(na2) * (1.0 + c)
+    r = jnp.sqrt(p * p + q2)
+    cos = p / r
+    gap = jnp.where(p > 0, q2 / (r * (r + p)), 1.0 - cos)
+    return cos, gap
+
+
+def _order_stats(a: Array, ranks: Sequence[int]) -> Array:
+    """Exact order statistics (0-based ranks) of a 1-D non-negative fp32 array, without sorting.
+
+    Bisection on the int32 bit patterns (monotone in the value for non-negative floats):
+    32 counting passes per rank instead of an O(n log n) sort, which is slow on CPU.
+    Returns [len(ranks)] values, ``sorted(a)[k]`` for each rank k.
+    """
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32)  # [n]
+    need = jnp.asarray(ranks, jnp.int32)[:, None] + 1  # [R, 1] elements at or below the answer
+    lo = jnp.full((len(ranks), 1), jnp.min(bits) - 1, jnp.int32)  # [R, 1] count(<= lo) < need
+    hi = jnp.full((len(ranks), 1), jnp.max(bits), jnp.int32)  # [R, 1] count(<= hi) >= need
+
+    def step(_: int, bounds: tuple[Array, Array]) -> tuple[Array, Array]:
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2  # [R, 1]
+        enough = jnp.sum(bits[None, :] <= mid, axis=1, keepdims=True) >= need  # [R, 1]
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return jax.lax.bitcast_convert_type(hi[:, 0], jnp.float32)
+
+
+def matrix_features(theta: Array, delta: Array, spec: ResonanceSpec) -> dict[str, Array]:
+    """Scalar features of one matrix's update (all fp32 except int32 counts)."""
+    t = theta.reshape(-1).astype(jnp.float32)  # [n]
+    d = delta.reshape(-1).astype(jnp.float32)  # [n]
+    a = jnp.abs(d)  # [n]
+    n = d.size
+    mean_abs, mean = _mean(a), _mean(d)
+    out = {
+        "mean_abs": mean_abs,
+        "std": jnp.sqrt(jnp.sum(jnp.square(d - mean)) / (n - 1)),
+        "max": jnp.max(d),
+        "min": jnp.min(d),
+        "std_abs": jnp.sqrt(jnp.sum(jnp.square(a - mean_abs)) / (n - 1)),
+        "l1": mean_abs * n,
+        "l2": jnp.sqrt(jnp.sum(d * d)),
+    }
+    out["cosine"], out["cosine_gap"] = _angle(t, d)
+    out["pearson"], out["pearson_gap"] = _angle(t - _mean(t), d - mean)
+    ranks = [q * (n - 1) for q in spec.quantiles]  # torch.quantile 'linear' positions
+    lows = _order_stats(a, [int(math.floor(r)) for r in ranks])  # [n_q] x[lo]
+    for j, (q, r) in enumerate(zip(spec.quantiles, ranks, strict=True)):
+        lo = int(math.floor(r))
+        below = lows[j]
+        # x[lo + 1]: the same value if it repeats, else the next larger element.
+        repeats = jnp.sum(a <= below) >= lo + 2
+        above = jnp.where(repeats | (lo + 1 >= n), below, jnp.min(jnp.where(a > below, a, jnp.inf)))
+        out[f"q{100 * q:g}_abs"] = below + (r - lo) * (above - below)
+    for b in spec.bounds:
+        tag = _bound_tag(b)
+        out[f"n_abs_le_{tag}"] = jnp.sum(a <= b, dtype=jnp.int32)
+        out[f"n_pos_gt_{tag}"] = jnp.sum(d > b, dtype=jnp.int32)
+        out[f"n_neg_lt_{tag}"] = jnp.sum(d < -b, dtype=jnp.int32)
+    return {k: out[k] for k in matrix_feature_names(spec)}

@@ -1,0 +1,344 @@
+"""ResoFilter's "resonance" score: what ONE optimizer step on ONE example would do to chosen layers.
+
+The published loop restores the weights, builds a fresh ``torch.optim.AdamW(lr=1e-5)`` per
+sample, takes one step on that sample alone and measures ``mean |theta_before - theta_after|``
+of the chosen matrices. The first AdamW step has a closed form, so only per-example gradients
+of the chosen matrices are needed (computed batched with ``vmap(grad)``); the update and its
+features are computed on device right after the gradient and only scalars leave the device.
+
+**First AdamW step, checked against** ``torch/optim/adam.py::_single_tensor_adam`` (the CPU
+path of ``AdamW``, which is ``Adam(decoupled_weight_decay=True)``), from ``m = v = 0``, step 1:
+
+* ``param.mul_(1 - lr * wd)``                        -> ``theta * (1 - lr * wd)``
+* ``exp_avg.lerp_(g, 1 - b1)``                       -> ``m = (1 - b1) g``
+* ``exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)``     -> ``v = (1 - b2) g^2``
+* ``denom = sqrt(v) / sqrt(1 - b2) + eps``           -> ``|g| + eps``
+* ``param.addcdiv_(m, denom, -lr / (1 - b1))``       -> ``- lr g / (|g| + eps)``
+
+so ``delta = theta_after - theta_before = -lr * (g / (|g| + eps) + wd * theta)``: the bias
+corrections cancel and the betas drop out. ``adam`` (``torch.optim.Adam``, coupled L2 decay)
+is the same with ``g <- g + wd * theta`` and no decoupled term; ``sgd`` is ``-lr (g + wd theta)``.
+
+``delta`` is computed in fp32 from the closed form: no ``theta - theta'`` cancellation (in fp32
+that difference carries ~ulp(theta) ~ 1e-8 of error on ~1e-5 changes).
+
+Features, per example and chosen matrix, of ``delta`` (the update, ``theta_after -
+theta_before``; the reference's ``before - after`` is ``-delta``): ``mean_abs`` (the reference's
+``mean_diff``), ``std``/``std_abs`` (unbiased, ``n - 1``, as ``torch.std`` by default), ``max``,
+``min``, ``l1``, ``l2``, ``cosine``/``pearson`` between theta and theta + delta plus
+``cosine_gap``/``pearson_gap`` = 1 - those (computed without cancellation; the correlations
+themselves round to 1.0 in fp32), quantiles of ``|delta|`` (linear interpolation, as
+``torch.quantile``'s default) and counts of ``|delta| <= b``, ``delta > b``, ``delta < -b``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resofilter_jax.data.encoding import IGNORE_INDEX
+from resofilter_jax.data.records import Record
+from resofilter_jax.data.templates import user_query
+from resofilter_jax.models.base import CausalLM
+from resofilter_jax.models.registry import abstract_model, param_name
+from resofilter_jax.scoring.param_select import layer_index, param_names
+from resofilter_jax.scoring.reso_features import (
+    DTYPES,
+    RULES,
+    SCALARS,
+    ResonanceSpec,
+    feature_names,
+    matrix_feature_names,
+    matrix_features,
+    update_delta,
+)
+
+Array = jax.Array
+
+__all__ = [
+    "RULES",
+    "ResonanceFn",
+    "ResonanceSpec",
+    "dedup_queries",
+    "example_bytes",
+    "feature_names",
+    "make_resonance_fn",
+    "matrix_feature_names",
+    "matrix_features",
+    "microbatch_size",
+    "to_columns",
+    "update_delta",
+]
+
+
+def _token_ce(
+    hidden: Array, weight: Array, targets: Array, *, dtype: Any, softcap: float | None, chunk: int
+) -> Array:
+    """Per-token CE [T] of targets [T] under hidden [T, H] @ weight.T, chunk by chunk.
+
+    The logits are accumulated in fp32 whatever the compute dtype (a bf16 rounding of the
+    logits alone would perturb the per-example gradients visibly). With more than one chunk
+    each chunk is rematerialised in the backward pass, so at most one chunk of logits
+    ([chunk, vocab] fp32) exists at a time, also under ``grad``.
+    """
+    s = hidden.shape[0]
+    chunk = min(chunk, s)
+    pad = -s % chunk
+    h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])  # [n, c, H]
+    t = jnp.pad(targets, (0, pad)).reshape(-1, chunk)  # [n, c]
+    w = weight.astype(dtype)  # [vocab, H]
+
+    def one(args: tuple[Array, Array]) -> Array:
+        hc, tc = args
+        logits = jnp.einsum(
+            "cd,vd->cv", hc.astype(dtype), w, preferred_element_type=jnp.float32
+        )  # [c, vocab]
+        if softcap is not None:
+            logits = jnp.tanh(logits / softcap) * softcap
+        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]  # [c]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    if h.shape[0] == 1:
+        return one((h[0], t[0]))[:s]  # [T]
+    return jax.lax.map(jax.checkpoint(one), (h, t)).reshape(-1)[:s]  # [T]
+
+
+def example_bytes(
+    model: CausalLM, spec: ResonanceSpec, seq_len: int, *, backward_layers: int | None = None
+) -> int:
+    """Estimated device bytes one example needs in a step (gradients, features, activations).
+
+    Per-example fp32 gradient, update and sort buffers of the chosen matrices (~6 copies),
+    saved activations of the layers the backward pass crosses (~10 hidden- and 4
+    intermediate-sized vectors per token and two [heads, L, L] attention maps per layer, plus
+    one layer in flight), and one chunk of fp32 logits with its cotangent.
+    """
+    cfg = model.config
+    sizes = {p: math.prod(shape) for p, shape in _param_shapes(model).items()}
+    n_chosen = sum(sizes[p] for p in spec.params)
+    if backward_layers is None:
+        backward_layers = _backward_layers(spec.params, cfg.num_hidden_layers)
+    c = jnp.dtype(DTYPES[spec.compute_dtype]).itemsize
+    per_layer = seq_len * (10 * cfg.hidden_size + 4 * cfg.intermediate_size) * c
+    per_layer += 2 * cfg.num_attention_heads * seq_len * seq_len * c
+    logits = 3 * min(spec.ce_chunk, seq_len) * cfg.vocab_size * 4
+    return 6 * 4 * n_chosen + (backward_layers + 1) * per_layer + logits
+
+
+def _backward_layers(params: Sequence[str], num_layers: int) -> int:
+    """How many decoder layers the backward pass crosses for these parameters."""
+    idx = [layer_index(p) for p in params]
+    if any(
+        i is None and ("embed" in p or ".wte." in p or ".wpe." in p)
+        for i, p in zip(idx, params, strict=True)
+    ):
+        return num_layers
+    lowest = min((i for i in idx if i is not None), default=num_layers)
+    return num_layers - lowest
+
+
+def _param_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {param_name(path): tuple(var.shape) for path, var in flat}
+
+
+def microbatch_size(model: CausalLM, spec: ResonanceSpec, seq_len: int, rows: int) -> int:
+    """Examples per device per step."""
+    if spec.micro is not None:
+        return max(1, min(spec.micro, rows))
+    need = example_bytes(model, spec, seq_len)
+    if need > spec.memory_budget_bytes:
+        raise ValueError(
+            f"one example needs about {need / 2**20:.1f} MiB at sequence length {seq_len} "
+            f"(per-example gradients of {len(spec.params)} chosen parameters + activations) but "
+            f"memory_budget_bytes is {spec.memory_budget_bytes / 2**20:.1f} MiB; raise the "
+            "budget, shorten max_length or choose fewer / smaller parameters"
+        )
+    return max(1, min(rows, spec.memory_budget_bytes // need))
+
+
+class ResonanceFn:
+    """Jitted ``batch -> per-example results`` for one model and spec.
+
+    Call it with a collated batch (``input_ids``, ``attention_mask``, ``labels`` [B, L]); it
+    returns ``score``, ``loss``, ``ppl`` [B] fp32, ``n_tokens`` [B] int32 and every per-matrix
+    feature as [B, n_params] (columns in ``spec.params`` order). Rows without a label token
+    (e.g. dummy padding rows) get NaN (floats) and -1 (counts).
+    """
+
+    def __init__(self, model: CausalLM, spec: ResonanceSpec, *, data_shards: int = 1):
+        known = set(param_names(model))
+        missing = [p for p in spec.params if p not in known]
+        if missing:
+            raise ValueError(f"the model has no parameter(s) {missing}")
+        self.spec, self.model, self.data_shards = spec, model, data_shards
+        chosen = set(spec.params)
+
+        def is_chosen(path: tuple, _: Any) -> bool:
+            return param_name(path) in chosen
+
+        graphdef, theta, rest = nnx.split(model, is_chosen, ...)
+        cdt = DTYPES[spec.compute_dtype]
+        if cdt != jnp.float32:  # same tree, built with the low-precision compute dtype
+            graphdef = nnx.split(
+                abstract_model(model.config, dtype=cdt, param_dtype=cdt), is_chosen, ...
+            )[0]
+            rest = jax.tree.map(
+                lambda x: x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest
+            )
+        self._theta = jax.tree.map(lambda x: x.astype(jnp.float32), theta)
+        self._rest = rest
+        self._graphdef = graphdef
+        self._jitted = jax.jit(self._batch)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Array]:
+        return self._jitted(self._theta, self._rest, self._inputs(batch))
+
+    def lower(self, batch: dict[str, Any]) -> Any:
+        """``jax.jit(...).lower`` for this batch (cost analysis, AOT compile)."""
+        return self._jitted.lower(self._theta, self._rest, self._inputs(batch))
+
+    @staticmethod
+    def _inputs(batch: dict[str, Any]) -> dict[str, Array]:
+        return {
+            k: jnp.asarray(batch[k], jnp.int32) for k in ("input_ids", "attention_mask", "labels")
+        }
+
+    def _example(
+        self, theta: nnx.State, rest: nnx.State, ids: Array, mask: Array, labels: Array
+    ) -> dict[str, Array]:
+        """Loss, gradient and features of one example (ids, mask, labels [L])."""
+        spec, cdt = self.spec, DTYPES[self.spec.compute_dtype]
+        valid = (labels[1:] != IGNORE_INDEX).astype(jnp.float32)  # [L-1]; label t from t-1
+        targets = jnp.where(labels[1:] == IGNORE_INDEX, 0, labels[1:])  # [L-1]
+
+        def loss_fn(th: nnx.State) -> tuple[Array, Array]:
+            model = nnx.merge(self._graphdef, jax.tree.map(lambda x: x.astype(cdt), th), rest)
+            hidden = model.hidden_states(ids[None], mask[None])[0]  # [L, H]
+            ce = _token_ce(
+                hidden[:-1],
+                model.output_embedding(),
+                targets,
+                dtype=model.dtype,
+                softcap=model.config.final_logit_softcapping,
+                chunk=spec.ce_chunk,
+            )  # [L-1]
+            n = jnp.sum(valid)
+            return jnp.sum(ce * valid) / jnp.maximum(n, 1.0), n
+
+        (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(theta)
+        th, gr = _by_name(theta), _by_name(grads)
+        groups: dict[tuple[int, ...], list[str]] = {}  # same-shaped matrices share one program
+        for p in spec.params:
+            groups.setdefault(tuple(th[p].shape), []).append(p)
+        per: dict[str, dict[str, Array]] = {}
+        for ps in groups.values():
+            t = jnp.stack([th[p] for p in ps])  # [k, *shape]
+            g = jnp.stack([gr[p] for p in ps]).astype(jnp.float32)  # [k, *shape]
+            f = jax.vmap(lambda t1, g1: matrix_features(t1, update_delta(t1, g1, spec), spec))(t, g)
+            per.update({p: {k: v[i] for k, v in f.items()} for i, p in enumerate(ps)})
+        feats = [per[p] for p in spec.params]
+        out = {k: jnp.stack([f[k] for f in feats]) for k in feats[0]}  # [n_params] each
+        out["loss"], out["n_tokens"] = loss, n.astype(jnp.int32)
+        return out
+
+    def _batch(
+        self, theta: nnx.State, rest: nnx.State, batch: dict[str, Array]
+    ) -> dict[str, Array]:
+        """Per-example results of a [B, L] batch in ceil(B / micro) vmapped steps."""
+        ids = batch["input_ids"]
+        bsz, seq = ids.shape
+        shards = self.data_shards
+        if bsz % shards:
+            raise ValueError(f"batch of {bsz} rows does not split over {shards} data shards")
+        rows = bsz // shards
+        m = microbatch_size(self.model, self.spec, seq, rows)
+        steps = -(-rows // m)
+        pad = steps * m - rows
+
+        def to_steps(x: Array) -> Array:  # [B, ...] -> [steps, shards * m, ...]
+            x = x.reshape(shards, rows, *x.shape[1:])
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            x = x.reshape(shards, steps, m, *x.shape[2:]).swapaxes(0, 1)
+            return x.reshape(steps, shards * m, *x.shape[3:])
+
+        def from_steps(x: Array) -> Array:  # [steps, shards * m, ...] -> [B, ...]
+            x = x.reshape(steps, shards, m, *x.shape[2:]).swapaxes(0, 1)
+            return x.reshape(shards, steps * m, *x.shape[3:])[:, :rows].reshape(bsz, *x.shape[3:])
+
+        one = jax.vmap(self._example, in_axes=(None, None, 0, 0, 0))
+        xs = tuple(to_steps(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
+        if steps == 1:
+            out = jax.tree.map(lambda y: y[None], one(theta, rest, *(x[0] for x in xs)))
+        else:
+            out = jax.lax.map(lambda x: one(theta, rest, *x), xs)
+        out = jax.tree.map(from_steps, out)
+        return _finish(out, self.spec)
+
+
+def _by_name(state: nnx.State) -> dict[str, Array]:
+    return {param_name(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def _finish(out: dict[str, Array], spec: ResonanceSpec) -> dict[str, Array]:
+    """Adds score and ppl; NaN / -1 on rows without label tokens."""
+    ok = out["n_tokens"] > 0  # [B]
+    x = out[spec.score_feature].astype(jnp.float32)  # [B, n_params]
+    agg = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[spec.aggregate]
+    out["score"] = agg(x, axis=-1)
+    out["ppl"] = jnp.exp(out["loss"])
+    for k, v in out.items():
+        if k == "n_tokens":
+            continue
+        mask = ok.reshape(ok.shape + (1,) * (v.ndim - 1))
+        bad = jnp.nan if jnp.issubdtype(v.dtype, jnp.floating) else -1
+        out[k] = jnp.where(mask, v, bad)
+    return out
+
+
+def make_resonance_fn(
+    model: CausalLM, spec: ResonanceSpec, *, data_shards: int = 1
+) -> Callable[[dict[str, Any]], dict[str, Array]]:
+    """A jitted ``batch -> results`` function (see :class:`ResonanceFn`).
+
+    Args:
+        model: The causal LM (its parameters are held by the function).
+        spec: The parameters and update rule.
+        data_shards: Devices the batch axis is split over; each step then takes ``micro``
+            rows from every shard, so per-example work stays on its device.
+    """
+    return ResonanceFn(model, spec, data_shards=data_shards)
+
+
+def to_columns(out: dict[str, Any], spec: ResonanceSpec) -> dict[str, np.ndarray]:
+    """Host columns named as :func:`feature_names` (each [B]) from a result dict."""
+    host = jax.device_get(out)
+    cols = {k: np.asarray(host[k]) for k in SCALARS}
+    for j, p in enumerate(spec.params):
+        for f in matrix_feature_names(spec):
+            cols[f"reso/{p}/{f}"] = np.asarray(host[f])[:, j]
+    return cols
+
+
+def dedup_queries(records: Sequence[Record]) -> list[int | None]:
+    """For every record, the position of the first record with the same query, else None.
+
+    The query is the user text (instruction, plus ``"\\n" + input`` when there is one),
+    compared exactly. First occurrences and error records get None. ResoFilter drops such
+    duplicates before scoring; we keep them as rows with ``status=duplicate_of:<position>``.
+    """
+    first: dict[str, int] = {}
+    out: list[int | None] = []
+    for k, r in enumerate(records):
+        if not r.ok:
+            out.append(None)
+            continue
+        j = first.setdefault(user_query(r), k)
+        out.append(None if j == k else j)
+    return out

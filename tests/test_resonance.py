@@ -1,0 +1,427 @@
+"""The resonance engine against ResoFilter's PyTorch loop, plus its own properties.
+
+Parity is checked against the loop run in float64 (a real AdamW step, see
+``torch_resonance_reference.py``): in float32 the loop's ``theta_before - theta_after`` carries
+~ulp(theta) of cancellation error per element, which the closed form avoids.
+
+Tolerances. Float features: 1e-4 relative. Two features depend on single elements whose
+gradient is small: near ``|g| ~ eps`` the update ``lr |g| / (|g| + eps)`` is steep in g, and
+the gradients of both sides carry fp32 rounding (ours, and transformers' fp32 RMSNorm and
+loss even in a float64 model) of ~1e-6 of the typical |g|. ``std_abs`` (the spread of
+``|delta|`` is only ~1e-3 of its mean, and a few small-gradient elements carry much of it)
+gets, on top, the first-order effect of a gradient error of ``GRAD_ERR * median|g|`` per
+element; a count may differ by at most the number of elements whose float64 ``|delta|`` lies
+within ``1e-6 * bound`` plus that gradient effect of the bound, or whose gradient is smaller
+than that error (its sign is uncertain). The allowances are computed
+from the float64 reference and checked to be small where no gradient is within 100 eps.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy.stats import spearmanr
+from test_model_parity import loaded, reference
+from torch_resonance_reference import resonance_loop
+
+from resofilter_jax.data import BatchPlan, collate, encode_sft_examples, load_records
+from resofilter_jax.data.encoding import IGNORE_INDEX
+from resofilter_jax.data.records import Record
+from resofilter_jax.models.config import config_from_hf
+from resofilter_jax.models.registry import build_model
+from resofilter_jax.scoring.param_select import select_params, sort_names
+from resofilter_jax.scoring.resonance import (
+    ResonanceSpec,
+    dedup_queries,
+    example_bytes,
+    feature_names,
+    make_resonance_fn,
+    matrix_feature_names,
+    microbatch_size,
+    to_columns,
+    update_delta,
+)
+
+LR, EPS, WD = 1e-5, 1e-8, 0.01
+GRAD_ERR = 3e-6  # fp32 gradient error scale, relative to the median |g| (measured ~1e-6)
+PROMPTS = (5, 3, 4)  # masked prompt positions of the rows of the tiny batches
+# Per tiny model: a layer type (all layers) and extra parameters (attention, a norm vector).
+TINY = {
+    "llama": (
+        "mlp.up_proj.weight",
+        [
+            "model.layers.1.self_attn.o_proj.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+        ],
+    ),
+    "gpt2": (
+        "mlp.c_fc.weight",
+        ["transformer.h.1.attn.c_attn.weight", "transformer.h.0.ln_2.bias"],
+    ),
+    "gemma2": ("mlp.up_proj.weight", ["model.layers.1.self_attn.o_proj.weight"]),
+}
+
+
+def tiny_batch(name: str, dummy_rows: int = 0) -> dict[str, np.ndarray]:
+    """The right-padded parity batch of case `name` with masked prompts (+ all-padding rows)."""
+    case = reference(name)
+    ids = case.input_ids.astype(np.int32)  # [3, 24]
+    mask = case.attention_mask.astype(np.int32)
+    labels = np.where(mask > 0, ids, IGNORE_INDEX).astype(np.int32)
+    for i, k in enumerate(PROMPTS):
+        labels[i, :k] = IGNORE_INDEX
+    pad = ((0, dummy_rows), (0, 0))
+    return {
+        "input_ids": np.pad(ids, pad),
+        "attention_mask": np.pad(mask, pad),
+        "labels": np.pad(labels, pad, constant_values=IGNORE_INDEX),
+    }
+
+
+def unpadded(batch: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    lens = batch["attention_mask"].sum(1)
+    return [(batch["input_ids"][i, :n], batch["labels"][i, :n]) for i, n in enumerate(lens) if n]
+
+
+@functools.cache
+def tiny_run(name: str) -> tuple[ResonanceSpec, dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Our fp32 results on the tiny batch and the float64 torch loop's, per sample."""
+    model, _ = loaded(name)
+    kind, extra = TINY[name]
+    names = select_params(model, param_type=kind) + extra
+    spec = ResonanceSpec(params=tuple(names))
+    batch = tiny_batch(name)
+    out = jax.device_get(make_resonance_fn(model, spec)(batch))
+    ref = resonance_loop(reference(name).hf, unpadded(batch), names, keep=True)
+    return spec, out, ref
+
+
+def sensitivity(grad: np.ndarray) -> np.ndarray:
+    """|d|delta|/dg| times the gradient error scale, per element (AdamW)."""
+    g = np.abs(grad).ravel()
+    return LR * EPS / (g + EPS) ** 2 * (GRAD_ERR * np.median(g))
+
+
+def std_abs_allowance(delta: np.ndarray, sens: np.ndarray) -> float:
+    """First-order change of std(|delta|) under per-element changes `sens` of |delta|."""
+    a = np.abs(delta).ravel()
+    sigma = a.std(ddof=1)
+    return float(np.sum(np.abs(a - a.mean()) * sens) / ((a.size - 1) * sigma))
+
+
+def near_bound(delta: np.ndarray, grad: np.ndarray, bound: float) -> int:
+    """Elements that may fall on either side of `bound`: float64 |delta| within 1e-6 relative
+    plus the gradient effect of the bound, or a gradient so small that its sign is uncertain."""
+    g = np.abs(grad).ravel()
+    close = np.abs(np.abs(delta).ravel() - bound) <= 1e-6 * bound + sensitivity(grad)
+    return int(np.sum(close | (g <= GRAD_ERR * np.median(g))))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
+def test_every_feature_matches_float64_torch_adamw_loop(name: str) -> None:
+    spec, out, ref = tiny_run(name)
+    np.testing.assert_allclose(out["loss"], [r["loss"] for r in ref], rtol=1e-5)
+    np.testing.assert_array_equal(out["n_tokens"], [r["n_tokens"] for r in ref])
+    want_score = [np.mean([r["features"][p]["mean_abs"] for p in spec.params]) for r in ref]
+    np.testing.assert_allclose(out["score"], want_score, rtol=1e-5)
+    excused = n_counted = 0
+    for i, r in enumerate(ref):
+        for j, p in enumerate(spec.params):
+            want, delta = r["features"][p], r["delta"][p]
+            sens = sensitivity(r["grad"][p])
+            for f in matrix_feature_names(spec):
+                got, exp = out[f][i, j], want[f]
+                if f.startswith("n_"):
+                    near = near_bound(delta, r["grad"][p], float(f.rsplit("_", 1)[1]))
+                    excused, n_counted = excused + near, n_counted + delta.size
+                    assert abs(int(got) - exp) <= near, (i, p, f, got, exp, near)
+                    continue
+                tol = 1e-4 * abs(exp)
+                if f == "std_abs":
+                    extra = std_abs_allowance(delta, sens)
+                    if np.abs(r["grad"][p]).min() > 100 * EPS:  # not vacuous
+                        assert extra < 1e-3 * abs(exp), (i, p, extra, exp)
+                    tol += extra
+                assert abs(got - exp) <= tol, (i, p, f, got, exp)
+    assert excused <= 1e-3 * n_counted  # counts are compared on all but a handful of elements
+
+
+def test_all_params_in_the_optimizer_changes_nothing_for_the_chosen() -> None:
+    spec, _, ref = tiny_run("llama")
+    batch = tiny_batch("llama")
+    full = resonance_loop(reference("llama").hf, unpadded(batch)[:1], spec.params, all_params=True)
+    for p in spec.params:
+        for f, v in full[0]["features"][p].items():
+            assert v == pytest.approx(ref[0]["features"][p][f], rel=1e-12, abs=1e-300), (p, f)
+
+
+def test_float32_torch_loop_suffers_cancellation_and_closed_form_does_not() -> None:
+    spec, out, ref64 = tiny_run("llama")
+    ref32 = resonance_loop(
+        reference("llama").hf,
+        unpadded(tiny_batch("llama")),
+        spec.params,
+        dtype=torch.float32,
+        keep=True,
+    )
+    p = spec.params[0]  # model.layers.0.mlp.up_proj.weight
+
+    def rel(a: np.ndarray, feature: str) -> np.ndarray:
+        b = np.array([r["features"][p][feature] for r in ref64])
+        return np.abs(np.asarray(a, np.float64) - b) / np.abs(b)
+
+    # Per element, before - after in fp32 is off by ~ulp(theta) / lr ~ 1e-3 relative.
+    per_elem = max(
+        np.abs(r32["delta"][p] - r64["delta"][p]).max()
+        for r32, r64 in zip(ref32, ref64, strict=True)
+    )
+    assert per_elem / LR > 1e-4
+    ours = rel(out["mean_abs"][:, 0], "mean_abs")
+    theirs = rel([r["features"][p]["mean_abs"] for r in ref32], "mean_abs")
+    assert ours.max() <= 1e-6
+    assert 1e-5 < theirs.max() < 1e-3  # averaging over elements hides most of it ...
+    spread = np.ptp(out["mean_abs"][:, 0]) / out["mean_abs"][:, 0].mean()
+    assert spread < theirs.max()  # ... but not enough to rank these samples
+    assert rel([r["features"][p]["std_abs"] for r in ref32], "std_abs").max() > 0.01
+    assert rel(out["std_abs"][:, 0], "std_abs").max() < 1e-3
+
+
+@pytest.mark.parametrize("rule", ["adamw", "adam", "sgd"])
+def test_closed_form_equals_one_torch_optimizer_step(rule: str) -> None:
+    rng = np.random.default_rng(0)
+    theta = (0.1 * rng.standard_normal(4096)).astype(np.float32)
+    # Gradients from 1e-10 to 1e-1, including |g| ~ eps, both signs, and exact zeros.
+    grad = np.sign(rng.standard_normal(4096)) * 10.0 ** rng.uniform(-10, -1, 4096)
+    grad[:8] = 0.0
+    t = torch.from_numpy(theta.astype(np.float64)).requires_grad_(True)
+    t.grad = torch.from_numpy(grad)
+    opt = {
+        "adamw": lambda: torch.optim.AdamW([t], lr=LR, weight_decay=WD),
+        "adam": lambda: torch.optim.Adam([t], lr=LR, weight_decay=WD),
+        "sgd": lambda: torch.optim.SGD([t], lr=LR, weight_decay=WD),
+    }[rule]()
+    opt.step()
+    want = t.detach().numpy() - theta.astype(np.float64)  # [n] float64 update
+    spec = ResonanceSpec(params=("w",), rule=rule, weight_decay=WD)
+    got = np.asarray(update_delta(jnp.asarray(theta), jnp.asarray(grad, jnp.float32), spec))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_microbatch_sizes_and_data_shards_give_the_same_features() -> None:
+    model, _ = loaded("llama")
+    names = ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight")
+    batch = tiny_batch("llama", dummy_rows=3)  # [6, 24]: 3 samples, 3 all-padding rows
+    runs = {}
+    # micro 1: 6 steps; micro 2 over 2 data shards: 3 rows a shard, 2 steps, 1 padded; B: 1.
+    for micro, shards in ((1, 1), (2, 2), (None, 1)):
+        spec = ResonanceSpec(params=names, micro=micro)
+        fn = make_resonance_fn(model, spec, data_shards=shards)
+        runs[(micro, shards)] = jax.device_get(fn(batch))
+    base = runs[(None, 1)]
+    assert np.isnan(base["score"][3:]).all() and (base["n_abs_le_1e-05"][3:] == -1).all()
+    assert (base["n_tokens"][3:] == 0).all() and np.isfinite(base["score"][:3]).all()
+    # Other batch shapes round the fp32 gradients differently: std_abs and the counts get
+    # the allowances of the float64 parity test (same samples and matrices).
+    _, _, ref = tiny_run("llama")
+    for key, out in runs.items():
+        for f, v in out.items():
+            if f == "std_abs" or f.startswith("n_") and f != "n_tokens":
+                for i, r in enumerate(ref):
+                    for j, p in enumerate(names):
+                        sens = sensitivity(r["grad"][p])
+                        if f == "std_abs":
+                            tol = 1e-5 * v[i, j] + 2 * std_abs_allowance(r["delta"][p], sens)
+                        else:
+                            tol = 2 * near_bound(
+                                r["delta"][p], r["grad"][p], float(f.rsplit("_", 1)[1])
+                            )
+                        assert abs(v[i, j] - base[f][i, j]) <= tol, (key, f, i, j)
+                np.testing.assert_array_equal(np.isnan(v), np.isnan(base[f]))
+            elif np.issubdtype(v.dtype, np.floating):
+                np.testing.assert_allclose(v, base[f], rtol=1e-6, err_msg=f"{key} {f}")
+            else:
+                np.testing.assert_array_equal(v, base[f], err_msg=f"{key} {f}")
+    spec = ResonanceSpec(params=names)
+    cols = to_columns(base, spec)
+    assert list(cols) == feature_names(spec)
+    assert len(cols) == 4 + 2 * len(matrix_feature_names(spec))
+    assert cols["reso/model.layers.1.mlp.up_proj.weight/l2"][1] == base["l2"][1, 1]
+
+
+def test_micro_follows_the_memory_budget_and_too_small_a_budget_is_an_error() -> None:
+    model, _ = loaded("llama")
+    spec = ResonanceSpec(params=("model.layers.1.mlp.up_proj.weight",))
+    need = example_bytes(model, spec, 24)
+    assert 4 * 64 * 128 * 6 < need < 2**24
+    for k in (1, 3):
+        budget = ResonanceSpec(params=spec.params, memory_budget_bytes=k * need + 1)
+        assert microbatch_size(model, budget, 24, rows=8) == k
+    assert microbatch_size(model, ResonanceSpec(params=spec.params, micro=5), 24, rows=3) == 3
+    tight = ResonanceSpec(params=spec.params, memory_budget_bytes=need - 1)
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        make_resonance_fn(model, tight)(tiny_batch("llama"))
+
+
+def _count_dots(jaxpr: Any) -> int:
+    """dot_general equations in a closed jaxpr, sub-jaxprs included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                if hasattr(sub, "eqns"):
+                    n += _count_dots(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    n += _count_dots(sub.jaxpr)
+    return n
+
+
+def test_backward_work_stops_at_the_lowest_chosen_layer() -> None:
+    hf = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = build_model(config_from_hf(hf.to_dict()), seed=0)
+    batch = tiny_batch("llama")
+    flops, dots = {}, {}
+    for layer in (0, 3):
+        spec = ResonanceSpec(params=(f"model.layers.{layer}.mlp.up_proj.weight",))
+        fn = make_resonance_fn(model, spec)
+        flops[layer] = fn.lower(batch).cost_analysis()["flops"]
+        args = (fn._theta, fn._rest, fn._inputs(batch))
+        dots[layer] = _count_dots(jax.make_jaxpr(fn._batch)(*args).jaxpr)
+    # Forward: 4 x 9 dots + LM head. The backward from layer 3 crosses 1 layer, from 0 all 4.
+    per_layer = (dots[0] - dots[3]) / 3  # backward dots of one decoder layer
+    assert per_layer >= 9
+    forward = 4 * 9 + 1
+    assert dots[3] <= forward + per_layer + 4  # + the LM head's backward
+    assert flops[3] < 0.75 * flops[0], flops
+
+
+def test_dedup_queries_keeps_the_first_occurrence() -> None:
+    recs = [
+        Record(0, "What is 2+2?"),
+        Record(1, "Translate", input="hello"),
+        Record(2, "What is 2+2?", output="4"),
+        Record(3, "Translate\nhello"),  # same query text as record 1
+        Record(4, "What is 2+2?", status="error:bad_json"),
+        Record(5, "what is 2+2?"),
+        Record(6, "Translate", input="hello"),
+    ]
+    assert dedup_queries(recs) == [None, None, 0, 1, None, None, 1]
+
+
+def test_parameter_selection_by_regex_and_last_k_layers() -> None:
+    model, _ = loaded("llama")
+    assert select_params(model, param_type="mlp.up_proj.weight", last_k=1) == [
+        "model.layers.1.mlp.up_proj.weight"
+    ]
+    assert select_params(model, r"layers\.\d+\.mlp\.(up|down)_proj") == [
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ]
+    smol = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(30)] + ["model.norm.weight"]
+    got = select_params(smol[::-1], param_type="mlp.up_proj.weight", last_k=3)
+    assert got == [f"model.layers.{i}.mlp.up_proj.weight" for i in (27, 28, 29)]
+    gpt2, _ = loaded("gpt2")
+    assert select_params(gpt2, param_type="mlp.c_fc.weight", last_k=2) == [
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_fc.weight",
+    ]
+    assert sort_names(
+        ["lm_head.weight", "model.layers.10.x", "model.layers.9.x", "model.embed_tokens.weight"]
+    ) == [
+        "model.embed_tokens.weight",
+        "model.layers.9.x",
+        "model.layers.10.x",
+        "lm_head.weight",
+    ]
+
+
+def test_parameter_selection_errors_name_what_exists() -> None:
+    model, _ = loaded("llama")
+    with pytest.raises(ValueError, match=r"matches none.*model\.layers\.0\.mlp\.up_proj\.weight"):
+        select_params(model, r"mlp\.c_fc")
+    with pytest.raises(
+        ValueError, match=r"unknown parameter type 'mlp\.c_fc\.weight'.*mlp\.up_proj\.weight"
+    ):
+        select_params(model, param_type="mlp.c_fc.weight")
+    with pytest.raises(ValueError, match=r"last_k must be in 1\.\.2"):
+        select_params(model, param_type="mlp.up_proj.weight", last_k=3)
+    with pytest.raises(ValueError, match="exactly one"):
+        select_params(model)
+    with pytest.raises(ValueError, match="bad parameter pattern"):
+        select_params(model, "(")
+    with pytest.raises(ValueError, match="no parameter"):
+        make_resonance_fn(model, ResonanceSpec(params=("model.layers.7.mlp.up_proj.weight",)))
+    for bad in (
+        dict(rule="lion"),
+        dict(aggregate="median"),
+        dict(quantiles=(1.0,)),
+        dict(params=()),
+    ):
+        with pytest.raises(ValueError):
+            ResonanceSpec(**{"params": ("w",), **bad})
+
+
+# ---- real weights: SmolLM2-135M-Instruct on GSM8K ---------------------------------------------
+
+N_SMOL = 16
+SMOL_LEN = 80
+
+
+@pytest.fixture(scope="module")
+def smol_setup(smollm2, gsm8k_path) -> tuple[list[str], dict[str, np.ndarray], list, dict]:
+    """16 GSM8K pairs, last 3 layers' up_proj, and our fp32 results.
+
+    ChatML, right-truncated to 80 tokens (CPU time); the first pairs whose question leaves
+    at least 24 answer tokens.
+    """
+    records, _ = load_records(gsm8k_path, "gsm8k")
+    encoded = encode_sft_examples(
+        records[:64], smollm2.tokenizer, max_length=SMOL_LEN, template="chatml"
+    )
+    examples = [e for e in encoded if np.sum(e.labels != IGNORE_INDEX) >= 24][:N_SMOL]
+    assert len(examples) == N_SMOL and all(e.status == "ok" for e in examples)
+    names = select_params(smollm2.model, param_type="mlp.up_proj.weight", last_k=3)
+    plan = BatchPlan(SMOL_LEN, np.arange(N_SMOL))
+    batch = collate(plan, [e.ids for e in examples], [e.labels for e in examples], 0)
+    spec = ResonanceSpec(params=tuple(names))
+    out = jax.device_get(make_resonance_fn(smollm2.model, spec)(batch))
+    return names, batch, examples, out
+
+
+def test_smollm2_scores_rank_like_the_float64_torch_loop(smol_setup, smollm2_torch) -> None:
+    names, _, examples, out = smol_setup
+    assert names == [f"model.layers.{i}.mlp.up_proj.weight" for i in (27, 28, 29)]
+    pairs = [(e.ids, e.labels) for e in examples]
+    # fp32 model (as the fixture), float64 AdamW step: the torch step without cancellation.
+    ref = resonance_loop(smollm2_torch, pairs, names, dtype=torch.float32, step_dtype=torch.float64)
+    want = np.array([np.mean([r["features"][p]["mean_abs"] for p in names]) for r in ref])
+    np.testing.assert_allclose(out["loss"], [r["loss"] for r in ref], rtol=1e-4)
+    np.testing.assert_allclose(out["score"], want, rtol=1e-5)
+    assert np.ptp(want) / want.mean() > 1e-4  # the samples really differ
+    assert spearmanr(out["score"], want).statistic >= 0.99
+
+
+def test_smollm2_bfloat16_mode_ranks_like_float32(smol_setup, smollm2) -> None:
+    names, batch, _, out = smol_setup
+    # Only the score is compared: no quantiles / counts (CPU time).
+    spec = ResonanceSpec(params=tuple(names), compute_dtype="bfloat16", quantiles=(), bounds=())
+    fast = jax.device_get(make_resonance_fn(smollm2.model, spec)(batch))
+    assert fast["score"].dtype == np.float32 and np.isfinite(fast["score"]).all()
+    np.testing.assert_allclose(fast["loss"], out["loss"], rtol=0.05)
+    assert spearmanr(fast["score"], out["score"]).statistic >= 0.99
