@@ -1,7 +1,8 @@
-"""Score instruction data (Superfiltering IFD) with resumable sharded outputs.
+"""Score instruction data (Superfiltering IFD or ResoFilter resonance), resumable and sharded.
 
     python -m resofilter_jax.score --config configs/ifd_smollm2_sharegpt.py \
         --config.limit=256 --config.output_dir=outputs/ifd
+    python -m resofilter_jax.score --config configs/reso_smollm2_gsm8k.py --config.limit=64
 
 Writes OUTPUT_DIR/shards/*.parquet while running (a re-run with the same configuration
 computes only the missing shards), then OUTPUT_DIR/scores.parquet, scores.jsonl and run.json.
@@ -27,7 +28,7 @@ from resofilter_jax import assets
 from resofilter_jax.data import ReadReport, Record, iter_raw_rows, to_records
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.parallel import make_mesh
-from resofilter_jax.scoring import outputs
+from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.runner import score_ifd
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
@@ -38,14 +39,15 @@ METHODS = ("ifd", "resonance")
 def _resolve_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """Model and data paths, with the embedded defaults for empty ones."""
     model_path = config.model.path or str(assets.smollm2_gguf())
-    data_path = config.data.path or str(assets.sharegpt_json())
+    default_data = assets.gsm8k_test if config.method == "resonance" else assets.sharegpt_json
+    data_path = config.data.path or str(default_data())
     return model_path, data_path
 
 
 def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: str) -> dict:
     """Everything that affects the scores and the shard layout (not batching, not paths out)."""
     data = config.data
-    return {
+    fp = {
         "method": config.method,
         "model": {
             **outputs.path_stamp(model_path),
@@ -65,6 +67,9 @@ def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: s
         "limit": config.limit,
         "shard_size": config.shard_size,
     }
+    if config.method == "resonance":
+        fp["resonance"] = reso_runner.fingerprint(config)
+    return fp
 
 
 def read_records(
@@ -109,24 +114,56 @@ def _enable_compilation_cache(path: str) -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache))
 
 
+def _score_ifd(
+    config: ml_collections.ConfigDict,
+    lm: Any,
+    records: list[Record],
+    todo: list[int],
+    mesh: Any,
+    out_dir: Path,
+) -> Any:
+    """Runs the IFD loop over the missing shards, writing each as it finishes."""
+    return score_ifd(
+        lm.model,
+        lm.tokenizer,
+        records,
+        max_length=config.max_length,
+        template=config.template,
+        token_budget=config.token_budget,
+        min_bucket=config.min_bucket,
+        chunk=config.chunk,
+        shard_size=config.shard_size,
+        shards=todo,
+        mesh=mesh,
+        on_shard=lambda k, cols: outputs.write_shard(out_dir, k, cols),
+        progress=config.progress,
+    )
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Scores ``config.data`` with ``config.model``; writes the outputs; returns the summary.
 
     Raises:
-        NotImplementedError: For ``method="resonance"`` (not implemented yet).
+        NotImplementedError: For ``method="resonance"`` with a config that has no
+            ``resonance`` section (e.g. an IFD config).
         ValueError: For an unknown method.
         outputs.FingerprintMismatchError: If ``output_dir`` holds a different run.
     """
     t0 = time.perf_counter()
     if config.method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
-    if config.method == "resonance":
-        raise NotImplementedError("method='resonance' is not implemented yet; use method='ifd'")
+    if config.method == "resonance" and "resonance" not in config:
+        raise NotImplementedError(
+            "method='resonance' needs a config with a `resonance` section "
+            "(see configs/reso_smollm2_gsm8k.py)"
+        )
     if config.get("require_model_path", False) and not config.model.path:
         raise ValueError(
             "this config needs --config.model.path=<local Hugging Face model dir or .gguf file> "
             "(e.g. a GPT-2 directory saved with save_pretrained)"
         )
+    if config.get("require_data_path", False) and not config.data.path:
+        raise ValueError("this config needs --config.data.path=<local data file or directory>")
     _enable_compilation_cache(config.compilation_cache_dir)
     model_path, data_path = _resolve_paths(config)
     out_dir = outputs.prepare_output_dir(
@@ -143,27 +180,29 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.num_devices:
         devices = devices[: config.num_devices]
     mesh = make_mesh(devices)
-    stats = score_ifd(
-        lm.model,
-        lm.tokenizer,
-        records,
-        max_length=config.max_length,
-        template=config.template,
-        token_budget=config.token_budget,
-        min_bucket=config.min_bucket,
-        chunk=config.chunk,
-        shard_size=config.shard_size,
-        shards=todo,
-        mesh=mesh,
-        on_shard=lambda k, cols: outputs.write_shard(out_dir, k, cols),
-        progress=config.progress,
-    )
+    schema = outputs.SHARD_SCHEMA
+    if config.method == "resonance":
+        spec = reso_runner.spec_from_config(config, lm.model)
+        schema = reso_runner.reso_schema(spec)
+        stats = reso_runner.run_from_config(
+            config,
+            spec,
+            lm.model,
+            lm.tokenizer,
+            records,
+            shards=todo,
+            mesh=mesh,
+            on_shard=lambda k, cols: outputs.write_shard(out_dir, k, cols, schema),
+        )
+    else:
+        stats = _score_ifd(config, lm, records, todo, mesh, out_dir)
     table = outputs.merge_shards(
         out_dir,
         len(ranges),
         with_id=any(r.id is not None for r in records),
         with_turn=config.data.sharegpt_turns == "all",
         expected_rows=len(records),
+        schema=schema,
     )
     t_end = time.perf_counter()
     statuses = outputs.status_counts(table.column("status").to_pylist())

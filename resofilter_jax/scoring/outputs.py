@@ -147,10 +147,15 @@ def missing_shards(out_dir: str | os.PathLike[str], n_shards: int) -> list[int]:
     return [k for k in range(n_shards) if not shard_path(out_dir, k).exists()]
 
 
-def write_shard(out_dir: str | os.PathLike[str], k: int, columns: Mapping[str, Any]) -> Path:
-    """Writes shard ``k`` (columns of :data:`SHARD_SCHEMA`) atomically; returns its path."""
-    arrays = [pa.array(list(columns[f.name]), type=f.type) for f in SHARD_SCHEMA]
-    table = pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)
+def write_shard(
+    out_dir: str | os.PathLike[str],
+    k: int,
+    columns: Mapping[str, Any],
+    schema: pa.Schema = SHARD_SCHEMA,
+) -> Path:
+    """Writes shard ``k`` (columns of ``schema``, default IFD's) atomically; returns its path."""
+    arrays = [pa.array(list(columns[f.name]), type=f.type) for f in schema]
+    table = pa.Table.from_arrays(arrays, schema=schema)
     path = shard_path(out_dir, k)
     _atomic_write_table(path, table)
     return path
@@ -169,8 +174,11 @@ def merge_shards(
     with_id: bool,
     with_turn: bool,
     expected_rows: int | None = None,
+    schema: pa.Schema = SHARD_SCHEMA,
 ) -> pa.Table:
     """Concatenates all shards into ``scores.parquet`` and ``scores.jsonl`` (NaN -> null).
+
+    ``schema`` is the shard files' schema (default: IFD's :data:`SHARD_SCHEMA`).
 
     Raises:
         FileNotFoundError: If a shard is missing.
@@ -180,8 +188,8 @@ def merge_shards(
     missing = missing_shards(out, n_shards)
     if missing:
         raise FileNotFoundError(f"cannot merge: shards {missing[:8]} of {n_shards} are missing")
-    tables = [pq.read_table(shard_path(out, k), schema=SHARD_SCHEMA) for k in range(n_shards)]
-    table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+    tables = [pq.read_table(shard_path(out, k), schema=schema) for k in range(n_shards)]
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     if expected_rows is not None and table.num_rows != expected_rows:
         raise ValueError(f"merged {table.num_rows} rows but the input has {expected_rows}")
     drop = [c for c, keep in (("id", with_id), ("turn", with_turn)) if not keep]

@@ -1,0 +1,57 @@
+"""ResoFilter resonance scores of the GSM8K test set under SmolLM2-135M-Instruct (embedded).
+
+    python -m resofilter_jax.score --config configs/reso_smollm2_gsm8k.py \
+        --config.limit=64 --config.output_dir=outputs/reso_smollm2_gsm8k
+"""
+
+import ml_collections
+
+
+def resonance_config() -> ml_collections.ConfigDict:
+    """The resonance settings: which matrices, which one-step update, how to aggregate."""
+    r = ml_collections.ConfigDict()
+    r.params_type = "mlp.up_proj.weight"  # a parameter type inside a decoder layer
+    r.last_k = 3  # of the last k decoder layers (0 = all layers)
+    r.pattern = ""  # a regex over HF parameter names instead of params_type/last_k
+    r.rule = "adamw"  # adamw | adam | sgd (first step from fresh optimizer state)
+    r.lr = 1e-5
+    r.eps = 1e-8
+    r.weight_decay = 0.01  # -1 = the rule's torch default (adamw 0.01, adam/sgd 0)
+    r.aggregate = "mean"  # score = mean | sum | max over the chosen matrices of mean |delta|
+    r.memory_budget_gb = 4.0  # per device for per-example gradients + activations of a step
+    return r
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The whole run; every field can be overridden with --config.<field>=..."""
+    c = ml_collections.ConfigDict()
+    c.method = "resonance"
+    # Model: a HF directory, a .gguf file, or a hub id; "" = the embedded SmolLM2 GGUF.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.dtype = "float32"  # compute dtype: float32 (parity) | bfloat16 (speed)
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = False  # keep off: a scan would take the backward pass through all layers
+    # Data: a file or dataset; "" = the embedded GSM8K test set (1319 rows).
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""
+    c.data.format = "gsm8k"  # alpaca | query_response | sharegpt | gsm8k | auto
+    c.data.sharegpt_turns = "first"
+    c.data.allow_truncated = False
+    c.data.on_error = "status"  # status: bad rows become error:<reason> rows | raise
+    c.data.fields = ml_collections.ConfigDict()
+    c.template = "chatml"  # none | alpaca | gemma | chatml | chat
+    c.max_length = 768  # right-truncation of prompt + response + EOS
+    c.limit = 0  # score the first N input rows; 0 = all
+    c.resonance = resonance_config()
+    # Batching (does not change scores beyond fp32 rounding): padded tokens per batch.
+    c.token_budget = 8192
+    c.min_bucket = 64
+    c.chunk = 128  # unused by resonance (its CE chunk is fixed); kept for a uniform config
+    c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
+    c.shard_size = 512
+    c.output_dir = "outputs/reso_smollm2_gsm8k"
+    c.overwrite = False
+    c.progress = True
+    c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"
+    return c
