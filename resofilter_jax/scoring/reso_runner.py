@@ -40,6 +40,7 @@ from resofilter_jax.scoring.runner import (
     _buckets,
     _Progress,
     print_summary,
+    run_pipelined,
 )
 
 DUPLICATE = "duplicate_of:"
@@ -212,8 +213,8 @@ def score_resonance(
         stats.shards_computed += 1
         bar.add(sum(s != "ok" for s in shard.status), 0)
 
-    def collect(item: tuple[_Shard, np.ndarray, int, Any]) -> None:
-        shard, where, n_tokens, out = item
+    def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
+        where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
         host = to_columns(out, spec)  # [B] each: blocks until the batch is done
         if stats.first_result_s == 0.0:
             stats.first_result_s = bar.elapsed()
@@ -225,25 +226,13 @@ def score_resonance(
         if shard.remaining == 0:
             finish(shard)
 
-    pending: collections.deque = collections.deque()
-    for shard, plan, batch in batches():
-        if plan is None or batch is None:
-            finish(shard)
-            continue
-        rows = int(plan.rows.size)
-        n_tokens = int(batch["attention_mask"].sum())
-        shapes.add((rows, plan.length))
-        stats.batches += 1
-        stats.sequences += int((plan.rows >= 0).sum())
-        stats.tokens += n_tokens
-        stats.padded_tokens += rows * plan.length
+    def dispatch(batch: dict[str, np.ndarray]) -> Any:
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-        out = fn(shard_batch(arrays, mesh))  # async dispatch
-        pending.append((shard, batch["shard_rows"], n_tokens, out))
-        while len(pending) > 1:  # pull batch n only after batch n + 1 is dispatched
-            collect(pending.popleft())
-    while pending:
-        collect(pending.popleft())
+        return fn(shard_batch(arrays, mesh))
+
+    run_pipelined(
+        batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
+    )
     bar.close()
     stats.seconds = bar.elapsed()
     stats.shapes = sorted(shapes)

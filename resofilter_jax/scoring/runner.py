@@ -120,6 +120,40 @@ def _columns(shard: _Shard) -> dict[str, Any]:
     }
 
 
+def run_pipelined(
+    batches: Iterator[tuple[Any, BatchPlan | None, dict[str, np.ndarray] | None]],
+    *,
+    dispatch: Callable[[dict[str, np.ndarray]], Any],
+    collect: Callable[[Any, BatchPlan, dict[str, np.ndarray], int, Any], None],
+    finish: Callable[[Any], None],
+    stats: RunStats,
+    shapes: set[tuple[int, int]],
+) -> None:
+    """Dispatches every batch and collects batch n only after batch n + 1 is dispatched.
+
+    `batches` yields (shard, plan, batch), or (shard, None, None) for a shard with nothing to
+    run (handed straight to `finish`). `dispatch` returns device results (async);
+    `collect(shard, plan, batch, n_tokens, out)` pulls them to host. Counters go to `stats`.
+    """
+    pending: collections.deque = collections.deque()
+    for shard, plan, batch in batches:
+        if plan is None or batch is None:
+            finish(shard)
+            continue
+        rows = int(plan.rows.size)
+        n_tokens = int(batch["attention_mask"].sum())
+        shapes.add((rows, plan.length))
+        stats.batches += 1
+        stats.sequences += int((plan.rows >= 0).sum())
+        stats.tokens += n_tokens
+        stats.padded_tokens += rows * plan.length
+        pending.append((shard, plan, batch, n_tokens, dispatch(batch)))  # async dispatch
+        while len(pending) > 1:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
+
+
 def score_ifd(
     model: CausalLM,
     tokenizer: Any,
@@ -202,9 +236,8 @@ def score_ifd(
         stats.shards_computed += 1
         progress_bar.add(len(shard.records) - len(shard.owner), 0)  # rows with no sequences
 
-    def collect(item: tuple[_Shard, BatchPlan, int, Any]) -> None:
-        shard, plan, n_tokens, (s, c) = item
-        s, c = np.asarray(s), np.asarray(c)  # [B] each: blocks until the batch is done
+    def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
+        s, c = np.asarray(out[0]), np.asarray(out[1])  # [B] each: blocks until the batch is done
         if stats.first_result_s == 0.0:
             stats.first_result_s = progress_bar.elapsed()
         real = plan.rows >= 0  # [B]
@@ -215,25 +248,13 @@ def score_ifd(
         if shard.remaining == 0:
             finish(shard)
 
-    pending: collections.deque = collections.deque()
-    for shard, plan, batch in batches():
-        if plan is None or batch is None:
-            finish(shard)
-            continue
-        rows = int(plan.rows.size)
-        n_tokens = int(batch["attention_mask"].sum())
-        shapes.add((rows, plan.length))
-        stats.batches += 1
-        stats.sequences += int((plan.rows >= 0).sum())
-        stats.tokens += n_tokens
-        stats.padded_tokens += rows * plan.length
+    def dispatch(batch: dict[str, np.ndarray]) -> Any:
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
-        out = fn(state, shard_batch(arrays, mesh))  # async dispatch
-        pending.append((shard, plan, n_tokens, out))
-        while len(pending) > 1:  # pull batch n only after batch n + 1 is dispatched
-            collect(pending.popleft())
-    while pending:
-        collect(pending.popleft())
+        return fn(state, shard_batch(arrays, mesh))
+
+    run_pipelined(
+        batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
+    )
     progress_bar.close()
     stats.seconds = progress_bar.elapsed()
     stats.shapes = sorted(shapes)
