@@ -27,16 +27,6 @@ def default_positions(input_ids: Array) -> Array:
     return jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape)
 
 
-def project_logits(
-    hidden: Array, weight: Array, dtype: jnp.dtype, softcap: float | None = None
-) -> Array:
-    """hidden [..., hidden] x LM head [vocab, hidden] -> logits [..., vocab] in `dtype`."""
-    logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), weight.astype(dtype))
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    return logits
-
-
 class CausalLM(nnx.Module):
     """Base class: subclasses implement `hidden_states` and `output_embedding`.
 
@@ -64,9 +54,10 @@ class CausalLM(nnx.Module):
 
         Applies final-logit soft-capping where the config has it.
         """
-        return project_logits(
-            hidden, self.output_embedding(), self.dtype, self.config.final_logit_softcapping
-        )
+        w = self.output_embedding().astype(self.dtype)  # [vocab, hidden]
+        logits = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), w)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
 
     def logits_at(self, hidden: Array, index: Array) -> Array:
         """Logits [batch, k, vocab] at chosen positions `index` [batch, k] only."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from resofilter_jax.models.base import CausalLM, project_logits
+from resofilter_jax.models.base import CausalLM
 
 Array = jax.Array
 
@@ -18,38 +18,51 @@ def chunked_token_ce(
     dtype: jnp.dtype,
     softcap: float | None = None,
     chunk: int = 128,
+    remat: bool = False,
 ) -> Array:
     """Cross-entropy of `targets` under logits = hidden @ weight.T, one sequence chunk at a time.
 
-    Logits of one chunk ([batch, chunk, vocab], in `dtype`) exist at a time; the logsumexp and
-    the loss are computed in fp32.
+    Logits of one chunk ([..., chunk, vocab]) exist at a time; the matmul runs in `dtype` with
+    fp32 accumulation, and soft-capping, logsumexp and the loss are fp32. With `remat` each
+    chunk is recomputed in the backward pass, so also under `grad` only one chunk of logits
+    is live.
 
     Args:
-        hidden: [batch, seq, hidden] states that predict `targets`.
+        hidden: [..., seq, hidden] states that predict `targets`.
         weight: [vocab, hidden] LM head.
-        targets: [batch, seq] int token ids.
+        targets: [..., seq] int token ids.
     Returns:
-        [batch, seq] fp32 per-token cross-entropy.
+        [..., seq] fp32 per-token cross-entropy.
     """
-    b, s, d = hidden.shape
+    *lead, s, d = hidden.shape
+    h = hidden.reshape(-1, s, d)  # [b, seq, hidden]
+    t = targets.reshape(-1, s)  # [b, seq]
+    b = h.shape[0]
     chunk = min(chunk, s)
     pad = -s % chunk
     if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = hidden.shape[1] // chunk
-    h_chunks = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, batch, chunk, hidden]
-    t_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)  # [n, batch, chunk]
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        t = jnp.pad(t, ((0, 0), (0, pad)))
+    n = h.shape[1] // chunk
+    h_chunks = h.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, b, chunk, hidden]
+    t_chunks = t.reshape(b, n, chunk).swapaxes(0, 1)  # [n, b, chunk]
+    w = weight.astype(dtype)  # [vocab, hidden]
 
     def one_chunk(args: tuple[Array, Array]) -> Array:
-        h, t = args
-        logits = project_logits(h, weight, dtype, softcap).astype(jnp.float32)  # [b, c, vocab]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c]
-        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]  # [b, c]
-        return lse - picked
+        hc, tc = args
+        logits = jnp.einsum(
+            "bcd,vd->bcv", hc.astype(dtype), w, preferred_element_type=jnp.float32
+        )  # [b, c, vocab]
+        if softcap is not None:
+            logits = jnp.tanh(logits / softcap) * softcap
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [b, c]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
 
-    ce = jax.lax.map(one_chunk, (h_chunks, t_chunks))  # [n, batch, chunk]
-    return ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
+    if n == 1:
+        ce = one_chunk((h_chunks[0], t_chunks[0]))[None]  # [1, b, chunk]
+    else:
+        ce = jax.lax.map(jax.checkpoint(one_chunk) if remat else one_chunk, (h_chunks, t_chunks))
+    return ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :s].reshape(*lead, s)
 
 
 def sequence_losses(

@@ -47,6 +47,7 @@ from resofilter_jax.data.records import Record
 from resofilter_jax.data.templates import user_query
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.registry import abstract_model, param_name
+from resofilter_jax.scoring.losses import chunked_token_ce
 from resofilter_jax.scoring.param_select import layer_index, param_names
 from resofilter_jax.scoring.reso_features import (
     DTYPES,
@@ -75,38 +76,6 @@ __all__ = [
     "to_columns",
     "update_delta",
 ]
-
-
-def _token_ce(
-    hidden: Array, weight: Array, targets: Array, *, dtype: Any, softcap: float | None, chunk: int
-) -> Array:
-    """Per-token CE [T] of targets [T] under hidden [T, H] @ weight.T, chunk by chunk.
-
-    The logits are accumulated in fp32 whatever the compute dtype (a bf16 rounding of the
-    logits alone would perturb the per-example gradients visibly). With more than one chunk
-    each chunk is rematerialised in the backward pass, so at most one chunk of logits
-    ([chunk, vocab] fp32) exists at a time, also under ``grad``.
-    """
-    s = hidden.shape[0]
-    chunk = min(chunk, s)
-    pad = -s % chunk
-    h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])  # [n, c, H]
-    t = jnp.pad(targets, (0, pad)).reshape(-1, chunk)  # [n, c]
-    w = weight.astype(dtype)  # [vocab, H]
-
-    def one(args: tuple[Array, Array]) -> Array:
-        hc, tc = args
-        logits = jnp.einsum(
-            "cd,vd->cv", hc.astype(dtype), w, preferred_element_type=jnp.float32
-        )  # [c, vocab]
-        if softcap is not None:
-            logits = jnp.tanh(logits / softcap) * softcap
-        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]  # [c]
-        return jax.nn.logsumexp(logits, axis=-1) - picked
-
-    if h.shape[0] == 1:
-        return one((h[0], t[0]))[:s]  # [T]
-    return jax.lax.map(jax.checkpoint(one), (h, t)).reshape(-1)[:s]  # [T]
 
 
 def example_bytes(
@@ -221,13 +190,14 @@ class ResonanceFn:
         def loss_fn(th: nnx.State) -> tuple[Array, Array]:
             model = nnx.merge(self._graphdef, jax.tree.map(lambda x: x.astype(cdt), th), rest)
             hidden = model.hidden_states(ids[None], mask[None])[0]  # [L, H]
-            ce = _token_ce(
+            ce = chunked_token_ce(
                 hidden[:-1],
                 model.output_embedding(),
                 targets,
                 dtype=model.dtype,
                 softcap=model.config.final_logit_softcapping,
                 chunk=spec.ce_chunk,
+                remat=True,
             )  # [L-1]
             n = jnp.sum(valid)
             return jnp.sum(ce * valid) / jnp.maximum(n, 1.0), n
