@@ -1,0 +1,181 @@
+"""File side of ``resofilter_jax.select``: score files, scored data, output rows and names.
+
+Package-private helpers; the selection policies live in :mod:`resofilter_jax.select`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from resofilter_jax.data import Record, iter_raw_rows, load_records
+from resofilter_jax.data.templates import user_query
+
+RUN_CONFIG = "run_config.json"  # the scorer's fingerprint, next to scores.parquet
+
+# (index, turn): a score row's key; `turn` is 0 outside ShareGPT "all" mode.
+RowKey = tuple[int, int]
+
+
+def read_scores(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Columns of a ``scores.parquet`` or ``scores.jsonl`` file as numpy arrays."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        table = pq.read_table(p)
+        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    keys = list(rows[0]) if rows else []
+    return {k: np.asarray([r.get(k) for r in rows], dtype=object) for k in keys}
+
+
+def as_float(values: Sequence[Any]) -> np.ndarray:
+    """[n] float64 with None -> NaN."""
+    return np.asarray([np.nan if v is None else float(v) for v in values], np.float64)
+
+
+def jsonable(value: Any) -> Any:
+    """A numpy scalar as a Python value; NaN / inf as None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def row_keys(cols: Mapping[str, np.ndarray]) -> list[RowKey]:
+    """The (index, turn) of every score row."""
+    turns = cols["turn"] if "turn" in cols else np.zeros(len(cols["index"]), np.int64)
+    return [(int(i), int(t)) for i, t in zip(cols["index"], turns, strict=True)]
+
+
+def write_rows(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Writes ``rows`` atomically: ``.json`` -> one JSON array, anything else -> JSONL."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        if out.suffix == ".json":
+            json.dump(list(rows), f, ensure_ascii=False, indent=1)
+        else:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, out)
+    return out
+
+
+def kept_label(drop_rate: float) -> str:
+    """``p<percent kept>`` as the paper names its subsets: 0.25 -> ``p75``, 0.125 -> ``p87_5``."""
+    kept = round((1.0 - drop_rate) * 100, 6)
+    return "p" + f"{kept:g}".replace(".", "_")
+
+
+def rate_output_path(output: str | os.PathLike[str], drop_rate: float) -> Path:
+    """The file of one drop rate: ``sel.jsonl`` -> ``sel.p75.jsonl`` for 0.25."""
+    out = Path(output)
+    return out.with_name(f"{out.stem}.{kept_label(drop_rate)}{out.suffix}")
+
+
+def scored_data_settings(scores: str | os.PathLike[str]) -> dict[str, Any]:
+    """The scorer's data settings (format, fields, sharegpt_turns) from its ``run_config.json``.
+
+    Empty when the score file has no ``run_config.json`` next to it.
+    """
+    path = Path(scores).parent / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text()).get("data", {})
+    return {k: data[k] for k in ("format", "fields", "sharegpt_turns") if k in data}
+
+
+def _check_found(lost: set[Any], data: str) -> None:
+    if lost:
+        raise ValueError(
+            f"{len(lost)} selected rows (e.g. index {min(lost)}) are not in {data}: "
+            "is it the file that was scored?"
+        )
+
+
+def read_raw_rows(
+    data: str, wanted: Iterable[int], *, reader: str = "auto", allow_truncated: bool = True
+) -> dict[int, Any]:
+    """The input's own rows (``dict``, or a ``RowError`` for unreadable ones) by row number.
+
+    Raises:
+        ValueError: If a wanted row number is not in ``data``.
+    """
+    wanted = set(wanted)
+    raw: dict[int, Any] = {}
+    for number, row in iter_raw_rows(
+        data, reader=reader, on_error="status", allow_truncated=allow_truncated
+    ):
+        if number in wanted:
+            raw[number] = row
+    _check_found(wanted - set(raw), data)
+    return raw
+
+
+def read_records(
+    data: str,
+    wanted: Iterable[RowKey],
+    *,
+    fmt: str = "auto",
+    fields: Mapping[str, str] | None = None,
+    sharegpt_turns: str = "first",
+    reader: str = "auto",
+    allow_truncated: bool = True,
+) -> dict[RowKey, Record]:
+    """The records of the wanted (index, turn) keys, converted as the scorer converted them.
+
+    Raises:
+        ValueError: If a wanted key has no usable record in ``data`` (wrong file or format).
+    """
+    wanted = set(wanted)
+    records, _ = load_records(
+        data,
+        fmt,
+        fields=dict(fields) if fields else None,
+        sharegpt_turns=sharegpt_turns,  # type: ignore[arg-type]
+        on_error="status",
+        reader=reader,
+        allow_truncated=allow_truncated,
+    )
+    found = {(r.index, r.turn): r for r in records if r.ok and (r.index, r.turn) in wanted}
+    _check_found(wanted - set(found), data)
+    return found
+
+
+def reference_row(record: Record) -> dict[str, Any]:
+    """ResoFilter's training row ``{"instruction": "", "input", "output", "idx"}`` of a record.
+
+    The query is the user text the scorer templated (instruction, plus ``"\\n" + input`` when
+    there is one); ``idx`` is the input row number. A ShareGPT system prompt has no place here.
+    """
+    return {
+        "instruction": "",
+        "input": user_query(record),
+        "output": record.output,
+        "idx": record.index,
+    }
+
+
+__all__ = [
+    "RUN_CONFIG",
+    "RowKey",
+    "as_float",
+    "jsonable",
+    "kept_label",
+    "rate_output_path",
+    "read_raw_rows",
+    "read_records",
+    "read_scores",
+    "reference_row",
+    "row_keys",
+    "scored_data_settings",
+    "write_rows",
+]
