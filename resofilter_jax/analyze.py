@@ -1,0 +1,542 @@
+"""Compare the scores of two scoring runs (e.g. a weak and a strong model) on the same data.
+
+    python -m resofilter_jax.analyze --a weak/scores.parquet --b strong/scores.parquet \
+        --out report_dir [--column ifd] [--label_a gpt2 --label_b smollm2]
+
+Rows are matched by (``index``, ``turn``), turn 0 when a file has none; a row counts only
+when its status is ``ok`` and its score is finite in BOTH files. Reported: Spearman rho and
+Kendall tau-b (numpy, O(n log n) and O(n log^2 n)), Pearson r, the overlap of the top 5/10/15%
+sets (k = floor(rate x matched rows); ``--top high`` with ``--threshold 1`` is the policy of
+:func:`resofilter_jax.select.superfiltering_select`), per-file summary statistics,
+``hist.png``, ``scatter.png`` (subsampled above ``--max_scatter_points``), ``report.md`` and
+``report.json``. Without ``--b`` only the summary and the histogram are written.
+
+``--mode`` picks the analysis; only ``scores`` exists now, and others (e.g. gradient-feature
+cosine similarity) register in :data:`MODES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from resofilter_jax.scoring.outputs import status_counts, write_json
+from resofilter_jax.select import read_scores, superfiltering_select
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+@dataclasses.dataclass
+class AnalyzeConfig:
+    """What to compare and where to write the report."""
+
+    a: str
+    out: str
+    b: str = ""  # "" = summarise `a` alone
+    column: str = ""  # "" = `ifd` if present, else `score`
+    label_a: str = ""  # "" = "A"
+    label_b: str = ""  # "" = "B"
+    threshold: float | str | None = "auto"  # "auto" = 1.0 for ifd, none otherwise
+    top: str = "high"  # high | low: which end of the order is "the top k%"
+    rates: Sequence[float] = (0.05, 0.10, 0.15)
+    max_scatter_points: int = 20_000  # larger inputs are subsampled (deterministically)
+    scale: str = "auto"  # auto | linear | log (axes of the plots)
+    seed: int = 0
+    bins: int = 60
+    mode: str = "scores"
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """[n] 1-based ranks, ties get the average of their ranks. O(n log n)."""
+    x = np.asarray(x)
+    n = len(x)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.r_[0, np.nonzero(xs[1:] != xs[:-1])[0] + 1]  # first position of each tie group
+    ends = np.r_[starts[1:], n]
+    avg = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(n, np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN when either input is constant or has < 2 values."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2:
+        return math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(np.clip(dx @ dy / den, -1.0, 1.0)) if den > 0 else math.nan
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rho: Pearson correlation of average ranks. O(n log n)."""
+    return pearson(rankdata(x), rankdata(y))
+
+
+def _dense_ranks(x: np.ndarray) -> np.ndarray:
+    """[n] int64 0-based ranks, equal values share one."""
+    return np.unique(x, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _tie_pairs(keys: np.ndarray) -> int:
+    """Number of pairs with equal keys: sum over runs of equal keys of t(t-1)/2. O(n log n)."""
+    k = np.sort(keys)
+    edges = np.r_[0, np.nonzero(k[1:] != k[:-1])[0] + 1, len(k)]
+    t = np.diff(edges).astype(np.int64)
+    return int(np.sum(t * (t - 1) // 2))
+
+
+def count_inversions(r: np.ndarray) -> int:
+    """Pairs i < j with r[i] > r[j] (strictly) for non-negative integer ranks r < len(r).
+
+    Bottom-up merge sort with each level vectorised: O(n log^2 n) time, O(n) memory.
+    """
+    r = np.asarray(r, np.int64)
+    n = len(r)
+    if n < 2:
+        return 0
+    pos = np.arange(n)
+    cur = r.copy()  # sorted within blocks of `width`
+    total = 0
+    width = 1
+    while width < n:
+        pair = pos // (2 * width)  # [n] which merge each element belongs to
+        left = (pos // width) % 2 == 0
+        keys = pair * n + cur  # [n] sorted within each pair's left and right half
+        lk, rk = keys[left], keys[~left]  # lk is globally sorted
+        left_end = np.searchsorted(lk, (pair[~left] + 1) * n, side="left")
+        total += int(np.sum(left_end - np.searchsorted(lk, rk, side="right")))
+        cur = np.sort(keys, kind="stable") - pair * n  # timsort merges the two sorted runs
+        width *= 2
+    return total
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall tau-b (Knight's algorithm): sort by (x, y), count y-inversions. O(n log^2 n).
+
+    tau_b = (n0 - n1 - n2 + n3 - 2 * discordant) / sqrt((n0 - n1) * (n0 - n2)), where n0 is the
+    number of pairs, n1 / n2 the pairs tied in x / y and n3 those tied in both. NaN when x or y
+    is constant.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    n = len(x)
+    rx, ry = _dense_ranks(x), _dense_ranks(y)
+    order = np.lexsort((ry, rx))  # by x, then y: pairs tied in x are never inversions
+    n0 = n * (n - 1) // 2
+    n1, n2 = _tie_pairs(rx), _tie_pairs(ry)
+    n3 = _tie_pairs(rx * (int(ry.max(initial=0)) + 1) + ry)  # pairs tied in both
+    discordant = count_inversions(ry[order])
+    den = math.sqrt(float(n0 - n1) * float(n0 - n2))
+    if den == 0:
+        return math.nan
+    return float(np.clip((n0 - n1 - n2 + n3 - 2 * discordant) / den, -1.0, 1.0))
+
+
+def top_set(values: np.ndarray, *, rate: float, threshold: float | None, top: str) -> np.ndarray:
+    """Positions of the top k = floor(rate x n) rows among those below ``threshold``.
+
+    ``top == "high"`` is Superfiltering's order (delegated to ``superfiltering_select``);
+    ``"low"`` orders ascending. Ties: lower position first.
+    """
+    thr = math.inf if threshold is None else threshold
+    if top == "high":
+        return superfiltering_select(values, rate=rate, threshold=thr)
+    if top != "low":
+        raise ValueError(f"top must be 'high' or 'low', got {top!r}")
+    values = np.asarray(values, np.float64)
+    k = math.floor(rate * len(values))
+    eligible = np.nonzero(np.isfinite(values) & (values < thr))[0]
+    return eligible[np.lexsort((eligible, values[eligible]))][:k]
+
+
+def overlap(
+    a: np.ndarray, b: np.ndarray, *, rates: Sequence[float], threshold: float | None, top: str
+) -> list[dict[str, Any]]:
+    """Per rate: k, the set sizes, |A∩B|, |A∩B|/k and Jaccard |A∩B|/|A∪B|."""
+    rows = []
+    for rate in rates:
+        sa = set(top_set(a, rate=rate, threshold=threshold, top=top).tolist())
+        sb = set(top_set(b, rate=rate, threshold=threshold, top=top).tolist())
+        k, inter, union = math.floor(rate * len(a)), len(sa & sb), len(sa | sb)
+        row = {"rate": rate, "k": k, "size_a": len(sa), "size_b": len(sb), "intersection": inter}
+        row["overlap"] = inter / k if k else math.nan
+        row["jaccard"] = inter / union if union else math.nan
+        rows.append(row)
+    return rows
+
+
+def _resolve_path(path: str) -> Path:
+    """A score file, or a run directory holding ``scores.parquet`` / ``scores.jsonl``."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("scores.parquet", "scores.jsonl"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"{p} holds neither scores.parquet nor scores.jsonl")
+    if not p.is_file():
+        raise FileNotFoundError(f"score file {p} does not exist")
+    return p
+
+
+def _floats(col: np.ndarray) -> np.ndarray:
+    """[n] float64, None / non-numbers -> NaN."""
+    col = np.asarray(col)
+    if col.dtype.kind in "fiub":
+        return col.astype(np.float64)
+    out = np.full(len(col), np.nan)
+    for i, v in enumerate(col):
+        if isinstance(v, int | float | np.number) and not isinstance(v, bool):
+            out[i] = float(v)
+    return out
+
+
+def _ints(col: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """[n] int64; raises on missing values."""
+    f = _floats(col)
+    if not np.all(np.isfinite(f)):
+        raise ValueError(f"{path}: column `{name}` has missing values")
+    return f.astype(np.int64)
+
+
+def load(path: str, column: str = "") -> dict[str, Any]:
+    """Reads one score file: keys (``index``, ``turn`` or 0), statuses and the score column.
+
+    Raises:
+        ValueError: If ``index`` or the column is missing (the message names the columns).
+    """
+    p = _resolve_path(path)
+    cols = read_scores(p)
+    available = ", ".join(cols) or "(none)"
+    if "index" not in cols:
+        raise ValueError(f"{p} has no `index` column; columns: {available}")
+    column = column or ("ifd" if "ifd" in cols else "score")
+    if column not in cols:
+        raise ValueError(f"{p} has no column `{column}`; available columns: {available}")
+    n = len(cols["index"])
+    status = cols["status"].astype(str) if "status" in cols else np.full(n, "ok")
+    return {
+        "path": str(p),
+        "column": column,
+        "index": _ints(cols["index"], "index", p),
+        "turn": _ints(cols["turn"], "turn", p) if "turn" in cols else np.zeros(n, np.int64),
+        "status": np.asarray(status, dtype=object),
+        "values": _floats(cols[column]),
+    }
+
+
+def _keys(d: dict[str, Any], lo: int, span: int) -> np.ndarray:
+    """[n] int64 keys index * span + (turn - lo); raises when two rows share one."""
+    keys = d["index"] * span + (d["turn"] - lo)
+    uniq, counts = np.unique(keys, return_counts=True)
+    if np.any(counts > 1):
+        dup = int(uniq[np.argmax(counts > 1)])
+        where = f"index {dup // span}, turn {dup % span + lo}"
+        raise ValueError(f"{d['path']}: several rows have the same key ({where})")
+    return keys
+
+
+def usable(d: dict[str, Any]) -> np.ndarray:
+    """[n] bool: status ok and a finite score."""
+    return (d["status"] == "ok") & np.isfinite(d["values"])
+
+
+def match(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Pairs the rows of two loaded files by (index, turn); counts what was excluded and why.
+
+    Raises:
+        ValueError: If no key is in both files, or no common row is usable in both.
+    """
+    turns = np.concatenate([a["turn"], b["turn"]])
+    lo, span = int(turns.min(initial=0)), int(turns.max(initial=0) - turns.min(initial=0)) + 1
+    ka, kb = _keys(a, lo, span), _keys(b, lo, span)
+    common, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+    if len(common) == 0:
+        raise ValueError(
+            f"{a['path']} ({len(ka)} rows) and {b['path']} ({len(kb)} rows) have no rows in "
+            "common (rows are matched by `index` and `turn`): are they scores of the same data?"
+        )
+    sa, sb = a["status"][ia] != "ok", b["status"][ib] != "ok"
+    fa, fb = ~sa & ~np.isfinite(a["values"][ia]), ~sb & ~np.isfinite(b["values"][ib])
+    keep = ~(sa | sb | fa | fb)
+    counts = {
+        "rows_a": len(ka),
+        "rows_b": len(kb),
+        "common": len(common),
+        "only_in_a": len(ka) - len(common),
+        "only_in_b": len(kb) - len(common),
+        "status_not_ok_a": int(sa.sum()),
+        "status_not_ok_b": int(sb.sum()),
+        "ok_but_not_finite_a": int(fa.sum()),
+        "ok_but_not_finite_b": int(fb.sum()),
+        "excluded_common": int((~keep).sum()),
+        "matched": int(keep.sum()),
+    }
+    if not keep.any():
+        raise ValueError(
+            f"{a['path']} and {b['path']} have {len(common)} rows in common but none is ok "
+            f"with a finite `{a['column']}` in both: {counts}"
+        )
+    return {"a": a["values"][ia][keep], "b": b["values"][ib][keep], "counts": counts}
+
+
+def summary(d: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+    """Count, mean, std, quantiles and fraction below the threshold of one file's usable rows."""
+    v = d["values"][usable(d)]
+    out: dict[str, Any] = {"rows": len(d["values"]), "count": len(v)}
+    out["statuses"] = status_counts(d["status"]) if len(d["status"]) else {}
+    if len(v):
+        out.update(mean=float(v.mean()), std=float(v.std()), min=float(v.min()))
+        out.update({f"q{100 * q:g}": float(np.quantile(v, q)) for q in QUANTILES})
+        out["max"] = float(v.max())
+    if threshold is not None:
+        out["threshold"] = threshold
+        out["frac_below_threshold"] = float(np.mean(v < threshold)) if len(v) else math.nan
+    return out
+
+
+def _log_scale(values: Sequence[np.ndarray], scale: str) -> bool:
+    if scale != "auto":
+        return scale == "log"
+    allv = np.concatenate([np.asarray(v) for v in values])
+    return bool(len(allv) and allv.min() > 0 and allv.max() / allv.min() > 10)
+
+
+def _log_axis(axis: Any) -> None:
+    """Log ticks at 1, 2, 5 x 10^k, labelled as plain numbers (no mathtext)."""
+    from matplotlib import ticker
+
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def plot_hist(
+    series: Sequence[tuple[str, np.ndarray]],
+    path: Path,
+    *,
+    xlabel: str,
+    threshold: float | None,
+    scale: str,
+    bins: int,
+) -> None:
+    """Overlaid histograms on shared bins (counts via numpy: fast for millions of rows)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
+
+    log = _log_scale([v for _, v in series], scale)
+    allv = np.concatenate([v for _, v in series])
+    lo, hi = (np.quantile(allv, [0.001, 0.999]) if len(allv) else (0.0, 1.0)).tolist()
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+    fig = Figure(figsize=(7, 4.5))
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.96)  # cheaper than tight_layout
+    ax = fig.add_subplot()
+    for label, v in series:
+        counts, _ = np.histogram(v, bins=edges)  # values outside [lo, hi] are not drawn
+        outside = f", {len(v) - counts.sum()} outside" if counts.sum() < len(v) else ""
+        ax.stairs(counts, edges, fill=True, alpha=0.45, label=f"{label} (n={len(v)}{outside})")
+    if threshold is not None and lo <= threshold <= hi:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+    if log:
+        ax.set_xscale("log")
+        _log_axis(ax.xaxis)
+    ax.set(xlabel=f"{xlabel} (0.1-99.9% quantile range of all rows)", ylabel="rows")
+    ax.legend()
+    fig.savefig(path, dpi=110)
+
+
+def plot_scatter(
+    a: np.ndarray,
+    b: np.ndarray,
+    path: Path,
+    *,
+    labels: tuple[str, str],
+    threshold: float | None,
+    scale: str,
+) -> None:
+    """A-vs-B scatter with the y = x line (and threshold lines)."""
+    from matplotlib.figure import Figure
+
+    log = _log_scale([a, b], scale)
+    fig = Figure(figsize=(6, 6))
+    fig.subplots_adjust(left=0.13, right=0.96, bottom=0.1, top=0.96)
+    ax = fig.add_subplot()
+    ax.scatter(a, b, s=3, alpha=0.35, lw=0, rasterized=True)
+    lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+    ax.plot([lo, hi], [lo, hi], color="k", lw=1, label="y = x")
+    if threshold is not None and lo <= threshold <= hi:
+        ax.axvline(threshold, color="r", ls=":", lw=1)
+        ax.axhline(threshold, color="r", ls=":", lw=1, label=f"threshold {threshold:g}")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _log_axis(ax.xaxis)
+        _log_axis(ax.yaxis)
+    ax.set(xlabel=labels[0], ylabel=labels[1])
+    ax.legend(loc="upper left")
+    fig.savefig(path, dpi=110)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(x) for x in r) + " |" for r in rows]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The Markdown report of a ``report.json`` dict."""
+    files, col, thr = report["files"], report["column"], report["threshold"]
+    lines = [f"# Score analysis: `{col}`", ""]
+    lines += [f"- {f['label']}: `{f['path']}`" for f in files]
+    if "counts" in report:
+        c, m = report["counts"], report["metrics"]
+        end = "highest" if report["top"] == "high" else "lowest"
+        elig = f"rows with {col} < {thr:g}" if thr is not None else "all matched rows"
+        lines += ["", "## Matching", "", "Rows are matched by `index` and `turn` (0 if absent)."]
+        lines += ["A row counts when its status is `ok` and its score finite in both files.", ""]
+        lines += _table(["rows", "count"], list(c.items()))
+        lines += ["", "## Agreement", "", f"On the {c['matched']} matched rows.", ""]
+        names = ("spearman", "kendall_tau_b", "pearson")
+        lines += _table(["metric", "value"], [(k, m[k]) for k in names])
+        lines += ["", "### Top-set overlap", ""]
+        lines += [f"Top set: the k {end} scores among {elig}; k = floor(rate × matched rows)."]
+        lines += ["Overlap = size(A ∩ B) / k; Jaccard = size(A ∩ B) / size(A ∪ B).", ""]
+        head = ["rate", "k", "size A", "size B", "A ∩ B", "overlap", "Jaccard"]
+        keys = ("rate", "k", "size_a", "size_b", "intersection", "overlap", "jaccard")
+        lines += _table(head, [[o[k] for k in keys] for o in m["top_overlap"]])
+    stats = [k for k in files[0]["summary"] if k not in ("statuses", "threshold")]
+    lines += ["", "## Summary per file", ""]
+    lines += ["`rows`: all rows; `count` and the statistics: rows ok with a finite score.", ""]
+    rows = [(k, *(f["summary"].get(k, "") for f in files)) for k in stats]
+    lines += _table(["stat", *(f["label"] for f in files)], rows)
+    if thr is not None:
+        lines += ["", f"`frac_below_threshold`: fraction with {col} < {thr:g}."]
+    lines += [""] + [
+        f"- statuses in {f['label']}: `{json.dumps(f['summary']['statuses'])}`" for f in files
+    ]
+    lines += ["", "## Plots", "", *(f"![{name}]({name})" for name in report["plots"])]
+    lines += ["", *(f"- {note}" for note in report["notes"])] if report["notes"] else []
+    return "\n".join(lines) + "\n"
+
+
+def resolve_threshold(threshold: float | str | None, column: str) -> float | None:
+    """``"auto"`` -> 1.0 for ``ifd`` else None; ``"none"`` / ``""`` / None -> None."""
+    if isinstance(threshold, str):
+        t = threshold.strip().lower()
+        if t == "auto":
+            return 1.0 if column == "ifd" else None
+        return None if t in ("", "none") else float(t)
+    return None if threshold is None else float(threshold)
+
+
+def run_scores(config: AnalyzeConfig) -> dict[str, Any]:
+    """The ``scores`` mode: agreement of two score files (or the summary of one)."""
+    if config.top not in ("high", "low"):
+        raise ValueError(f"top must be 'high' or 'low', got {config.top!r}")
+    a = load(config.a, config.column)
+    b = load(config.b, config.column or a["column"]) if config.b else None
+    m = match(a, b) if b is not None else None  # errors before anything is written
+    column = a["column"]
+    threshold = resolve_threshold(config.threshold, column)
+    labels = (config.label_a or "A", config.label_b or "B")
+    loaded = [a] if b is None else [a, b]
+    files = [
+        {"label": lab, "path": d["path"], "summary": summary(d, threshold)}
+        for lab, d in zip(labels, loaded, strict=False)
+    ]
+    report: dict[str, Any] = {"mode": "scores", "column": column, "threshold": threshold}
+    report.update(top=config.top, files=files, plots=["hist.png"], notes=[])
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    series = [(f["label"], d["values"][usable(d)]) for f, d in zip(files, loaded, strict=True)]
+    plot_args = {"threshold": threshold, "scale": config.scale}
+    plot_hist(series, out / "hist.png", xlabel=column, bins=config.bins, **plot_args)
+    if m is not None:
+        x, y = m["a"], m["b"]
+        report["counts"] = m["counts"]
+        top = overlap(x, y, rates=config.rates, threshold=threshold, top=config.top)
+        report["metrics"] = {
+            "spearman": spearman(x, y),
+            "kendall_tau_b": kendall_tau_b(x, y),
+            "pearson": pearson(x, y),
+            "top_overlap": top,
+        }
+        short = [o for o in top if min(o["size_a"], o["size_b"]) < o["k"]]
+        if short:
+            report["notes"].append(
+                f"at rates {[o['rate'] for o in short]} fewer than k matched rows are eligible "
+                f"({column} < {threshold}): the top sets are smaller than k"
+            )
+        if len(x) > config.max_scatter_points:
+            rng = np.random.default_rng(config.seed)
+            pick = np.sort(rng.choice(len(x), config.max_scatter_points, replace=False))
+            x, y = x[pick], y[pick]
+            report["notes"].append(
+                f"scatter.png shows a uniform random subsample of {len(pick)} of "
+                f"{m['counts']['matched']} matched rows (seed {config.seed}); "
+                "all metrics use every matched row"
+            )
+        names = (f"{labels[0]} {column}", f"{labels[1]} {column}")
+        plot_scatter(x, y, out / "scatter.png", labels=names, **plot_args)
+        report["plots"].append("scatter.png")
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    report["outputs"] = {n: str(out / n) for n in ("report.md", "report.json", *report["plots"])}
+    return report
+
+
+MODES: dict[str, Callable[[AnalyzeConfig], dict[str, Any]]] = {"scores": run_scores}
+
+
+def run(config: AnalyzeConfig) -> dict[str, Any]:
+    """Runs the analysis named by ``config.mode``; returns the report (as in report.json)."""
+    if config.mode not in MODES:
+        raise ValueError(f"unknown mode {config.mode!r}; available: {', '.join(MODES)}")
+    return MODES[config.mode](config)
+
+
+def define_flags() -> None:
+    """Defines the flags; only when run as a program (``select`` also owns ``--threshold``)."""
+    flags.DEFINE_string("a", None, "score file (or run directory) A, e.g. the weak model's")
+    flags.DEFINE_string("b", "", "score file B; omit to summarise A alone")
+    flags.DEFINE_string("out", None, "report directory")
+    flags.DEFINE_string("column", "", "score column (default: ifd if present, else score)")
+    flags.DEFINE_string("label_a", "", "name of A in the report")
+    flags.DEFINE_string("label_b", "", "name of B in the report")
+    thr_help = "top sets only among scores < this: a number, none, or auto (ifd: 1, else none)"
+    flags.DEFINE_string("threshold", "auto", thr_help, allow_override=True)
+    flags.DEFINE_enum("top", "high", ["high", "low"], "which end of the order is the top k%")
+    flags.DEFINE_list("rates", ["0.05", "0.1", "0.15"], "top-set rates")
+    flags.DEFINE_integer("max_scatter_points", 20_000, "scatter subsample size")
+    flags.DEFINE_enum("scale", "auto", ["auto", "linear", "log"], "plot axes")
+    flags.DEFINE_integer("seed", 0, "seed of the scatter subsample")
+    flags.DEFINE_integer("bins", 60, "histogram bins")
+    flags.DEFINE_enum("mode", "scores", list(MODES), "analysis to run")
+    flags.mark_flags_as_required(["a", "out"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    values = {f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(AnalyzeConfig)}
+    values["rates"] = [float(r) for r in values["rates"]]
+    report = run(AnalyzeConfig(**values))
+    print(Path(report["outputs"]["report.json"]).read_text(), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
