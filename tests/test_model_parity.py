@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+from resofilter_jax.models import layers
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.config import ModelConfig, config_from_hf
 from resofilter_jax.models.gpt2 import GPT2_IGNORED_KEYS
@@ -326,3 +327,38 @@ def test_scanned_layers_match_transformers(name: str) -> None:
     )
     _assert_parity(out.logits, case.logits, case.attention_mask)
     _assert_parity(out.hidden, case.hidden, case.attention_mask)
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_causal_attention_blocks_match_transformers(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attention in causal query blocks (here 5 rows, so blocks end mid-sequence and the last
+    one is short) computes the same model as one block: the keys it skips are all masked."""
+    assert SEQ % 5 != 0 and SEQ > 10
+    monkeypatch.setitem(layers.dot_product_attention.__kwdefaults__, "chunk", 5)
+    case = reference(name)
+    model = build_model(case.config, seed=None)
+    load_state_dict(model, case.state_dict, ignore=case.ignore, strict=True)
+    out = jax.jit(lambda m, i, a: m(i, a))(
+        model, jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask)
+    )
+    _assert_parity(out.logits, case.logits, case.attention_mask)
+    _assert_parity(out.hidden, case.hidden, case.attention_mask)
+
+
+def test_attention_blocks_equal_one_block_with_softcap_window_and_gqa() -> None:
+    """Block-wise attention equals the one-block computation for every block size, also with
+    a soft-cap, a sliding window and 3 query heads per KV head; rows of padding included."""
+    rng = np.random.default_rng(0)
+    b, s, h, kv, d = 2, 11, 6, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, kv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, kv, d)), jnp.float32)
+    real = jnp.asarray([[1] * s, [1] * 7 + [0] * 4])
+    for window in (None, 4):
+        mask = layers.attention_mask_bias(real, window)
+        want = layers.dot_product_attention(q, k, v, mask, scale=0.3, softcap=2.0, chunk=None)
+        for chunk in (1, 2, 4, 5, 10, 11, 64):
+            got = layers.dot_product_attention(q, k, v, mask, scale=0.3, softcap=2.0, chunk=chunk)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

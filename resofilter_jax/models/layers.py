@@ -183,10 +183,13 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def attention_mask_bias(attention_mask: Array, sliding_window: int | None = None) -> Array:
-    """Boolean mask [batch, 1, q, k]: causal, key padding, optional sliding window.
+    """Boolean mask [batch, 1, q, k]: causal, key padding, optional sliding window, segments.
 
     Args:
-        attention_mask: [batch, seq], 1 for real tokens and 0 for padding.
+        attention_mask: [batch, seq], 0 for padding and > 0 for real tokens. The positive
+            value is the token's segment id: a real query only sees keys of its own segment,
+            so several sequences packed in one row never attend to each other. A 0/1 mask
+            (one segment per row, the HF meaning) gives exactly the plain causal mask.
         sliding_window: keys j with j <= i - window are hidden from query i (HF semantics).
     """
     seq = attention_mask.shape[-1]
@@ -195,7 +198,13 @@ def attention_mask_bias(attention_mask: Array, sliding_window: int | None = None
     allowed = k <= q  # [q, k]
     if sliding_window is not None:
         allowed = allowed & (k > q - sliding_window)
-    return allowed[None, None] & (attention_mask[:, None, None, :] > 0)
+    seg_q = attention_mask[:, None, :, None]  # [batch, 1, q, 1]
+    seg_k = attention_mask[:, None, None, :]  # [batch, 1, 1, k]
+    same_segment = (seg_q == seg_k) | (seg_q <= 0)  # padding queries keep their old rows
+    return allowed[None, None] & (seg_k > 0) & same_segment
+
+
+ATTENTION_CHUNK = 128  # query rows per causal block (see `dot_product_attention`)
 
 
 def dot_product_attention(
@@ -206,24 +215,50 @@ def dot_product_attention(
     *,
     scale: float,
     softcap: float | None = None,
+    chunk: int | None = ATTENTION_CHUNK,
 ) -> Array:
-    """Grouped-query attention with an fp32 softmax.
+    """Causal grouped-query attention with an fp32 softmax, in causal query blocks.
+
+    Queries are processed `chunk` rows at a time, and block c only sees keys [0, end of block c):
+    the keys after it are masked anyway because `mask` is causal (every mask built by
+    `attention_mask_bias` is), so skipping them changes nothing but saves about half of the
+    attention work and keeps each block's scores small enough to stay in cache. Inside a block
+    the heads of one KV group are folded into the query rows ([b, kv, groups * rows, d]) so both
+    products are plain batched matmuls with no transposed copy of the scores.
 
     Args:
-        q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
-        mask: bool [batch, 1, q_seq, k_seq].
+        q: [batch, q_seq, heads, head_dim]; k, v: [batch, k_seq, kv_heads, head_dim].
+        mask: bool [batch, 1, q_seq, k_seq], causal (no query sees a later key) when
+            q_seq == k_seq.
+        chunk: query rows per block; None = one block over the whole sequence.
     Returns:
         [batch, seq, heads, head_dim] in q's dtype.
     """
     b, s, h, d = q.shape
-    kv = k.shape[2]
+    t, kv = k.shape[1], k.shape[2]
     groups = h // kv
-    qg = q.reshape(b, s, kv, groups, d)  # [b, s, kv, g, d]
-    scores = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * scale  # [b, kv, g, q, t]
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)  # [b, q, kv, g, d]
-    return out.reshape(b, s, h, d)
+    qt = q.reshape(b, s, kv, groups, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, s, d]
+    kt = k.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    vt = v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    # Causal blocks need queries and keys at the same positions; otherwise (e.g. a decode step
+    # against a cache) one block sees every key.
+    step = s if chunk is None or chunk >= s or s != t else chunk
+    blocks = []
+    for start in range(0, s, step):
+        stop = min(s, start + step)
+        rows, keys = stop - start, (stop if step < s else t)
+        qc = qt[:, :, :, start:stop].reshape(b, kv, groups * rows, d)  # [b, kv, g*rows, d]
+        scores = jnp.einsum(
+            "bkqd,bktd->bkqt", qc, kt[:, :, :keys], preferred_element_type=jnp.float32
+        )
+        scores = scores.reshape(b, kv, groups, rows, keys) * scale  # [b, kv, g, rows, keys]
+        if softcap is not None:
+            scores = jnp.tanh(scores / softcap) * softcap
+        visible = mask[:, :, None, start:stop, :keys]  # [b, 1, 1, rows, keys]
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = probs.reshape(b, kv, groups * rows, keys)
+        out = jnp.einsum("bkqt,bktd->bkqd", probs, vt[:, :, :keys])  # [b, kv, g*rows, d]
+        blocks.append(out.reshape(b, kv, groups, rows, d))
+    out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=3)  # [b, kv, g, s, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
