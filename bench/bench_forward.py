@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +26,8 @@ from resofilter_jax.data import load_records
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.scoring.losses import sequence_losses
 
-
-def model_flops_per_token(cfg, seq: int) -> float:
-    """2 x matmul parameters (LM head included) + attention scores and values over `seq`."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    attn_proj = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    mlp = 3 * h * cfg.intermediate_size
-    per_layer = 2 * (attn_proj + mlp) + 4 * seq * cfg.num_attention_heads * d
-    return cfg.num_hidden_layers * per_layer + 2 * cfg.vocab_size * h
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import model_flops_per_token  # noqa: E402
 
 
 def _sequences(tokenizer, n: int, length: int) -> np.ndarray:
