@@ -187,3 +187,31 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path: Path) -> No
     assert loaded.config.model_type == "gemma3_text"
     out = loaded.model(jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask))
     _assert_logits(np.asarray(out.logits), want, case.attention_mask)
+
+
+def test_gguf_tokenizer_is_cached_and_identical(
+    smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The converted GGUF tokenizer is saved once and the cached copy tokenizes identically."""
+    from resofilter_jax.models import loading
+
+    monkeypatch.setenv("RESOFILTER_CACHE", str(tmp_path / "cache"))
+    cached = loading.gguf_tokenizer_cache(smollm2_gguf)
+    assert not cached.exists()
+    fresh = loading.load_tokenizer(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    assert (cached / "tokenizer_config.json").is_file()
+    again = loading.load_tokenizer(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    texts = [
+        "Hello world",
+        "  leading spaces\n\ttabs and a newline\n",
+        "<|im_start|>user\nWhat is 12 * 7?<|im_end|>\n<|im_start|>assistant\n",
+        "Ünïcödé — emoji 🙂 and 中文",
+        "",
+    ]
+    for text in texts:
+        assert again.encode(text) == fresh.encode(text), text
+        assert again(text).input_ids == fresh(text).input_ids, text
+    assert again.eos_token == fresh.eos_token and again.bos_token == fresh.bos_token
+    assert again.pad_token == fresh.pad_token
+    assert len(again) == len(fresh)
+    assert again.chat_template == fresh.chat_template

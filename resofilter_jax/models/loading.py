@@ -165,19 +165,49 @@ def text_model_tensors(
         yield name, value
 
 
+def gguf_tokenizer_cache(path: Path) -> Path:
+    """Where the tokenizer of GGUF file `path` is kept once converted (keyed by size + mtime)."""
+    from resofilter_jax.assets import cache_dir
+
+    stat = path.stat()
+    return cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer of a GGUF file, converted by transformers once and then cached.
+
+    transformers' GGUF conversion parses every field of the file with gguf's reader and
+    imports torch (tens of seconds); the cached copy (tokenizer.json etc.) loads in well under
+    a second and tokenizes identically (tested).
+    """
+    from transformers import AutoTokenizer
+
+    cached = gguf_tokenizer_cache(path)
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            f"reading the tokenizer of {path.name} uses transformers' GGUF reader, which "
+            f"imports torch ({e}); install it (the CPU build is enough: pip install torch), "
+            "or pass a Hugging Face model directory instead of a GGUF file"
+        ) from e
+    try:
+        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        tmp.replace(cached)
+    except OSError as e:  # a read-only cache only costs speed
+        log.warning("could not cache the tokenizer of %s in %s: %s", path, cached, e)
+    return tok
+
+
 def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
     """A transformers fast tokenizer from a directory, a GGUF file, or a hub id."""
     from transformers import AutoTokenizer
 
     if gguf_file is not None:
-        try:
-            return AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
-        except ModuleNotFoundError as e:
-            raise ImportError(
-                f"reading the tokenizer of {gguf_file} uses transformers' GGUF reader, which "
-                f"imports torch ({e}); install it (the CPU build is enough: pip install torch), "
-                "or pass a Hugging Face model directory instead of a GGUF file"
-            ) from e
+        return _gguf_tokenizer(Path(source) / gguf_file)
     return AutoTokenizer.from_pretrained(str(source))
 
 
