@@ -10,13 +10,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The whole run; every field can be overridden with --config.<field>=..."""
     c = ml_collections.ConfigDict()
-    c.method = "ifd"  # ifd (Superfiltering); "resonance" is not implemented yet
+    c.method = "ifd"  # ifd (Superfiltering) | resonance (ResoFilter; see reso_smollm2_gsm8k.py)
     # Model: a HF directory, a .gguf file, or a hub id; "" = the embedded SmolLM2 GGUF.
     c.model = ml_collections.ConfigDict()
     c.model.path = ""
     c.model.dtype = "float32"  # compute dtype: float32 (parity) | bfloat16 (speed)
     c.model.param_dtype = "float32"  # storage dtype of the parameters
-    c.model.scan_layers = False  # one lax.scan over the layers: faster compiles, same scores
+    c.model.scan_layers = True  # one lax.scan over the layers: half the compile time, same scores
     # Data: a file or dataset; "" = the embedded ShareGPT V3 file (truncated near its end).
     c.data = ml_collections.ConfigDict()
     c.data.path = ""
