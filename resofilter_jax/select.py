@@ -2,6 +2,8 @@
 
     python -m resofilter_jax.select --scores outputs/ifd/scores.parquet \
         --data data.json --rate 0.1 --output selected.json
+    python -m resofilter_jax.select --scores outputs/ifd/scores.parquet \
+        --data data.json --ifd_num 10400 --fla_num 1040 --output selected_d.json
     python -m resofilter_jax.select --scores outputs/reso/scores.parquet \
         --data gsm8k.jsonl --drop_rates 0.25,0.5,0.75 --output sel.jsonl  # sel.p75/p50/p25.jsonl
 
@@ -13,6 +15,16 @@ Superfiltering policy (DESIGN 3.1): keep rows whose IFD is a number strictly bel
 k = floor(rate x rows in THIS score file) (the reference hard-codes Alpaca's 52002), or
 `--count` rows. `--order original` restores input order. Rows with a non-ok status are never
 selected but still counted in the dataset size.
+
+Superfiltering.D (``--fla_num N``, :mod:`resofilter_jax.diversity`): the IFD stage keeps the
+top ``--ifd_num M`` rows of that order (0: the rows ``--rate`` / ``--count`` keep; with M set,
+``--rate`` is not used), their texts (``--embed_type``, built from the records as the scorer
+built them) are embedded with ``--model`` (default: the scorer's model from
+``run_config.json``, else the embedded SmolLM2; mean-pooled final hidden states where the
+reference uses all-MiniLM-L6-v2), and facility location (``--fla_metric``, ``--fla_ties``)
+picks N of them greedily. The rows come out in greedy order, as the reference writes them
+(``--order score``: IFD order, ``original``: input order), with a ``fla_rank`` column (the
+0-based greedy position; rows format only).
 
 ResoFilter policy (DESIGN 3.2, the reference's ``reso_filter.py``):
 
@@ -52,23 +64,24 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
 
+from resofilter_jax.data import Record
 from resofilter_jax.selection_io import (
+    RowKey,
+    ScoredData,
     as_float,
-    jsonable,
+    embedding_model,
     kept_label,
     rate_output_path,
-    read_raw_rows,
-    read_records,
     read_scores,
-    reference_row,
     row_keys,
-    scored_data_settings,
+    row_maker,
     write_rows,
 )
 
@@ -87,6 +100,9 @@ SCORE_KEYS = (
 RESO_KEYS = ("score", "loss", "ppl", "n_tokens")
 FEATURE_PREFIX = "reso/"
 DUPLICATE = "duplicate_of:"
+FLA_METRICS = ("euclidean", "cosine")  # resofilter_jax.diversity.METRICS
+FLA_TIES = ("low", "high")
+EMBED_TYPES = ("whole", "instruction", "response")  # resofilter_jax.embeddings.EMB_TYPES
 
 __all__ = [
     "SelectConfig",
@@ -110,12 +126,25 @@ class SelectConfig:
     rate: float = 0.1
     count: int = 0  # an absolute number of rows; overrides rate when > 0
     threshold: float = 1.0
+    # Superfiltering.D: facility location over embeddings of the IFD stage's rows.
+    fla_num: int = 0  # rows picked by facility location; 0 = off
+    ifd_num: int = 0  # rows of the IFD stage; 0 = the rows rate / count keep
+    fla_metric: str = "euclidean"  # euclidean (the reference's) | cosine
+    fla_ties: str = "low"  # equal gains: lowest | highest IFD-stage position
+    embed_type: str = "whole"  # whole | instruction | response
+    embed_input_line: bool = True  # "{instruction}\n{input}\n" even for an empty input
+    model: str = ""  # "" = the scorer's model (run_config.json), else the embedded SmolLM2
+    dtype: str = ""  # "" = the scorer's dtype, else float32
+    max_length: int = 0  # embedding truncation; 0 = the scorer's max_length, else 1024
+    token_budget: int = 16384  # padded tokens per embedding batch
+    num_devices: int = 0  # 0 = all local devices
+    progress: bool = False
     # ResoFilter: drop the first int(N x p) of the ranking; several rates -> one file each.
     drop_rate: float = 0.5
     drop_rates: tuple[float, ...] = ()  # non-empty: overrides drop_rate, files sel.pXX.jsonl
     keep: str = "low"  # low: drop the largest scores | high: drop the smallest
     # Output.
-    order: str = "auto"  # auto (superfiltering: score, resofilter: original) | score | original
+    order: str = "auto"  # auto (IFD: score, IFD + FL: greedy, reso: original) | score | original
     format: str = "rows"  # rows (input rows + scores) | reference (ResoFilter training rows)
     with_features: bool = False  # rows format: also attach every reso/<param>/<feature> column
     # Reading --data (format / sharegpt_turns: "" = as in the scorer's run_config.json).
@@ -199,46 +228,20 @@ def resofilter_select(
     return kept[np.argsort(rank[kept], kind="stable")]
 
 
-def _row_maker(
-    config: SelectConfig, cols: Mapping[str, np.ndarray], union: np.ndarray, keys: Sequence[str]
-) -> Callable[[int], dict[str, Any]]:
-    """``make(position) -> output row``, with the data of the ``union`` positions read once."""
-    key = row_keys(cols)
-    if config.format == "reference":
-        if not config.data:
-            raise ValueError("--format reference needs --data (the file that was scored)")
-        scored = scored_data_settings(config.scores)
-        records = read_records(
-            config.data,
-            {key[i] for i in union},
-            fmt=config.data_format or scored.get("format", "auto"),
-            fields=scored.get("fields"),
-            sharegpt_turns=config.sharegpt_turns or scored.get("sharegpt_turns", "first"),
-            reader=config.reader,
-            allow_truncated=config.allow_truncated,
-        )
-        return lambda i: reference_row(records[key[i]])
-    raw: dict[int, Any] = {}
-    if config.data:
-        raw = read_raw_rows(
-            config.data,
-            {key[i][0] for i in union},
-            reader=config.reader,
-            allow_truncated=config.allow_truncated,
-        )
-
-    def make(i: int) -> dict[str, Any]:
-        base = raw.get(key[i][0])
-        row = dict(base) if isinstance(base, dict) else {"index": key[i][0]}
-        if "turn" in cols:
-            row["turn"] = key[i][1]
-        row.update({k: jsonable(cols[k][i]) for k in keys if k in cols})
-        return row
-
-    return make
+def _source(config: SelectConfig) -> ScoredData:
+    """The ``--data`` file as the scorer read it."""
+    return ScoredData(
+        config.scores,
+        config.data,
+        data_format=config.data_format,
+        sharegpt_turns=config.sharegpt_turns,
+        reader=config.reader,
+        allow_truncated=config.allow_truncated,
+    )
 
 
 def _order(config: SelectConfig, policy: str) -> str:
+    """``score`` or ``original`` (``auto`` with Superfiltering.D: greedy order, as ``score``)."""
     if config.order == "auto":
         return "score" if policy == "superfiltering" else "original"
     if config.order not in ("score", "original"):
@@ -246,20 +249,122 @@ def _order(config: SelectConfig, policy: str) -> str:
     return config.order
 
 
-def _superfiltering(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The IFD ranking, then (optionally, elsewhere) a diversity pass, then the rows."""
-    picked = superfiltering_select(
-        cols["ifd"], rate=config.rate, count=config.count, threshold=config.threshold
+def _check_diversity(config: SelectConfig, policy: str) -> None:
+    """Refuses Superfiltering.D options that do not fit together (before any heavy work)."""
+    if policy != "superfiltering":
+        if config.fla_num or config.ifd_num:
+            raise ValueError("--fla_num / --ifd_num apply to the superfiltering policy only")
+        return
+    if config.fla_num < 0 or config.ifd_num < 0:
+        raise ValueError(
+            f"--fla_num and --ifd_num must be >= 0, got {config.fla_num}, {config.ifd_num}"
+        )
+    if config.fla_num == 0:
+        if config.ifd_num:
+            raise ValueError("--ifd_num is the IFD stage of Superfiltering.D: set --fla_num too")
+        return
+    if config.ifd_num and config.fla_num > config.ifd_num:
+        raise ValueError(f"--fla_num={config.fla_num} is more than --ifd_num={config.ifd_num}")
+    if config.ifd_num and config.count:
+        raise ValueError("--ifd_num and --count both size the IFD stage: pass one")
+    for name, value, choices in (
+        ("fla_metric", config.fla_metric, FLA_METRICS),
+        ("fla_ties", config.fla_ties, FLA_TIES),
+        ("embed_type", config.embed_type, EMBED_TYPES),
+    ):
+        if value not in choices:
+            raise ValueError(f"--{name} must be one of {choices}, got {value!r}")
+    if config.max_length < 0 or config.token_budget <= 0 or config.num_devices < 0:
+        raise ValueError("--max_length / --num_devices must be >= 0, --token_budget > 0")
+    if not config.data:
+        raise ValueError("--fla_num needs --data (the texts of the scored rows are embedded)")
+
+
+def _diversity(
+    config: SelectConfig, cols: Mapping[str, np.ndarray], candidates: np.ndarray
+) -> tuple[np.ndarray, dict[RowKey, Record], dict[str, Any]]:
+    """Superfiltering.D over the IFD stage ``candidates``.
+
+    Returns:
+        The picks in greedy order, the candidates' records and the summary entries.
+    """
+    from resofilter_jax.diversity import superfiltering_d_details
+    from resofilter_jax.embeddings import diversity_texts, load_embedder
+
+    if config.fla_num > len(candidates):
+        raise ValueError(
+            f"--fla_num={config.fla_num} is more than the {len(candidates)} rows of the IFD stage"
+        )
+    key = row_keys(cols)
+    records = _source(config).records({key[i] for i in candidates})
+    texts = diversity_texts(
+        [records[key[i]] for i in candidates],
+        config.embed_type,  # type: ignore[arg-type]
+        input_line=config.embed_input_line,
     )
-    # A diversity pass (Superfiltering.D) plugs in here: it re-picks among the IFD-ranked
-    # candidates `picked` before the order is settled and the rows are written.
+    text_of = dict(zip(candidates.tolist(), texts, strict=True))
+    spec = embedding_model(config.scores, config.model, config.dtype, config.max_length)
+    t0 = time.perf_counter()
+    embed = load_embedder(
+        **spec,
+        token_budget=config.token_budget,
+        num_devices=config.num_devices,
+        progress=config.progress,
+    )
+    load_s = time.perf_counter() - t0
+    res = superfiltering_d_details(
+        candidates,
+        lambda pos: embed([text_of[int(i)] for i in pos]),
+        ifd_num=None,
+        fla_num=config.fla_num,
+        metric=config.fla_metric,  # type: ignore[arg-type]
+        ties=config.fla_ties,  # type: ignore[arg-type]
+        progress=config.progress,
+    )
+    info = {
+        "ifd_num": len(candidates),
+        **{k: getattr(config, k) for k in ("fla_num", "fla_metric", "fla_ties", "embed_type")},
+        "model": spec["model_path"],
+        "max_length": spec["max_length"],
+        "objective": res.objective,
+        "seconds": {
+            "load_model": load_s,
+            "embedding": res.embed_seconds,
+            "greedy": res.greedy_seconds,
+        },
+    }
+    return res.positions, records, info
+
+
+def _superfiltering(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The IFD ranking, then optionally Superfiltering.D's facility location, then the rows."""
+    picked = superfiltering_select(
+        cols["ifd"],
+        rate=config.rate,
+        count=config.ifd_num or config.count,
+        threshold=config.threshold,
+    )
+    records: dict[RowKey, Record] | None = None
+    info: dict[str, Any] = {}
+    fla_rank: dict[int, int] = {}
+    if config.fla_num:
+        candidates = picked
+        picked, records, info = _diversity(config, cols, candidates)  # greedy order
+        fla_rank = {int(i): r for r, i in enumerate(picked)}
+        if config.order == "score":  # IFD order, as the candidates are
+            picked = candidates[np.isin(candidates, picked)]
     if _order(config, "superfiltering") == "original":
         picked = np.sort(picked)
-    make = _row_maker(config, cols, picked, SCORE_KEYS)
-    out = write_rows(config.output, [make(i) for i in picked])
+    make = row_maker(_source(config), config.format, cols, picked, SCORE_KEYS, records)
+    rows = [make(i) for i in picked]
+    if fla_rank and config.format == "rows":
+        for row, i in zip(rows, picked, strict=True):
+            row["fla_rank"] = fla_rank[int(i)]
+    out = write_rows(config.output, rows)
     ifd = as_float(cols["ifd"])
     eligible = int(np.sum(np.isfinite(ifd) & (ifd < config.threshold)))
-    return {"rows": len(ifd), "eligible": eligible, "selected": len(picked), "output": str(out)}
+    summary = {"rows": len(ifd), "eligible": eligible, "selected": len(picked), "output": str(out)}
+    return {**summary, **info}
 
 
 def _status_counts(status: Sequence[Any]) -> dict[str, int]:
@@ -298,7 +403,8 @@ def _resofilter(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[st
     keys = list(RESO_KEYS)
     if config.with_features:
         keys += [c for c in cols if c.startswith(FEATURE_PREFIX)]
-    make = _row_maker(config, cols, np.unique(np.concatenate(kept)), keys)
+    union = np.unique(np.concatenate(kept))
+    make = row_maker(_source(config), config.format, cols, union, keys)
     outputs = []
     for p, label, picked in zip(rates, labels, kept, strict=True):
         path = rate_output_path(config.output, p) if config.drop_rates else config.output
@@ -337,6 +443,8 @@ def run(config: SelectConfig) -> dict[str, Any]:
     policy = detect_policy(list(cols)) if config.policy == "auto" else config.policy
     if policy not in POLICIES:
         raise ValueError(f"policy must be 'auto' or one of {POLICIES}, got {config.policy!r}")
+    _order(config, policy)  # a bad --order fails here, not after the embedding
+    _check_diversity(config, policy)
     if policy == "superfiltering":
         if "ifd" not in cols:
             raise ValueError(f"{config.scores} has no `ifd` column (is it an IFD score file?)")
@@ -346,27 +454,36 @@ def run(config: SelectConfig) -> dict[str, Any]:
     return _resofilter(config, cols)
 
 
-_SCORES = flags.DEFINE_string("scores", None, "scores.parquet or scores.jsonl of a scoring run")
-_OUTPUT = flags.DEFINE_string("output", None, "output file (.json array or .jsonl)")
-_DATA = flags.DEFINE_string("data", "", "the scored input file; rows are copied from it")
-_POLICY = flags.DEFINE_enum(
-    "policy", "auto", ["auto", *POLICIES], "auto: from the score file's ifd / score column"
-)
-_RATE = flags.DEFINE_float("rate", 0.1, "superfiltering: fraction of this dataset's rows to keep")
-_COUNT = flags.DEFINE_integer("count", 0, "superfiltering: number of rows (overrides --rate)")
-_THRESHOLD = flags.DEFINE_float("threshold", 1.0, "superfiltering: keep IFD strictly below this")
-_DROP_RATE = flags.DEFINE_float("drop_rate", 0.5, "resofilter: drop int(N x p) of the ranking")
-_DROP_RATES = flags.DEFINE_list(
+# Flags: one per SelectConfig field (same name), mapped onto it by main().
+flags.DEFINE_string("scores", None, "scores.parquet or scores.jsonl of a scoring run")
+flags.DEFINE_string("output", None, "output file (.json array or .jsonl)")
+flags.DEFINE_string("data", "", "the scored input file; rows are copied from it")
+flags.DEFINE_enum("policy", "auto", ["auto", *POLICIES], "auto: from the ifd / score column")
+flags.DEFINE_float("rate", 0.1, "superfiltering: fraction of this dataset's rows to keep")
+flags.DEFINE_integer("count", 0, "superfiltering: number of rows (overrides --rate)")
+flags.DEFINE_float("threshold", 1.0, "superfiltering: keep IFD strictly below this")
+flags.DEFINE_integer("fla_num", 0, "Superfiltering.D: rows picked by facility location; 0 = off")
+flags.DEFINE_integer("ifd_num", 0, "Superfiltering.D: IFD stage size; 0 = what --rate/--count keep")
+flags.DEFINE_enum("fla_metric", "euclidean", list(FLA_METRICS), "FL: similarity of embeddings")
+flags.DEFINE_enum("fla_ties", "low", list(FLA_TIES), "FL: equal gains go to the low/high index")
+flags.DEFINE_enum("embed_type", "whole", list(EMBED_TYPES), "FL: the text that is embedded")
+flags.DEFINE_bool("embed_input_line", True, "FL: keep the input line when the input is empty")
+flags.DEFINE_string("model", "", "FL: embedding model (default: the scorer's, else SmolLM2)")
+flags.DEFINE_string("dtype", "", "FL: float32 | bfloat16 (default: the scorer's)")
+flags.DEFINE_integer("max_length", 0, "FL: tokens per text (0: the scorer's max_length)")
+flags.DEFINE_integer("token_budget", 16384, "FL: padded tokens per embedding batch")
+flags.DEFINE_integer("num_devices", 0, "FL: local devices to embed on (0: all)")
+flags.DEFINE_bool("progress", False, "FL: show progress bars")
+flags.DEFINE_float("drop_rate", 0.5, "resofilter: drop int(N x p) of the ranking")
+flags.DEFINE_list(
     "drop_rates", [], "resofilter: several rates, one file each (OUTPUT stem + .pXX, XX = % kept)"
 )
-_KEEP = flags.DEFINE_enum("keep", "low", list(KEEPS), "resofilter: keep low- or high-score rows")
-_ORDER = flags.DEFINE_enum(
-    "order", "auto", ["auto", "score", "original"], "output order (auto: per policy)"
-)
-_FORMAT = flags.DEFINE_enum("format", "rows", list(FORMATS), "input rows + scores | reference")
-_WITH_FEATURES = flags.DEFINE_bool("with_features", False, "attach the reso/... feature columns")
-_DATA_FORMAT = flags.DEFINE_string("data_format", "", "data format (default: the scorer's)")
-_SHAREGPT_TURNS = flags.DEFINE_string("sharegpt_turns", "", "first | all (default: the scorer's)")
+flags.DEFINE_enum("keep", "low", list(KEEPS), "resofilter: keep low- or high-score rows")
+flags.DEFINE_enum("order", "auto", ["auto", "score", "original"], "output order (auto: per policy)")
+flags.DEFINE_enum("format", "rows", list(FORMATS), "input rows + scores | reference")
+flags.DEFINE_bool("with_features", False, "attach the reso/... feature columns")
+flags.DEFINE_string("data_format", "", "data format (default: the scorer's)")
+flags.DEFINE_string("sharegpt_turns", "", "first | all (default: the scorer's)")
 
 
 def _floats(values: Sequence[str]) -> tuple[float, ...]:
@@ -379,25 +496,13 @@ def _floats(values: Sequence[str]) -> tuple[float, ...]:
 def main(argv: list[str]) -> None:
     """absl entry point: selects with the flags and prints the summary."""
     del argv
-    summary = run(
-        SelectConfig(
-            scores=_SCORES.value,
-            output=_OUTPUT.value,
-            data=_DATA.value,
-            policy=_POLICY.value,
-            rate=_RATE.value,
-            count=_COUNT.value,
-            threshold=_THRESHOLD.value,
-            drop_rate=_DROP_RATE.value,
-            drop_rates=_floats(_DROP_RATES.value),
-            keep=_KEEP.value,
-            order=_ORDER.value,
-            format=_FORMAT.value,
-            with_features=_WITH_FEATURES.value,
-            data_format=_DATA_FORMAT.value,
-            sharegpt_turns=_SHAREGPT_TURNS.value,
-        )
-    )
+    values = {
+        f.name: flags.FLAGS[f.name].value
+        for f in dataclasses.fields(SelectConfig)
+        if f.name in flags.FLAGS
+    }
+    values["drop_rates"] = _floats(values["drop_rates"])
+    summary = run(SelectConfig(**values))
     print(json.dumps(summary, indent=2), file=sys.stdout)
 
 

@@ -5,10 +5,11 @@ Package-private helpers; the selection policies live in :mod:`resofilter_jax.sel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,51 @@ def scored_data_settings(scores: str | os.PathLike[str]) -> dict[str, Any]:
     return {k: data[k] for k in ("format", "fields", "sharegpt_turns") if k in data}
 
 
+def scored_model_settings(scores: str | os.PathLike[str]) -> dict[str, Any]:
+    """The scorer's model path, dtype, param_dtype and max_length from its ``run_config.json``.
+
+    Only the keys the file has (none without the file).
+    """
+    path = Path(scores).parent / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    cfg = json.loads(path.read_text())
+    model = cfg.get("model", {})
+    out = {k: model[k] for k in ("path", "dtype", "param_dtype") if k in model}
+    if "max_length" in cfg:
+        out["max_length"] = int(cfg["max_length"])
+    return out
+
+
+def embedding_model(
+    scores: str | os.PathLike[str], model: str = "", dtype: str = "", max_length: int = 0
+) -> dict[str, Any]:
+    """``model_path``, ``dtype``, ``param_dtype``, ``max_length`` of the model that embeds texts.
+
+    ``model`` if given, else the scorer's model as recorded next to ``scores`` (a local path
+    or a hub id), else the embedded SmolLM2 GGUF. ``dtype`` (compute and storage) and
+    ``max_length`` if given, else the scorer's, else float32 and 1024.
+
+    Raises:
+        ValueError: If the recorded model is a local path that no longer exists.
+    """
+    scorer = scored_model_settings(scores)
+    path = model or scorer.get("path", "")
+    if not path:
+        from resofilter_jax import assets
+
+        path = str(assets.smollm2_gguf())
+    elif not model and Path(path).is_absolute() and not Path(path).exists():
+        raise ValueError(f"the scorer's model {path} does not exist any more: pass --model")
+    compute = dtype or scorer.get("dtype", "float32")
+    return {
+        "model_path": path,
+        "dtype": compute,
+        "param_dtype": dtype or scorer.get("param_dtype", compute),
+        "max_length": max_length or scorer.get("max_length", 1024),
+    }
+
+
 def _check_found(lost: set[Any], data: str) -> None:
     if lost:
         raise ValueError(
@@ -164,18 +210,102 @@ def reference_row(record: Record) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoredData:
+    """The scored input file, read as the scorer read it.
+
+    Attributes:
+        scores: The score file (its ``run_config.json`` holds the scorer's data settings).
+        data: The scored input file ("" = none: rows are the score columns alone).
+        data_format, sharegpt_turns: Overrides of the scorer's settings ("" = the scorer's).
+        reader, allow_truncated: How to read ``data``.
+    """
+
+    scores: str
+    data: str
+    data_format: str = ""
+    sharegpt_turns: str = ""
+    reader: str = "auto"
+    allow_truncated: bool = True
+
+    def records(self, wanted: Iterable[RowKey]) -> dict[RowKey, Record]:
+        """The records of the ``wanted`` keys (see :func:`read_records`)."""
+        scored = scored_data_settings(self.scores)
+        return read_records(
+            self.data,
+            wanted,
+            fmt=self.data_format or scored.get("format", "auto"),
+            fields=scored.get("fields"),
+            sharegpt_turns=self.sharegpt_turns or scored.get("sharegpt_turns", "first"),
+            reader=self.reader,
+            allow_truncated=self.allow_truncated,
+        )
+
+    def raw_rows(self, wanted: Iterable[int]) -> dict[int, Any]:
+        """The input's own rows by row number (see :func:`read_raw_rows`); {} without data."""
+        if not self.data:
+            return {}
+        return read_raw_rows(
+            self.data, wanted, reader=self.reader, allow_truncated=self.allow_truncated
+        )
+
+
+def row_maker(
+    source: ScoredData,
+    fmt: str,
+    cols: Mapping[str, np.ndarray],
+    union: np.ndarray,
+    keys: Sequence[str],
+    records: Mapping[RowKey, Record] | None = None,
+) -> Callable[[int], dict[str, Any]]:
+    """``make(position) -> output row``, with the data of the ``union`` positions read once.
+
+    Args:
+        source: Where the input rows come from.
+        fmt: ``rows`` (the input row, or just its index, with the ``keys`` columns attached;
+            ``turn`` too when the score file has it) or ``reference`` (:func:`reference_row`).
+        cols: The score file's columns.
+        union: Every position that will be made.
+        keys: Score columns to attach (rows format).
+        records: Records already read (reference format), reused when they cover ``union``.
+    """
+    key = row_keys(cols)
+    if fmt == "reference":
+        if not source.data:
+            raise ValueError("--format reference needs --data (the file that was scored)")
+        wanted = {key[i] for i in union}
+        if records is None or not wanted <= set(records):
+            records = source.records(wanted)
+        return lambda i: reference_row(records[key[i]])
+    raw = source.raw_rows({key[i][0] for i in union})
+
+    def make(i: int) -> dict[str, Any]:
+        base = raw.get(key[i][0])
+        row = dict(base) if isinstance(base, dict) else {"index": key[i][0]}
+        if "turn" in cols:
+            row["turn"] = key[i][1]
+        row.update({k: jsonable(cols[k][i]) for k in keys if k in cols})
+        return row
+
+    return make
+
+
 __all__ = [
     "RUN_CONFIG",
     "RowKey",
+    "ScoredData",
     "as_float",
     "jsonable",
     "kept_label",
+    "embedding_model",
     "rate_output_path",
     "read_raw_rows",
     "read_records",
     "read_scores",
     "reference_row",
     "row_keys",
+    "row_maker",
     "scored_data_settings",
+    "scored_model_settings",
     "write_rows",
 ]

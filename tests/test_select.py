@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import subprocess
@@ -22,7 +23,7 @@ from resofilter_jax.select import (
     run,
     superfiltering_select,
 )
-from resofilter_jax.selection_io import kept_label, rate_output_path
+from resofilter_jax.selection_io import embedding_model, kept_label, rate_output_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -497,3 +498,200 @@ def test_real_resonance_scores_from_the_scorer(tmp_path: Path) -> None:
             rec = records[r["idx"]]
             query = f"{rec.instruction}\n{rec.input}" if rec.input else rec.instruction
             assert r == {"instruction": "", "input": query, "output": rec.output, "idx": rec.index}
+
+
+# --- Superfiltering.D -------------------------------------------------------------------------
+
+
+def test_diversity_flags_are_validated_before_any_model(tmp_path: Path) -> None:
+    data, scores = _write_inputs(tmp_path)  # 6 rows, 4 with IFD < 1
+    out = tmp_path / "o.json"
+    base = SelectConfig(scores=str(scores), data=str(data), output=str(out), fla_num=2)
+    bad = [
+        ({"ifd_num": 1}, r"--fla_num=2 is more than --ifd_num=1"),
+        ({"fla_num": 0, "ifd_num": 3}, "set --fla_num too"),
+        ({"ifd_num": 3, "count": 3}, "both size the IFD stage"),
+        ({"fla_num": -1}, ">= 0"),
+        ({"ifd_num": -2}, ">= 0"),
+        ({"fla_metric": "dot"}, "fla_metric must be one of"),
+        ({"fla_ties": "random"}, "fla_ties must be one of"),
+        ({"embed_type": "query"}, "embed_type must be one of"),
+        ({"token_budget": 0}, "token_budget"),
+        ({"data": ""}, "needs --data"),
+        ({"fla_num": 4, "rate": 0.5}, "4 is more than the 3 rows of the IFD stage"),
+        ({"fla_num": 5, "ifd_num": 6}, "5 is more than the 4 rows of the IFD stage"),
+    ]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            run(dataclasses.replace(base, **change))
+    (tmp_path / "reso").mkdir()
+    _, reso_scores = _reso_inputs(tmp_path / "reso")
+    for change in ({"fla_num": 2}, {"fla_num": 0, "ifd_num": 4}):
+        with pytest.raises(ValueError, match="superfiltering policy only"):
+            run(dataclasses.replace(base, scores=str(reso_scores), **change))
+    assert not out.exists()
+    # The flags reach the config (main maps every flag onto the field of the same name).
+    cmd = [sys.executable, "-m", "resofilter_jax.select", f"--scores={scores}", f"--data={data}"]
+    done = subprocess.run(
+        [*cmd, "--fla_num=3", "--ifd_num=2", f"--output={out}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode != 0 and "--fla_num=3 is more than --ifd_num=2" in done.stderr
+    assert not out.exists()
+    # select keeps jax out of its imports with copies of these choices: they must agree.
+    from resofilter_jax import diversity, embeddings, select
+
+    assert select.FLA_METRICS == diversity.METRICS and select.FLA_TIES == diversity.TIES
+    assert select.EMBED_TYPES == embeddings.EMB_TYPES
+
+
+def test_embedding_model_resolution(tmp_path: Path) -> None:
+    scores = tmp_path / "scores.parquet"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    cfg = {"model": {"path": str(gguf), "dtype": "bfloat16"}, "max_length": 512}
+    (tmp_path / "run_config.json").write_text(json.dumps(cfg))
+    assert embedding_model(scores) == {
+        "model_path": str(gguf),
+        "dtype": "bfloat16",
+        "param_dtype": "bfloat16",
+        "max_length": 512,
+    }
+    got = embedding_model(scores, model="other/model", dtype="float32", max_length=64)
+    assert got == {
+        "model_path": "other/model",
+        "dtype": "float32",
+        "param_dtype": "float32",
+        "max_length": 64,
+    }
+    gguf.unlink()
+    with pytest.raises(ValueError, match="does not exist any more: pass --model"):
+        embedding_model(scores)
+
+
+def _sharegpt_subset(source: Path, dest: Path, n: int) -> list:
+    """The first ``n`` ShareGPT rows that make ok records, written to ``dest``; their records."""
+    from resofilter_jax.data import iter_raw_rows, to_records
+
+    raw, records = [], []
+    rows = iter_raw_rows(source, on_error="status", allow_truncated=True)
+    for number, row in itertools.islice(rows, 200):
+        recs = list(to_records([(number, row)], "sharegpt", on_error="status"))
+        if isinstance(row, dict) and recs and recs[0].ok and recs[0].output:
+            raw.append(row)
+            records.append(recs[0])
+        if len(raw) == n:
+            break
+    dest.write_text(json.dumps(raw))
+    return records
+
+
+def test_superfiltering_d_end_to_end_on_smollm2(
+    tmp_path: Path, smollm2_gguf: Path, sharegpt_path: Path
+) -> None:
+    """select --fla_num picks what superfiltering_d picks on embed_texts of the same texts."""
+    import jax
+
+    from resofilter_jax import diversity as dv
+    from resofilter_jax.embeddings import cached_model, embed_texts
+    from resofilter_jax.parallel import make_mesh
+
+    n = 24
+    data = tmp_path / "share.json"
+    records = _sharegpt_subset(sharegpt_path, data, n)
+    assert len(records) == n
+    ids = [r.id for r in records]
+    assert len(set(ids)) == n  # rows come back as the input's own rows: found by id
+    rng = np.random.default_rng(3)
+    ifd = rng.uniform(0.3, 1.2, size=n)
+    ifd[[2, 9]] = np.nan
+    ifd[5] = ifd[17] = 0.77  # a tie inside the IFD stage: 5 first
+    out_dir = tmp_path / "ifd"
+    out_dir.mkdir()
+    pq.write_table(
+        pa.table({"index": list(range(n)), "status": ["ok"] * n, "ifd": ifd}),
+        out_dir / "scores.parquet",
+    )
+    (out_dir / "run_config.json").write_text(
+        json.dumps(
+            {
+                "method": "ifd",
+                "model": {"path": str(smollm2_gguf), "dtype": "float32"},
+                "data": {"format": "sharegpt", "fields": {}, "sharegpt_turns": "first"},
+                "max_length": 64,
+            }
+        )
+    )
+    # 1 bucket (64) and batches of 8 rows over 2 devices: one compiled shape throughout.
+    budget = 8 * 64
+    base = SelectConfig(
+        scores=str(out_dir / "scores.parquet"),
+        data=str(data),
+        output=str(tmp_path / "d.jsonl"),
+        fla_num=4,
+        ifd_num=8,
+        token_budget=budget,
+        num_devices=2,
+    )
+    summary = run(base)  # the model and max_length come from run_config.json
+    lm = cached_model(str(smollm2_gguf))  # the model select loaded (saves a second load)
+
+    mesh = make_mesh(jax.devices()[:2])
+    seen: dict[tuple[int, ...], np.ndarray] = {}
+
+    def embed(positions: np.ndarray) -> np.ndarray:
+        # The reference's text: instruction, input line (empty for ShareGPT), output.
+        texts = [
+            f"{records[i].instruction}\n{records[i].input}\n{records[i].output}" for i in positions
+        ]
+        emb = embed_texts(
+            lm.model, lm.tokenizer, texts, max_length=64, token_budget=budget, mesh=mesh
+        )
+        seen[tuple(positions.tolist())] = emb
+        return emb
+
+    top = superfiltering_select(ifd, rate=0.0, count=8)
+    assert len(top) == 8 and list(top).index(5) < list(top).index(17)
+    want = dv.superfiltering_d(top, embed, ifd_num=8, fla_num=4)
+    rows = _jsonl(tmp_path / "d.jsonl")
+    got = [ids.index(r["id"]) for r in rows]
+    assert got == want.tolist()  # greedy order by default
+    assert set(got) <= set(top.tolist()) and got != sorted(got)
+    assert [r["fla_rank"] for r in rows] == list(range(4))
+    assert [r["ifd"] for r in rows] == pytest.approx(ifd[got].tolist())
+    assert rows[0]["conversations"] == json.loads(data.read_text())[got[0]]["conversations"]
+    kernel = dv.SimilarityKernel(seen[tuple(top.tolist())])
+    rank = {int(p): i for i, p in enumerate(top)}
+    objective = dv.facility_location_value(kernel, [rank[p] for p in got])
+    assert summary["objective"] == pytest.approx(objective, abs=1e-9) and objective > 0
+    assert {k: summary[k] for k in ("rows", "eligible", "selected", "ifd_num", "fla_num")} == {
+        "rows": n,
+        "eligible": int(np.sum(ifd < 1.0)),
+        "selected": 4,
+        "ifd_num": 8,
+        "fla_num": 4,
+    }
+    assert summary["model"] == str(smollm2_gguf) and summary["max_length"] == 64
+    assert summary["fla_metric"] == "euclidean" and summary["fla_ties"] == "low"
+    assert set(summary["seconds"]) == {"load_model", "embedding", "greedy"}
+
+    # --order original: the same picks in input order, fla_rank still the greedy position.
+    run(dataclasses.replace(base, order="original"))
+    rows = _jsonl(tmp_path / "d.jsonl")
+    assert [ids.index(r["id"]) for r in rows] == sorted(got)
+    assert [r["fla_rank"] for r in rows] == [got.index(i) for i in sorted(got)]
+    # --order score: IFD order.
+    run(dataclasses.replace(base, order="score"))
+    assert [ids.index(r["id"]) for r in _jsonl(tmp_path / "d.jsonl")] == [
+        i for i in top.tolist() if i in got
+    ]
+
+    # --ifd_num 0: the IFD stage is what --rate keeps (floor(0.25 x 24) = 6 rows).
+    summary = run(dataclasses.replace(base, ifd_num=0, rate=0.25, fla_num=3))
+    stage = superfiltering_select(ifd, rate=0.25)
+    assert summary["ifd_num"] == len(stage) == 6
+    got = [ids.index(r["id"]) for r in _jsonl(tmp_path / "d.jsonl")]
+    assert got == dv.superfiltering_d(stage, embed, ifd_num=None, fla_num=3).tolist()
