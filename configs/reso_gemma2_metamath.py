@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_length = 768
     c.resonance.params_type = "mlp.up_proj.weight"
     c.resonance.last_k = 3
+    # Gradient features (LESS-style): e.g. --config.features.projection_dim=8192; 0 = off.
+    c.features.projection_dim = 0
+    c.features.projection_seed = 0
+    c.features.projection_kind = "rademacher"
     c.token_budget = 8192
     c.shard_size = 2048
     c.output_dir = "outputs/reso_gemma2_metamath"

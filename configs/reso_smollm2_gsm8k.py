@@ -19,7 +19,25 @@ def resonance_config() -> ml_collections.ConfigDict:
     r.weight_decay = 0.01  # -1 = the rule's torch default (adamw 0.01, adam/sgd 0)
     r.aggregate = "mean"  # score = mean | sum | max over the chosen matrices of mean |delta|
     r.memory_budget_gb = 4.0  # per device for per-example gradients + activations of a step
+    r.micro = 0  # examples per device per step; 0 = as many as memory_budget_gb allows
     return r
+
+
+def features_config() -> ml_collections.ConfigDict:
+    """Gradient features: each example's gradient of the chosen matrices, randomly projected.
+
+    The gradient is the concatenation (in the order of the chosen parameters, each flattened
+    row-major) of the fp32 per-example gradients; it is projected to K dims by a random
+    matrix generated on the fly from the seed (never stored) and written as float16
+    OUTPUT_DIR/projections/proj-<shard>.npy + index.json (load with
+    resofilter_jax.scoring.projection.load_projections).
+    """
+    f = ml_collections.ConfigDict()
+    f.projection_dim = 0  # K; 0 = off
+    f.projection_seed = 0  # same seed + model + parameters = comparable projections
+    f.projection_kind = "rademacher"  # rademacher (+-1/sqrt(K)) | gaussian (N(0, 1/K))
+    f.projection_block = 0  # rows of the matrix generated per step; 0 = min(8192, 2**24 // K)
+    return f
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -44,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_length = 768  # right-truncation of prompt + response + EOS
     c.limit = 0  # score the first N input rows; 0 = all
     c.resonance = resonance_config()
+    c.features = features_config()
     # Batching (does not change scores beyond fp32 rounding): padded tokens per batch.
     c.token_budget = 8192
     c.min_bucket = 64

@@ -11,8 +11,16 @@ sets (k = floor(rate x matched rows); ``--top high`` with ``--threshold 1`` is t
 ``hist.png``, ``scatter.png`` (subsampled above ``--max_scatter_points``), ``report.md`` and
 ``report.json``. Without ``--b`` only the summary and the histogram are written.
 
-``--mode`` picks the analysis; only ``scores`` exists now, and others (e.g. gradient-feature
-cosine similarity) register in :data:`MODES`.
+``--mode`` picks the analysis (:data:`MODES`). ``gradient_cosine`` compares projected
+gradients (a resonance run with ``--config.features.projection_dim=K``)::
+
+    python -m resofilter_jax.analyze --mode gradient_cosine --a OUTPUT_DIR \
+        --target TARGET_OUTPUT_DIR --out report_dir     # or --target rows:0:100,250
+
+and writes ``cosine.parquet`` (``index``, ``turn`` when used, ``status``, ``cosine``: each row's
+cosine with the mean of the target's normalised gradients, as LESS does), ``report.json`` and
+``report.md``. The target is another run's projections (same model, parameters, K and seed,
+else an error) or ``rows:SPEC``, rows of A by ``index`` (half-open ranges ``a:b`` and numbers).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class AnalyzeConfig:
     seed: int = 0
     bins: int = 60
     mode: str = "scores"
+    target: str = ""  # gradient_cosine: a projection dir or rows:SPEC
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -499,7 +508,48 @@ def run_scores(config: AnalyzeConfig) -> dict[str, Any]:
     return report
 
 
-MODES: dict[str, Callable[[AnalyzeConfig], dict[str, Any]]] = {"scores": run_scores}
+def run_gradient_cosine(config: AnalyzeConfig) -> dict[str, Any]:
+    """The ``gradient_cosine`` mode: A's projected gradients vs a target set's mean (LESS)."""
+    if not config.target:
+        raise ValueError("mode gradient_cosine needs --target (a projection dir or rows:SPEC)")
+    from resofilter_jax.scoring import projection  # imports jax: only for this mode
+
+    res = projection.gradient_cosine(config.a, config.target)  # errors before any write
+    cols, info = res["columns"], res["info"]
+    cos = cols["cosine"]
+    ok = np.isfinite(cos)
+    d = {"path": info["a"], "status": cols["status"], "values": cos}
+    report: dict[str, Any] = {"mode": "gradient_cosine", **info, "summary": summary(d, None)}
+    order = np.lexsort((np.nonzero(ok)[0], -cos[ok]))  # highest first, ties by row
+    rows = np.nonzero(ok)[0][order[:10]]
+    report["top"] = [
+        {"index": int(cols["index"][i]), "turn": int(cols["turn"][i]), "cosine": float(cos[i])}
+        for i in rows
+    ]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    projection.write_cosine(out / "cosine.parquet", cols)
+    write_json(out / "report.json", report)
+    p = report["projection"]
+    lines = ["# Gradient cosine to a target set", "", f"- A: `{info['a']}`"]
+    lines += [f"- target: `{json.dumps(info['target'])}`"]
+    lines += [f"- projection: K={p['dim']}, seed {p['seed']}, {p['kind']}, D={p['grad_dim']}"]
+    lines += [f"- parameters: {', '.join(f'`{n}`' for n in info['params'])}", ""]
+    lines += ["Cosine of each row's projected gradient with the mean of the target's normalised"]
+    lines += ["projected gradients; rows without a gradient get NaN (status kept).", ""]
+    stats = [k for k in report["summary"] if k not in ("statuses", "threshold")]
+    lines += _table(["stat", "cosine"], [(k, report["summary"][k]) for k in stats])
+    lines += ["", "Highest:", ""]
+    lines += _table(["index", "turn", "cosine"], [list(t.values()) for t in report["top"]])
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report["outputs"] = {n: str(out / n) for n in ("cosine.parquet", "report.md", "report.json")}
+    return report
+
+
+MODES: dict[str, Callable[[AnalyzeConfig], dict[str, Any]]] = {
+    "scores": run_scores,
+    "gradient_cosine": run_gradient_cosine,
+}
 
 
 def run(config: AnalyzeConfig) -> dict[str, Any]:
@@ -526,6 +576,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "seed of the scatter subsample")
     flags.DEFINE_integer("bins", 60, "histogram bins")
     flags.DEFINE_enum("mode", "scores", list(MODES), "analysis to run")
+    flags.DEFINE_string("target", "", "gradient_cosine: a projection dir, or rows:SPEC of A")
     flags.mark_flags_as_required(["a", "out"])
 
 

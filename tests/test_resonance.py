@@ -37,6 +37,7 @@ from resofilter_jax.data.records import Record
 from resofilter_jax.models.config import config_from_hf
 from resofilter_jax.models.registry import build_model
 from resofilter_jax.scoring.param_select import select_params, sort_names
+from resofilter_jax.scoring.projection import ProjectionSpec, matrix_rows
 from resofilter_jax.scoring.resonance import (
     ResonanceSpec,
     dedup_queries,
@@ -253,6 +254,39 @@ def test_microbatch_sizes_and_data_shards_give_the_same_features() -> None:
     assert list(cols) == feature_names(spec)
     assert len(cols) == 4 + 2 * len(matrix_feature_names(spec))
     assert cols["reso/model.layers.1.mlp.up_proj.weight/l2"][1] == base["l2"][1, 1]
+
+
+def test_projection_is_the_projected_float64_torch_gradient() -> None:
+    """Projected gradients of up_proj (2 layers), o_proj and a norm vector, concatenated."""
+    spec, _, ref = tiny_run("llama")
+    model, _ = loaded("llama")
+    proj = ProjectionSpec(dim=24, seed=5, block=100)  # partial last blocks; the norm: 1 of 64
+    batch = tiny_batch("llama", dummy_rows=2)  # [5, 24]
+    runs = {}
+    for micro, shards in ((None, 1), (2, 5)):  # 1 step of 5 / 5 shards x 1 row in 2 steps
+        s = ResonanceSpec(params=spec.params, projection=proj, quantiles=(), bounds=(), micro=micro)
+        runs[(micro, shards)] = jax.device_get(
+            make_resonance_fn(model, s, data_shards=shards)(batch)
+        )
+    out = runs[(None, 1)]
+    assert out["projection"].shape == (5, 24) and out["projection"].dtype == np.float32
+    assert np.isnan(out["projection"][3:]).all() and np.isfinite(out["projection"][:3]).all()
+    # The documented order: spec.params in order, each flattened row-major (torch layout).
+    flat = np.stack([np.concatenate([r["grad"][p].ravel() for p in spec.params]) for r in ref])
+    d = flat.shape[1]
+    assert d == sum(int(np.prod(r.shape)) for r in ref[0]["grad"].values())
+    s_mat = np.asarray(matrix_rows(jax.random.key(5), 0, d, proj), np.float64)  # [D, K]
+    want = flat @ s_mat / np.sqrt(24)  # [3, K] from float64 gradients
+
+    def rel_err(p: np.ndarray, q: np.ndarray) -> float:
+        """Largest per-example |p - q| / |q| (entries can cancel: compare whole vectors)."""
+        return float((np.linalg.norm(p - q, axis=1) / np.linalg.norm(q, axis=1)).max())
+
+    # fp32 gradients carry ~GRAD_ERR of the typical |g| per element.
+    assert rel_err(out["projection"][:3], want) < 1e-5
+    for key, o in runs.items():  # microbatches and data shards: the same projections
+        np.testing.assert_array_equal(np.isnan(o["projection"]), np.isnan(out["projection"]))
+        assert rel_err(o["projection"][:3], out["projection"][:3]) < 1e-5, key
 
 
 def test_micro_follows_the_memory_budget_and_too_small_a_budget_is_an_error() -> None:

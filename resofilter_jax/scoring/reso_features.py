@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from resofilter_jax.scoring.projection import ProjectionSpec
+
 Array = jax.Array
 
 RULES = ("adamw", "adam", "sgd")
@@ -42,6 +44,8 @@ class ResonanceSpec:
         memory_budget_bytes: Per-device bytes for per-example gradients, features and
             activations of one step (beyond the resident weights).
         ce_chunk: Sequence chunk of the cross-entropy (bounds the logits held at once).
+        projection: Also return each example's gradient of ``params`` randomly projected to
+            ``projection.dim`` dims (see `resofilter_jax.scoring.projection`); None: off.
     """
 
     params: tuple[str, ...]
@@ -57,6 +61,7 @@ class ResonanceSpec:
     micro: int | None = None
     memory_budget_bytes: int = 4 << 30
     ce_chunk: int = 128
+    projection: ProjectionSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(self.params))
@@ -76,6 +81,8 @@ class ResonanceSpec:
             raise ValueError(f"micro must be >= 1, got {self.micro}")
         if self.lr <= 0 or self.eps < 0 or self.memory_budget_bytes < 1 or self.ce_chunk < 1:
             raise ValueError("lr must be > 0, eps >= 0, memory_budget_bytes and ce_chunk >= 1")
+        if self.projection is not None and not isinstance(self.projection, ProjectionSpec):
+            raise TypeError(f"projection must be a ProjectionSpec, got {self.projection!r}")
 
     @property
     def wd(self) -> float:

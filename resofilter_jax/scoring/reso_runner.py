@@ -8,15 +8,25 @@ finished shard's columns go to ``on_shard``.
 
 Exact-duplicate queries are found over ALL records before sharding (first occurrence kept):
 later copies are not scored and get ``status=duplicate_of:<index>`` with NaN scores.
+
+With ``config.features.projection_dim = K > 0`` every shard also gets
+``projections/proj-<k>.npy`` (float16 [rows, K], NaN rows where nothing was scored), written
+just before its score shard, and ``projections/index.json`` once all shards exist (see
+`resofilter_jax.scoring.projection`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import shutil
+import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import pyarrow as pa
@@ -25,13 +35,15 @@ from jax.sharding import Mesh
 from resofilter_jax.data import BatchPlan, Record, collate, encode_sft_examples, plan_batches
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh, num_devices, shard_batch
-from resofilter_jax.scoring import outputs
+from resofilter_jax.scoring import outputs, projection
 from resofilter_jax.scoring.param_select import select_params
 from resofilter_jax.scoring.resonance import (
+    ProjectionSpec,
     ResonanceSpec,
     dedup_queries,
     feature_names,
     make_resonance_fn,
+    param_shapes,
     to_columns,
 )
 from resofilter_jax.scoring.runner import (
@@ -66,8 +78,21 @@ def _missing(name: str) -> Any:
     return -1 if is_count(name) else np.nan
 
 
+def projection_from_config(config: ml_collections.ConfigDict) -> ProjectionSpec | None:
+    """The :class:`ProjectionSpec` of ``config.features`` (None when absent or K = 0)."""
+    f = config.get("features")
+    if f is None or not f.get("projection_dim", 0):
+        return None
+    return ProjectionSpec(
+        dim=int(f.projection_dim),
+        seed=int(f.get("projection_seed", 0)),
+        kind=f.get("projection_kind", "rademacher"),
+        block=int(f.get("projection_block", 0)),
+    )
+
+
 def spec_from_config(config: ml_collections.ConfigDict, model: CausalLM) -> ResonanceSpec:
-    """The :class:`ResonanceSpec` of ``config.resonance`` with the chosen parameter names."""
+    """The :class:`ResonanceSpec` of ``config.resonance`` (+ ``config.features``)."""
     r = config.resonance
     if r.pattern:
         params = select_params(model, pattern=r.pattern)
@@ -82,13 +107,19 @@ def spec_from_config(config: ml_collections.ConfigDict, model: CausalLM) -> Reso
         aggregate=r.aggregate,
         compute_dtype=config.model.dtype,
         memory_budget_bytes=int(r.memory_budget_gb * 2**30),
+        micro=int(r.get("micro", 0)) or None,
+        projection=projection_from_config(config),
     )
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The score-changing resonance settings (parameter choice, update rule, aggregate)."""
+    """The output-changing resonance settings (parameters, update rule, aggregate, projection).
+
+    The projection appears only when on (older output directories keep their fingerprint);
+    its block size only changes fp32 summation order and is left out, like batching.
+    """
     r = config.resonance
-    return {
+    fp = {
         "params_type": "" if r.pattern else r.params_type,
         "last_k": 0 if r.pattern else r.last_k,
         "pattern": r.pattern,
@@ -98,6 +129,10 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "weight_decay": float(r.weight_decay),
         "aggregate": r.aggregate,
     }
+    proj = projection_from_config(config)
+    if proj is not None:
+        fp["projection"] = {"dim": proj.dim, "seed": proj.seed, "kind": proj.kind}
+    return fp
 
 
 @dataclasses.dataclass
@@ -108,6 +143,7 @@ class _Shard:
     records: Sequence[Record]
     status: list[str]
     cols: dict[str, np.ndarray]
+    proj: np.ndarray | None = None  # [rows, K] fp32, NaN where nothing was scored
     remaining: int = 0
 
 
@@ -141,7 +177,8 @@ def score_resonance(
         shards: Shard numbers to compute (default: all).
         mesh: Device mesh with a ``data`` axis (default: all local devices).
         on_shard: Called as ``on_shard(k, columns)`` per finished shard; columns are
-            ``index, id, turn, status`` + :func:`feature_names` (one value per row).
+            ``index, id, turn, status`` + :func:`feature_names` (one value per row), plus
+            ``projection`` ([rows, K] fp32) when ``spec.projection`` is set.
         progress: Show a tqdm bar.
 
     Returns:
@@ -176,6 +213,8 @@ def score_resonance(
                 for n in names
             }
             shard = _Shard(k, recs, status, cols)
+            if spec.projection is not None:
+                shard.proj = np.full((hi - lo, spec.projection.dim), np.nan, np.float32)
             ok = [(i, ex) for i, ex in zip(keep, examples, strict=True) if ex.status == "ok"]
             rows = np.asarray([i for i, _ in ok], np.int64)  # item -> row within the shard
             seqs = [ex.ids for _, ex in ok]
@@ -207,6 +246,8 @@ def score_resonance(
             "status": shard.status,
             **shard.cols,
         }
+        if shard.proj is not None:
+            cols["projection"] = shard.proj
         statuses.update(shard.status)
         if on_shard is not None:
             on_shard(shard.k, cols)
@@ -215,12 +256,15 @@ def score_resonance(
 
     def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
         where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
-        host = to_columns(out, spec)  # [B] each: blocks until the batch is done
+        out = jax.device_get(out)  # blocks until the batch is done
+        host = to_columns(out, spec)  # [B] each
         if stats.first_result_s == 0.0:
             stats.first_result_s = bar.elapsed()
         real = where >= 0  # [B]
         for n in names:
             shard.cols[n][where[real]] = host[n][real]
+        if shard.proj is not None:
+            shard.proj[where[real]] = np.asarray(out["projection"])[real]  # [b, K]
         shard.remaining -= 1
         bar.add(int(real.sum()), n_tokens)
         if shard.remaining == 0:
@@ -253,8 +297,41 @@ def run_from_config(
     mesh: Mesh,
     on_shard: ShardCallback,
 ) -> RunStats:
-    """:func:`score_resonance` with the settings of a ``method="resonance"`` config."""
-    return score_resonance(
+    """:func:`score_resonance` with the settings of a ``method="resonance"`` config.
+
+    With a projection, each shard's ``.npy`` is written before ``on_shard`` writes its score
+    shard; a shard whose score file exists but whose projection file is missing or malformed
+    is recomputed too; ``projections/index.json`` is (re)written at the end. Without one, a
+    stale ``projections/`` directory (of an overwritten run) is removed.
+    """
+    out_dir = Path(config.output_dir)
+    ranges = outputs.shard_ranges(len(records), config.shard_size)
+    pdir = out_dir / projection.PROJ_DIR
+    (pdir / projection.INDEX).unlink(missing_ok=True)
+    write = on_shard
+    proj = spec.projection
+    if proj is None:
+        if pdir.is_dir():
+            shutil.rmtree(pdir)
+    else:
+        todo = set(shards)
+        redo = [
+            k
+            for k, (lo, hi) in enumerate(ranges)
+            if k not in todo and not projection.shard_matches(out_dir, k, hi - lo, proj.dim)
+        ]
+        if redo:
+            warnings.warn(
+                f"shards {redo[:8]} have scores but no valid projection file: recomputing them",
+                stacklevel=2,
+            )
+        shards = sorted(todo | set(redo))
+
+        def write(k: int, cols: dict[str, Any]) -> None:
+            projection.write_shard(out_dir, k, cols["projection"])  # before the score shard
+            on_shard(k, cols)
+
+    stats = score_resonance(
         model,
         tokenizer,
         records,
@@ -266,14 +343,28 @@ def run_from_config(
         shard_size=config.shard_size,
         shards=shards,
         mesh=mesh,
-        on_shard=on_shard,
+        on_shard=write,
         progress=config.progress,
     )
+    if proj is not None:
+        shapes = param_shapes(model)
+        meta = projection.index_meta(
+            proj, {p: shapes[p] for p in spec.params}, _model_stamp(out_dir)
+        )
+        projection.write_index(out_dir, meta, ranges)
+    return stats
+
+
+def _model_stamp(out_dir: Path) -> dict[str, Any]:
+    """The ``model`` entry of the run's fingerprint (empty when there is none)."""
+    path = out_dir / outputs.RUN_CONFIG
+    return json.loads(path.read_text()).get("model", {}) if path.is_file() else {}
 
 
 __all__ = [
     "DUPLICATE",
     "fingerprint",
+    "projection_from_config",
     "reso_schema",
     "run_from_config",
     "score_resonance",

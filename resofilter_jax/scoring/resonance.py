@@ -29,6 +29,10 @@ theta_before``; the reference's ``before - after`` is ``-delta``): ``mean_abs`` 
 ``cosine_gap``/``pearson_gap`` = 1 - those (computed without cancellation; the correlations
 themselves round to 1.0 in fp32), quantiles of ``|delta|`` (linear interpolation, as
 ``torch.quantile``'s default) and counts of ``|delta| <= b``, ``delta > b``, ``delta < -b``.
+
+With ``spec.projection`` set, the same pass also returns each example's fp32 gradient of the
+chosen matrices, concatenated in ``spec.params`` order and randomly projected to K dims
+(`resofilter_jax.scoring.projection`), as ``projection`` [B, K].
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.registry import abstract_model, param_name
 from resofilter_jax.scoring.losses import chunked_token_ce
 from resofilter_jax.scoring.param_select import layer_index, param_names
+from resofilter_jax.scoring.projection import ProjectionSpec, project
 from resofilter_jax.scoring.reso_features import (
     DTYPES,
     RULES,
@@ -64,6 +69,7 @@ Array = jax.Array
 
 __all__ = [
     "RULES",
+    "ProjectionSpec",
     "ResonanceFn",
     "ResonanceSpec",
     "dedup_queries",
@@ -73,6 +79,7 @@ __all__ = [
     "matrix_feature_names",
     "matrix_features",
     "microbatch_size",
+    "param_shapes",
     "to_columns",
     "update_delta",
 ]
@@ -86,10 +93,12 @@ def example_bytes(
     Per-example fp32 gradient, update and sort buffers of the chosen matrices (~6 copies),
     saved activations of the layers the backward pass crosses (~10 hidden- and 4
     intermediate-sized vectors per token and two [heads, L, L] attention maps per layer, plus
-    one layer in flight), and one chunk of fp32 logits with its cotangent.
+    one layer in flight), one chunk of fp32 logits with its cotangent, and the projection
+    accumulator when ``spec.projection`` is set (its shared block is not per example: see
+    :func:`microbatch_size`).
     """
     cfg = model.config
-    sizes = {p: math.prod(shape) for p, shape in _param_shapes(model).items()}
+    sizes = {p: math.prod(shape) for p, shape in param_shapes(model).items()}
     n_chosen = sum(sizes[p] for p in spec.params)
     if backward_layers is None:
         backward_layers = _backward_layers(spec.params, cfg.num_hidden_layers)
@@ -97,7 +106,8 @@ def example_bytes(
     per_layer = seq_len * (10 * cfg.hidden_size + 4 * cfg.intermediate_size) * c
     per_layer += 2 * cfg.num_attention_heads * seq_len * seq_len * c
     logits = 3 * min(spec.ce_chunk, seq_len) * cfg.vocab_size * 4
-    return 6 * 4 * n_chosen + (backward_layers + 1) * per_layer + logits
+    proj = spec.projection.example_bytes() if spec.projection is not None else 0
+    return 6 * 4 * n_chosen + (backward_layers + 1) * per_layer + logits + proj
 
 
 def _backward_layers(params: Sequence[str], num_layers: int) -> int:
@@ -112,33 +122,39 @@ def _backward_layers(params: Sequence[str], num_layers: int) -> int:
     return num_layers - lowest
 
 
-def _param_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
+def param_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape (the model's own layout) of every parameter."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {param_name(path): tuple(var.shape) for path, var in flat}
 
 
 def microbatch_size(model: CausalLM, spec: ResonanceSpec, seq_len: int, rows: int) -> int:
-    """Examples per device per step."""
+    """Examples per device per step (the projection's shared block comes off the budget)."""
     if spec.micro is not None:
         return max(1, min(spec.micro, rows))
     need = example_bytes(model, spec, seq_len)
-    if need > spec.memory_budget_bytes:
+    budget = spec.memory_budget_bytes
+    if spec.projection is not None:
+        budget -= spec.projection.fixed_bytes()
+    if need > budget:
         raise ValueError(
             f"one example needs about {need / 2**20:.1f} MiB at sequence length {seq_len} "
             f"(per-example gradients of {len(spec.params)} chosen parameters + activations) but "
-            f"memory_budget_bytes is {spec.memory_budget_bytes / 2**20:.1f} MiB; raise the "
-            "budget, shorten max_length or choose fewer / smaller parameters"
+            f"memory_budget_bytes is {spec.memory_budget_bytes / 2**20:.1f} MiB"
+            + (" less the projection block" if spec.projection is not None else "")
+            + "; raise the budget, shorten max_length or choose fewer / smaller parameters"
         )
-    return max(1, min(rows, spec.memory_budget_bytes // need))
+    return max(1, min(rows, budget // need))
 
 
 class ResonanceFn:
     """Jitted ``batch -> per-example results`` for one model and spec.
 
     Call it with a collated batch (``input_ids``, ``attention_mask``, ``labels`` [B, L]); it
-    returns ``score``, ``loss``, ``ppl`` [B] fp32, ``n_tokens`` [B] int32 and every per-matrix
-    feature as [B, n_params] (columns in ``spec.params`` order). Rows without a label token
-    (e.g. dummy padding rows) get NaN (floats) and -1 (counts).
+    returns ``score``, ``loss``, ``ppl`` [B] fp32, ``n_tokens`` [B] int32, every per-matrix
+    feature as [B, n_params] (columns in ``spec.params`` order) and, with ``spec.projection``,
+    ``projection`` [B, K] fp32. Rows without a label token (e.g. dummy padding rows) get NaN
+    (floats) and -1 (counts).
     """
 
     def __init__(self, model: CausalLM, spec: ResonanceSpec, *, data_shards: int = 1):
@@ -216,6 +232,8 @@ class ResonanceFn:
         feats = [per[p] for p in spec.params]
         out = {k: jnp.stack([f[k] for f in feats]) for k in feats[0]}  # [n_params] each
         out["loss"], out["n_tokens"] = loss, n.astype(jnp.int32)
+        if spec.projection is not None:  # fp32 gradients, documented order
+            out["projection"] = project([gr[p] for p in spec.params], spec.projection)  # [K]
         return out
 
     def _batch(
