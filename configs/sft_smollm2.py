@@ -1,0 +1,76 @@
+"""Supervised fine-tuning of SmolLM2-135M-Instruct (embedded GGUF) on instruction data.
+
+    python -m resofilter_jax.train --config configs/sft_smollm2.py \
+        --config.data.path=selected.jsonl --config.workdir=runs/x
+
+Data: any file resofilter_jax.data reads (jsonl/json of gsm8k, alpaca, query_response or
+sharegpt rows, including the files written by `python -m resofilter_jax.select`); "" = the
+embedded GSM8K test set. Re-running with the same workdir resumes from its newest checkpoint.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The whole run; every field can be overridden with --config.<field>=..."""
+    c = ml_collections.ConfigDict()
+    # Model: a HF directory, a .gguf file, or a hub id; "" = the embedded SmolLM2 GGUF.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.dtype = "bfloat16"  # compute dtype (float32 for parity runs)
+    c.model.param_dtype = "float32"  # master weights and optimizer state
+    c.model.scan_layers = False  # one lax.scan over the layers: faster compiles, same numbers
+    # Data.
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""
+    c.data.format = "auto"  # auto | alpaca | query_response | gsm8k | sharegpt
+    c.data.sharegpt_turns = "first"  # first | all (one example per human->gpt pair)
+    c.data.fields = ml_collections.ConfigDict()  # key renames, e.g. {"instruction": "prompt"}
+    c.data.allow_truncated = False  # accept a JSON array cut off near its end
+    c.data.on_error = "status"  # status: unusable rows are dropped and counted | raise
+    c.data.limit = 0  # train on the first N records; 0 = all
+    c.data.packing = False  # several examples per row (segment-masked attention)
+    c.template = "chatml"  # chatml (SmolLM2's) | gemma | alpaca | none | chat
+    c.max_length = 512  # right-truncation of prompt + response + EOS (the packed row length)
+    c.min_bucket = 64  # batches are padded to min_bucket * 2**k or max_length
+    # Batching and length of the run.
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16  # rows per optimizer step (all devices, all micro-batches)
+    c.train.micro_batch_size = 0  # rows per forward/backward; 0 = batch_size (no accumulation)
+    c.train.epochs = 1
+    c.train.max_steps = 0  # > 0: this many optimizer steps instead of `epochs`
+    c.train.stop_after_steps = 0  # > 0: end this invocation after that step (resume later)
+    c.train.seed = 0  # row order of epoch e = permutation from (seed, e)
+    c.train.shuffle = True
+    # Optimizer: AdamW, torch-style global-norm clipping, linear warmup then decay.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-5
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.warmup_ratio = 0.03  # warmup steps = ceil(ratio * total steps)
+    c.optim.warmup_steps = -1  # >= 0 overrides warmup_ratio
+    c.optim.schedule = "cosine"  # cosine | linear | constant (after the warmup)
+    c.optim.end_lr = 0.0
+    c.optim.clip_norm = 1.0  # 0 = no clipping
+    c.optim.decay = "matrices"  # weight decay on >= 2-D params only (HF Trainer) | all
+    # Devices: data parallel over `data`, parameters + optimizer state sharded over `fsdp`.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.ce_chunk = 256  # sequence chunk of the cross-entropy (bounds the logits' memory)
+    # Checkpoints, logging, export.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200  # optimizer steps between checkpoints (the last step always)
+    c.checkpoint.keep = 2
+    c.checkpoint.use_async = True
+    c.log_every = 1
+    c.progress = True
+    c.tensorboard = True  # only if tensorboardX or TensorFlow is installed
+    c.export = ml_collections.ConfigDict()
+    c.export.enabled = True  # write WORKDIR/hf/ when the run completes
+    c.export.dtype = ""  # "" = the master weights' dtype | bfloat16 | float32
+    c.workdir = "runs/sft_smollm2"
+    c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"
+    return c

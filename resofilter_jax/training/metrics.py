@@ -1,0 +1,129 @@
+"""Training metrics to the console (tqdm), ``WORKDIR/metrics.jsonl`` and, if installed, TensorBoard.
+
+TensorBoard logging is used only when ``tensorboardX`` or ``flax.metrics.tensorboard`` (which
+needs TensorFlow) is importable; nothing is installed for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+
+
+def _tensorboard_writer(logdir: Path) -> Any | None:
+    """A writer with ``add_scalar(tag, value, step)`` and ``close()``, or None."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter(str(logdir))
+    except ImportError:
+        pass
+    try:
+        from flax.metrics import tensorboard
+
+        writer = tensorboard.SummaryWriter(str(logdir))
+    except ImportError:
+        return None
+
+    class _Adapter:
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            writer.scalar(tag, value, step)
+
+        def close(self) -> None:
+            writer.close()
+
+    return _Adapter()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Drops records with ``step > last_step`` (written after the checkpoint a run resumes).
+
+    Returns:
+        The records kept, in file order.
+    """
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            if int(record["step"]) <= last_step:
+                kept.append(record)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step and shows a progress bar.
+
+    Args:
+        workdir: where ``metrics.jsonl`` (and ``tensorboard/``) go.
+        total_steps: the run's optimizer steps (progress bar length).
+        start_step: steps already done (a resumed run); later records in the file are dropped.
+        progress: show a tqdm bar.
+        tensorboard: also write TensorBoard scalars when a writer is importable.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = truncate_jsonl(self.path, start_step)
+        self._file = self.path.open("a")
+        self._tb = _tensorboard_writer(Path(workdir) / "tensorboard") if tensorboard else None
+        self._bar = None
+        self.last: dict[str, Any] = kept[-1] if kept else {}  # the newest record
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Records ``metrics`` of optimizer step ``step`` (1-based: steps done)."""
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.last = record
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float | int):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(
+                loss=f"{record.get('loss', math.nan):.4f}",
+                lr=f"{record.get('lr', math.nan):.2e}",
+                tok_s=f"{record.get('tokens_per_s', math.nan):.0f}",
+            )
+        else:
+            logging.info("step %d: %s", step, json.dumps(record))
+
+    def close(self) -> None:
+        """Closes the file, the bar and the TensorBoard writer."""
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly Python number."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return value
+    return int(f) if isinstance(value, int) else f

@@ -1,0 +1,236 @@
+"""The jit-compiled SFT train step, with token-weighted gradient accumulation and sharding.
+
+Loss normalisation: the loss of an optimizer step is the **mean next-token cross-entropy over
+every target token of the whole effective batch** (all micro-batches, all devices):
+``sum(CE over targets) / number of targets``. Micro-batches contribute their *summed* CE and
+gradients, which are divided once by the step's total target count, so an accumulated step is
+the same update as one big-batch step, and long and short examples weigh per token. This is HF
+Trainer's normalisation with ``average_tokens_across_devices=True`` (the loss divided by
+``num_items_in_batch``).
+
+Training state is a flat ``{HF name: array}`` dict of parameters (master copy in the model's
+``param_dtype``, normally fp32; the forward pass runs in the model's ``dtype``, e.g. bf16) and
+the optax state. Both are sharded by ``parallel.PARTITION_RULES`` over the mesh and donated
+to the step; batches [accum, rows, seq] split their rows over every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from resofilter_jax.data import IGNORE_INDEX
+from resofilter_jax.models.base import CausalLM
+from resofilter_jax.models.registry import param_name
+from resofilter_jax.parallel import (
+    PARTITION_RULES,
+    num_devices,
+    param_shardings,
+    replicated,
+    train_batch_sharding,
+)
+from resofilter_jax.scoring.losses import chunked_token_ce
+
+Array = jax.Array
+Params = dict[str, Array]
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+
+
+class ModelParts(NamedTuple):
+    """What rebuilds the model from a flat parameter dict (inside or outside jit)."""
+
+    graphdef: Any
+    rest: Any  # non-parameter state (empty for the model families here)
+    paths: dict[str, tuple]  # HF name -> NNX state path
+
+
+def split_model(model: CausalLM) -> tuple[ModelParts, Params]:
+    """The model's structure and its parameters as ``{HF name: array}``."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = list(nnx.to_flat_state(params))
+    paths = {param_name(path): path for path, _ in flat}
+    values = {param_name(path): var.get_value() for path, var in flat}
+    return ModelParts(graphdef, rest, paths), values
+
+
+def merge_model(parts: ModelParts, params: Mapping[str, Array]) -> CausalLM:
+    """The model with ``params`` (any subset of leaves may be tracers)."""
+    state = nnx.from_flat_state({parts.paths[n]: v for n, v in params.items()})
+    return nnx.merge(parts.graphdef, state, parts.rest)
+
+
+def loss_sums(
+    parts: ModelParts, params: Mapping[str, Array], batch: Mapping[str, Array], *, ce_chunk: int
+) -> tuple[Array, Array]:
+    """Summed next-token CE over the target tokens of a micro-batch, and their count.
+
+    Token ``t`` is a target where ``labels[:, t] != -100``; it is predicted from position
+    ``t - 1`` (HF's shifted loss). ``segment_ids`` is the attention mask (0 = padding; packed
+    segments never attend to each other) and ``positions`` the position ids.
+
+    Args:
+        batch: ``input_ids``, ``labels``, ``segment_ids``, ``positions``, each [rows, seq].
+    Returns:
+        (loss_sum, count), fp32 scalars.
+    """
+    model = merge_model(parts, params)
+    hidden = model.hidden_states(
+        batch["input_ids"], batch["segment_ids"], batch["positions"]
+    )  # [rows, seq, hidden]
+    labels = batch["labels"][:, 1:]  # [rows, seq - 1]
+    valid = labels != IGNORE_INDEX
+    ce = chunked_token_ce(
+        hidden[:, :-1],
+        model.output_embedding(),
+        jnp.where(valid, labels, 0),
+        dtype=model.dtype,
+        softcap=model.config.final_logit_softcapping,
+        chunk=ce_chunk,
+        remat=True,
+    )  # [rows, seq - 1] fp32
+    return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid, dtype=jnp.float32)
+
+
+def make_step_fn(
+    parts: ModelParts,
+    tx: optax.GradientTransformation,
+    *,
+    ce_chunk: int = 256,
+    grad_sharding: Mapping[str, NamedSharding] | None = None,
+) -> Callable[[Params, Any, dict[str, Array]], tuple[Params, Any, dict[str, Array]]]:
+    """``step(params, opt_state, batch) -> (params, opt_state, metrics)`` (not jitted).
+
+    ``batch`` leaves are [accum, rows, seq]; the micro-batches run one after another under
+    ``lax.scan``, summing fp32 gradients, then one optimizer update is applied with the
+    gradient of the step's token-mean loss. ``metrics``: ``loss`` (that mean),
+    ``grad_norm`` (its global norm before clipping) and ``tokens`` (target count).
+    ``grad_sharding`` pins the gradient accumulator to the parameters' shardings (fsdp).
+    """
+
+    def micro(params: Params, mb: dict[str, Array]) -> tuple[tuple[Array, Array], Params]:
+        return jax.value_and_grad(
+            lambda p: loss_sums(parts, p, mb, ce_chunk=ce_chunk), has_aux=True
+        )(params)
+
+    def step(
+        params: Params, opt_state: Any, batch: dict[str, Array]
+    ) -> tuple[Params, Any, dict[str, Array]]:
+        def body(
+            carry: tuple[Params, Array, Array], mb: dict[str, Array]
+        ) -> tuple[tuple[Params, Array, Array], None]:
+            g_sum, l_sum, n_sum = carry
+            (loss, n), g = micro(params, mb)
+            g_sum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g)
+            return (g_sum, l_sum + loss, n_sum + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if grad_sharding is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, dict(grad_sharding))
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (g_sum, l_sum, n_sum), _ = jax.lax.scan(body, init, batch)
+        denom = jnp.maximum(n_sum, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": l_sum / denom, "grad_norm": grad_norm, "tokens": n_sum}
+        return params, opt_state, metrics
+
+    return step
+
+
+class Trainer:
+    """Sharded parameters + optimizer state and the compiled train step.
+
+    Attributes:
+        params: {HF name: array}, sharded by the partition rules.
+        opt_state: the optax state, sharded like the parameters it mirrors.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tx: optax.GradientTransformation,
+        mesh: Mesh,
+        *,
+        ce_chunk: int = 256,
+        rules: Sequence[tuple[str, PartitionSpec]] = PARTITION_RULES,
+        donate: bool = True,
+    ):
+        """Copies the model's parameters onto the mesh and builds the optimizer state.
+
+        The model object itself is left untouched (its arrays are copied, never donated).
+        """
+        self.mesh, self.tx = mesh, tx
+        self.parts, params = split_model(model)
+        self.param_sharding = param_shardings({n: v.shape for n, v in params.items()}, mesh, rules)
+        # A copy (never an alias of the model's arrays): the step donates these buffers.
+        self.params: Params = jax.device_put(params, self.param_sharding, may_alias=False)
+        rep = replicated(mesh)
+        self.opt_sharding = optax.tree_utils.tree_map_params(
+            tx,
+            lambda _, s: s,
+            jax.eval_shape(tx.init, self.params),
+            self.param_sharding,
+            transform_non_params=lambda _: rep,
+        )
+        self.opt_state = jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params)
+        self.batch_sharding = train_batch_sharding(mesh)
+        self._step = jax.jit(
+            make_step_fn(self.parts, tx, ce_chunk=ce_chunk, grad_sharding=self.param_sharding),
+            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding),
+            out_shardings=(self.param_sharding, self.opt_sharding, rep),
+            donate_argnums=(0, 1) if donate else (),
+        )
+
+    def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
+        """Host arrays [accum, rows, seq] -> device arrays with rows split over the mesh.
+
+        Raises:
+            ValueError: If the rows of a micro-batch do not split over the devices.
+        """
+        rows, n = batch["input_ids"].shape[1], num_devices(self.mesh)
+        if rows % n:
+            raise ValueError(
+                f"a micro-batch of {rows} rows does not split over {n} devices; make the "
+                "micro-batch size a multiple of the device count"
+            )
+        return {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
+
+    def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
+        """One optimizer step on ``batch``; returns its metrics (device scalars, not fetched)."""
+        self.params, self.opt_state, metrics = self._step(
+            self.params, self.opt_state, self.put_batch(batch)
+        )
+        return metrics
+
+    def model(self) -> CausalLM:
+        """The model with the current parameters (shares their arrays)."""
+        return merge_model(self.parts, self.params)
+
+    def state(self) -> dict[str, Any]:
+        """{"params", "opt_state"}: what a checkpoint saves."""
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def abstract_state(self) -> dict[str, Any]:
+        """The state as sharded ``jax.ShapeDtypeStruct``s (a checkpoint restore target)."""
+
+        def spec(x: Array, s: NamedSharding) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+        return {
+            "params": jax.tree.map(spec, self.params, self.param_sharding),
+            "opt_state": jax.tree.map(spec, self.opt_state, self.opt_sharding),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Replaces params and optimizer state (e.g. from a restored checkpoint)."""
+        self.params = jax.device_put(state["params"], self.param_sharding)
+        self.opt_state = jax.device_put(state["opt_state"], self.opt_sharding)
