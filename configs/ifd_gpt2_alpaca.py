@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.limit = 0  # first N input rows; 0 = all
     c.token_budget = 16384  # padded tokens per batch (does not change scores)
     c.min_bucket = 64
+    c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
     c.chunk = 128  # CE sequence chunk
     c.num_devices = 0  # 0 = all local devices
     c.shard_size = 2048  # rows per output shard (resume unit)

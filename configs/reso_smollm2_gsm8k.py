@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Batching (does not change scores beyond fp32 rounding): padded tokens per batch.
     c.token_budget = 8192
     c.min_bucket = 64
+    c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
     c.chunk = 128  # unused by resonance (its CE chunk is fixed); kept for a uniform config
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
     c.shard_size = 512

@@ -131,6 +131,7 @@ def _score_ifd(
         template=config.template,
         token_budget=config.token_budget,
         min_bucket=config.min_bucket,
+        bucket_step=config.get("bucket_step", 0),
         chunk=config.chunk,
         shard_size=config.shard_size,
         shards=todo,

@@ -231,3 +231,12 @@ def test_pow2_tail_bounds_the_number_of_batch_shapes():
                 s % multiple == 0 and (s // multiple) & (s // multiple - 1) == 0 for s in tails
             ), (length, sizes)
             assert all(s <= full for s in sizes)
+
+
+def test_bucket_lengths_with_a_linear_step() -> None:
+    assert bucket_lengths(1024, 64, 128) == [64, 128, 256, 384, 512, 640, 768, 896, 1024]
+    assert bucket_lengths(1000, 64, 128) == [64, 128, 256, 384, 512, 640, 768, 896, 1000]
+    assert bucket_lengths(100, 64, 128) == [64, 100]
+    assert bucket_lengths(512, 32, 0) == bucket_lengths(512, 32)
+    with pytest.raises(ValueError, match="step"):
+        bucket_lengths(512, 32, -1)

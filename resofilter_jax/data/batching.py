@@ -40,21 +40,26 @@ class BatchPlan:
         return self.rows[self.rows >= 0]
 
 
-def bucket_lengths(max_length: int, min_bucket: int = 32) -> list[int]:
+def bucket_lengths(max_length: int, min_bucket: int = 32, step: int = 0) -> list[int]:
     """Sequence-length buckets: ``min_bucket * 2**k`` below ``max_length``, then ``max_length``.
 
     E.g. ``bucket_lengths(512) == [32, 64, 128, 256, 512]`` and
-    ``bucket_lengths(1000) == [32, 64, 128, 256, 512, 1000]``.
+    ``bucket_lengths(1000) == [32, 64, 128, 256, 512, 1000]``. With ``step > 0`` the doubling
+    stops at ``step`` and buckets then grow by ``step``:
+    ``bucket_lengths(1024, 64, 128) == [64, 128, 256, 384, 512, 640, 768, 896, 1024]``, which
+    pads a length-uniform batch by about step / 2 tokens per row instead of up to 2x (more
+    compiled shapes, much less padding).
     """
-    if max_length < 1 or min_bucket < 1:
+    if max_length < 1 or min_bucket < 1 or step < 0:
         raise ValueError(
-            f"need max_length >= 1 and min_bucket >= 1, got {max_length}, {min_bucket}"
+            f"need max_length >= 1, min_bucket >= 1 and step >= 0, got {max_length}, "
+            f"{min_bucket}, {step}"
         )
     out = []
     b = min_bucket
     while b < max_length:
         out.append(b)
-        b *= 2
+        b = b + step if step and b >= step else b * 2
     out.append(max_length)
     return out
 

@@ -157,6 +157,7 @@ def score_resonance(
     template: str = "gemma",
     token_budget: int = 8192,
     min_bucket: int = 64,
+    bucket_step: int = 0,
     shard_size: int = 2048,
     shards: Sequence[int] | None = None,
     mesh: Mesh | None = None,
@@ -173,6 +174,7 @@ def score_resonance(
         max_length, template: SFT encoding settings (ResoFilter's tokenization).
         token_budget: Padded tokens per batch (rows x bucket length).
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
+        bucket_step: > 0: buckets double only up to this length, then grow by it.
         shard_size: Rows per shard.
         shards: Shard numbers to compute (default: all).
         mesh: Device mesh with a ``data`` axis (default: all local devices).
@@ -222,7 +224,7 @@ def score_resonance(
             lengths = [len(s) for s in seqs]
             plans = plan_batches(
                 lengths,
-                buckets=_buckets(lengths, max_length, min_bucket),
+                buckets=_buckets(lengths, max_length, min_bucket, bucket_step),
                 token_budget=token_budget,
                 batch_multiple=multiple,
                 pow2_tail=True,
@@ -340,6 +342,7 @@ def run_from_config(
         template=config.template,
         token_budget=config.token_budget,
         min_bucket=config.min_bucket,
+        bucket_step=config.get("bucket_step", 0),
         shard_size=config.shard_size,
         shards=shards,
         mesh=mesh,

@@ -100,9 +100,9 @@ class _Shard:
     remaining: int = 0
 
 
-def _buckets(lengths: Sequence[int], max_length: int, min_bucket: int) -> list[int]:
+def _buckets(lengths: Sequence[int], max_length: int, min_bucket: int, step: int = 0) -> list[int]:
     """Bucket lengths, plus one for sequences longer than ``max_length`` (a reference quirk)."""
-    buckets = bucket_lengths(max_length, min(min_bucket, max_length))
+    buckets = bucket_lengths(max_length, min(min_bucket, max_length), step)
     longest = max(lengths, default=0)
     if longest > max_length:
         buckets.append(-(-longest // min_bucket) * min_bucket)
@@ -163,6 +163,7 @@ def score_ifd(
     template: str = "none",
     token_budget: int = 16384,
     min_bucket: int = 64,
+    bucket_step: int = 0,
     chunk: int = 128,
     shard_size: int = 2048,
     shards: Sequence[int] | None = None,
@@ -179,6 +180,7 @@ def score_ifd(
         max_length, template: Superfiltering's encoding settings.
         token_budget: Padded tokens per batch (rows x bucket length).
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
+        bucket_step: > 0: buckets double only up to this length, then grow by it.
         chunk: Sequence chunk of the cross-entropy.
         shard_size: Rows per shard.
         shards: Shard numbers to compute (default: all).
@@ -215,7 +217,7 @@ def score_ifd(
             lengths = seq.lengths
             plans = plan_batches(
                 lengths,
-                buckets=_buckets(lengths, max_length, min_bucket),
+                buckets=_buckets(lengths, max_length, min_bucket, bucket_step),
                 token_budget=token_budget,
                 batch_multiple=multiple,
                 pow2_tail=True,
