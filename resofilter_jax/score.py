@@ -31,8 +31,6 @@ from resofilter_jax.parallel import make_mesh
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.runner import score_ifd
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
-
 METHODS = ("ifd", "resonance")
 
 
@@ -259,10 +257,13 @@ def main(argv: list[str]) -> None:
     """absl entry point: runs the config given with --config and prints the summary."""
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    summary = run(_CONFIG.value)
+    summary = run(flags.FLAGS.config)
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: score and train (both with a --config flag) are imported
+    # together by tests and by user code.
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file")
     flags.mark_flag_as_required("config")
     app.run(main)

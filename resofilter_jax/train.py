@@ -44,8 +44,6 @@ from resofilter_jax.training.sft_data import (
 )
 from resofilter_jax.training.trainer import Trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
-
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -355,9 +353,12 @@ def main(argv: list[str]) -> None:
     """absl entry point: trains with the config given by --config and prints the summary."""
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(json.dumps(run(_CONFIG.value), indent=2, default=str))
+    print(json.dumps(run(flags.FLAGS.config), indent=2, default=str))
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: score and train (both with a --config flag) are imported
+    # together by tests and by user code.
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file")
     flags.mark_flag_as_required("config")
     app.run(main)
