@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fields = ml_collections.ConfigDict()  # key renames, e.g. {"instruction": "prompt"}
     c.data.allow_truncated = False  # accept a JSON array cut off near its end
     c.data.on_error = "status"  # status: unusable rows are dropped and counted | raise
-    c.data.limit = 0  # train on the first N records; 0 = all
+    c.data.limit = 0  # train on the records of the first N input rows; 0 = all
     c.data.packing = False  # several examples per row (segment-masked attention)
     c.template = "chatml"  # chatml (SmolLM2's) | gemma | alpaca | none | chat
     c.max_length = 512  # right-truncation of prompt + response + EOS (the packed row length)

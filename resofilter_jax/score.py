@@ -71,16 +71,17 @@ def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: s
 
 
 def read_records(
-    config: ml_collections.ConfigDict, data_path: str
+    config: ml_collections.ConfigDict, data_path: str, limit: int | None = None
 ) -> tuple[list[Record], ReadReport]:
-    """Reads the records of the first ``config.limit`` input rows (all rows when 0)."""
+    """Reads the records of the first ``limit`` input rows (default ``config.limit``; 0 = all)."""
     d = config.data
     report = ReadReport()
     rows = iter_raw_rows(
         data_path, on_error=d.on_error, allow_truncated=d.allow_truncated, report=report
     )
-    if config.limit:
-        rows = itertools.islice(rows, config.limit)
+    limit = config.limit if limit is None else limit
+    if limit:
+        rows = itertools.islice(rows, limit)
     records = list(
         to_records(
             rows,

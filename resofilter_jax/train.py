@@ -26,11 +26,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resofilter_jax import assets
-from resofilter_jax.data import ReadReport, encode_sft_examples, iter_raw_rows, to_records
+from resofilter_jax.data import encode_sft_examples
 from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.registry import named_params
 from resofilter_jax.parallel import make_train_mesh, num_devices
+from resofilter_jax.score import read_records
+from resofilter_jax.scoring.outputs import status_counts
 from resofilter_jax.training.checkpoints import Checkpointer
 from resofilter_jax.training.metrics import MetricsLogger
 from resofilter_jax.training.optim import optimizer_from_config
@@ -64,29 +66,12 @@ def read_training_rows(
     are dropped and counted in the returned report.
     """
     d = config.data
-    report = ReadReport()
-    rows_in = iter_raw_rows(
-        data_path, on_error=d.on_error, allow_truncated=d.allow_truncated, report=report
-    )
-    records = list(
-        to_records(
-            rows_in,
-            d.format,
-            fields=dict(d.fields) or None,
-            sharegpt_turns=d.sharegpt_turns,
-            on_error=d.on_error,
-        )
-    )
-    if d.limit:
-        records = records[: d.limit]
+    records, report = read_records(config, data_path, limit=d.limit)
     examples = encode_sft_examples(
         records, tokenizer, max_length=config.max_length, template=config.template
     )
     kept = [ex for ex in examples if ex.status == "ok"]
-    dropped: dict[str, int] = {}
-    for ex in examples:
-        if ex.status != "ok":
-            dropped[ex.status] = dropped.get(ex.status, 0) + 1
+    dropped = status_counts([ex.status for ex in examples if ex.status != "ok"])
     if dropped:
         logging.warning(
             "dropped %d of %d examples: %s", len(examples) - len(kept), len(examples), dropped
