@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from resofilter_jax import rank_stats
+
 REPO = Path(__file__).resolve().parents[1]
 _USER_ENV = dict(os.environ)  # before parse_args() adjusts this process's environment
 
@@ -212,26 +214,13 @@ def print_ratios(rows: Sequence[Measure], torch_m: Measure, subset_note: str) ->
     return out
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 with ties given their average rank."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(inv, weights=ranks) / counts)[inv]
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> tuple[float, int]:
     """(Spearman rho, n) over the positions where both are finite (NaN when n < 2)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ok = np.isfinite(a) & np.isfinite(b)
     if ok.sum() < 2:
         return float("nan"), int(ok.sum())
-    ra, rb = rankdata(a[ok]), rankdata(b[ok])
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = np.sqrt((ra**2).sum() * (rb**2).sum())
-    return (float((ra * rb).sum() / den) if den > 0 else float("nan")), int(ok.sum())
+    return rank_stats.spearman(a[ok], b[ok]), int(ok.sum())
 
 
 def max_rel_diff(a: Sequence[float], b: Sequence[float]) -> float:
