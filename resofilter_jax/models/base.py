@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resofilter_jax.models.config import ModelConfig
-from resofilter_jax.models.layers import Linear
+from resofilter_jax.models.layers import KVSlot, Linear
 
 Array = jax.Array
 
@@ -20,6 +20,36 @@ class CausalLMOutput(NamedTuple):
 
     hidden: Array
     logits: Array
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every decoder layer for generation (a pytree, jit-friendly).
+
+    Attributes:
+        k, v: per layer [batch, max_len, kv_heads, head_dim].
+        key_mask: [batch, max_len] int32, 1 where a real token has been written.
+        index: int32 scalar, the next free slot (the same for every row).
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    key_mask: Array
+    index: Array
+
+
+def open_cache(cache: KVCache, attention_mask: Array) -> tuple[Array, list[KVSlot]]:
+    """Starts a cached pass: the key mask with this pass's tokens [batch, max_len] and slots."""
+    key_mask = jax.lax.dynamic_update_slice_in_dim(
+        cache.key_mask, (attention_mask > 0).astype(jnp.int32), cache.index, axis=1
+    )
+    slots = [KVSlot(k, v, cache.index) for k, v in zip(cache.k, cache.v, strict=True)]
+    return key_mask, slots
+
+
+def close_cache(key_mask: Array, slots: Sequence[KVSlot], q_len: int) -> KVCache:
+    """The cache after a pass of `q_len` tokens that filled `slots`."""
+    index = slots[0].index + q_len
+    return KVCache(tuple(s.k for s in slots), tuple(s.v for s in slots), key_mask, index)
 
 
 def default_positions(input_ids: Array) -> Array:
@@ -40,14 +70,35 @@ class CausalLM(nnx.Module):
     scan_layers: bool = False  # run decoder layers with one lax.scan (see `run_layers`)
 
     def hidden_states(
-        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
-    ) -> Array:
-        """Final normalised hidden states [batch, seq, hidden]."""
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Final normalised hidden states [batch, seq, hidden].
+
+        With a `cache` (from `init_cache`), the tokens are written to it at slots
+        [cache.index, cache.index + seq), attend to everything cached before them, and the
+        result is (hidden, updated cache).
+        """
         raise NotImplementedError
 
     def output_embedding(self) -> Array:
         """The LM head matrix [vocab, hidden] (the token embedding when tied)."""
         raise NotImplementedError
+
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
+        """An empty KV cache of `max_len` slots per row (default dtype: the compute dtype).
+
+        Pass it as `hidden_states(..., cache=cache)`, which then returns (hidden, new cache).
+        """
+        cfg = self.config
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(cfg.num_hidden_layers))
+        return KVCache(
+            zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32)
+        )
 
     def logits(self, hidden: Array) -> Array:
         """Logits [..., vocab] for hidden states [..., hidden] (any subset of positions).

@@ -15,14 +15,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import EmbedHeadLM, default_positions, pick, run_layers
+from resofilter_jax.models.base import (
+    EmbedHeadLM,
+    KVCache,
+    close_cache,
+    default_positions,
+    open_cache,
+    pick,
+    run_layers,
+)
 from resofilter_jax.models.config import ModelConfig, RopeConfig
 from resofilter_jax.models.layers import (
     Embedding,
+    KVSlot,
     Linear,
     RMSNorm,
     apply_rope,
     attention_mask_bias,
+    cache_attention_mask,
     dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
@@ -60,8 +70,14 @@ class GemmaAttention(nnx.Module):
         # HF's Gemma 3 attention never passes `attn_logit_softcapping` on; only Gemma 2 caps.
         self.softcap = cfg.attn_logit_softcapping if cfg.arch == "gemma2" else None
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-        """x [batch, seq, hidden]; cos/sin [batch, seq, head_dim]; mask [batch, 1, seq, seq]."""
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array, slot: KVSlot | None = None
+    ) -> Array:
+        """x [batch, seq, hidden]; cos/sin [batch, seq, head_dim]; mask [batch, 1, seq, keys].
+
+        With a `slot`, the new keys/values are written to the cache and the keys are the
+        whole cache.
+        """
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)  # [b, s, heads, hd]
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)  # [b, s, kv, hd]
@@ -69,6 +85,8 @@ class GemmaAttention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if slot is not None:
+            k, v = slot.update(k, v)  # [b, max_len, kv, hd] each
         out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))  # [b, s, hidden]
 
@@ -87,9 +105,11 @@ class GemmaDecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = _gemma_norm(cfg.hidden_size, cfg, **kw)
         self.post_feedforward_layernorm = _gemma_norm(cfg.hidden_size, cfg, **kw)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array, slot: KVSlot | None = None
+    ) -> Array:
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
         )
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -142,9 +162,16 @@ class GemmaForCausalLM(EmbedHeadLM):
         return cfg.rope
 
     def hidden_states(
-        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
-    ) -> Array:
-        """Final normalised hidden states [batch, seq, hidden] for `input_ids` [batch, seq]."""
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Final normalised hidden states [batch, seq, hidden] for `input_ids` [batch, seq].
+
+        With a `cache` (see `init_cache`), returns (hidden, updated cache).
+        """
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -171,6 +198,15 @@ class GemmaForCausalLM(EmbedHeadLM):
             (bool(cfg.layer_types) and cfg.layer_types[i] == "sliding_attention", cfg.is_sliding(i))
             for i in range(cfg.num_hidden_layers)
         ]
+        if cache is not None:
+            key_mask, slots = open_cache(cache, attention_mask)
+            s = input_ids.shape[1]
+            for i, layer in enumerate(self.model.layers):
+                cos, sin = local_rope if kinds[i][0] else full_rope  # [b, s, head_dim] each
+                window = cfg.sliding_window if kinds[i][1] else None
+                mask = cache_attention_mask(key_mask, cache.index, s, window)  # [b, 1, s, T]
+                x = layer(x, cos, sin, mask, slots[i])
+            return self.model.norm(x), close_cache(key_mask, slots, s)
         if any(rope != window for rope, window in kinds):  # rope and mask kinds disagree
             for i, layer in enumerate(self.model.layers):
                 cos, sin = local_rope if kinds[i][0] else full_rope  # [b, s, head_dim] each

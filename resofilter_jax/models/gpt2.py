@@ -10,15 +10,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import CausalLM, default_positions, run_layers
+from resofilter_jax.models.base import (
+    CausalLM,
+    KVCache,
+    close_cache,
+    default_positions,
+    open_cache,
+    run_layers,
+)
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import (
     Conv1D,
     Embedding,
+    KVSlot,
     LayerNorm,
     Linear,
     activation,
     attention_mask_bias,
+    cache_attention_mask,
     dot_product_attention,
 )
 
@@ -47,12 +56,17 @@ class GPT2Attention(nnx.Module):
         scale_weights = bool(cfg.hf_config.get("scale_attn_weights", True))
         self.scale = float(cfg.head_dim) ** -0.5 if scale_weights else 1.0
 
-    def __call__(self, x: Array, mask: Array) -> Array:
-        """x [batch, seq, hidden], mask bool [batch, 1, seq, seq] -> [batch, seq, hidden]."""
+    def __call__(self, x: Array, mask: Array, slot: KVSlot | None = None) -> Array:
+        """x [batch, seq, hidden], mask bool [batch, 1, seq, keys] -> [batch, seq, hidden].
+
+        With a `slot`, the new keys/values go to the cache and the keys are the whole cache.
+        """
         b, s, _ = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [b, s, hidden]
         shape = (b, s, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)  # [b, s, heads, head_dim]
+        if slot is not None:
+            k, v = slot.update(k, v)  # [b, max_len, heads, head_dim] each
         out = dot_product_attention(q, k, v, mask, scale=self.scale)  # [b, s, heads, head_dim]
         return self.c_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
@@ -84,8 +98,8 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
         self.mlp = GPT2MLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x: Array, mask: Array) -> Array:
-        x = x + self.attn(self.ln_1(x), mask)
+    def __call__(self, x: Array, mask: Array, slot: KVSlot | None = None) -> Array:
+        x = x + self.attn(self.ln_1(x), mask, slot)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -143,15 +157,29 @@ class GPT2LMHeadModel(CausalLM):
         return self.lm_head.weight[...]
 
     def hidden_states(
-        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
-    ) -> Array:
-        """Final LayerNorm output [batch, seq, hidden] for `input_ids` [batch, seq]."""
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Final LayerNorm output [batch, seq, hidden] for `input_ids` [batch, seq].
+
+        With a `cache` (see `init_cache`), returns (hidden, updated cache).
+        """
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if positions is None:
             positions = default_positions(input_ids)
         # [b, s, hidden]
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        if cache is not None:
+            key_mask, slots = open_cache(cache, attention_mask)
+            s = input_ids.shape[1]
+            mask = cache_attention_mask(key_mask, cache.index, s)  # [b, 1, s, T]
+            for block, slot in zip(self.transformer.h, slots, strict=True):
+                x = block(x, mask, slot)
+            return self.transformer.ln_f(x), close_cache(key_mask, slots, s)
         mask = attention_mask_bias(attention_mask)  # [b, 1, s, s]
         x = run_layers(
             self.transformer.h,

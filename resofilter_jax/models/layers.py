@@ -7,6 +7,7 @@ Parameters are stored in `param_dtype`; every op casts them to the compute `dtyp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -202,6 +203,59 @@ def attention_mask_bias(attention_mask: Array, sliding_window: int | None = None
     seg_k = attention_mask[:, None, None, :]  # [batch, 1, 1, k]
     same_segment = (seg_q == seg_k) | (seg_q <= 0)  # padding queries keep their old rows
     return allowed[None, None] & (seg_k > 0) & same_segment
+
+
+@dataclasses.dataclass
+class KVSlot:
+    """One layer's key/value cache during a cached forward pass (generation).
+
+    The attention layer hands its new keys and values to :meth:`update`, which writes them at
+    slots ``[index, index + seq)`` and returns the whole cache to attend over. The slot is a
+    plain Python holder, so the updated arrays are simply read back after the layer ran (this
+    works inside `jit`; do not use it inside `lax.scan`).
+
+    Attributes:
+        k, v: [batch, max_len, kv_heads, head_dim] cached keys and values.
+        index: int32 scalar, the first slot written by this forward pass.
+    """
+
+    k: Array
+    v: Array
+    index: Array
+
+    def update(self, k_new: Array, v_new: Array) -> tuple[Array, Array]:
+        """Writes k_new, v_new [batch, seq, kv_heads, head_dim]; returns the full k, v."""
+        self.k = jax.lax.dynamic_update_slice_in_dim(
+            self.k, k_new.astype(self.k.dtype), self.index, axis=1
+        )
+        self.v = jax.lax.dynamic_update_slice_in_dim(
+            self.v, v_new.astype(self.v.dtype), self.index, axis=1
+        )
+        return self.k, self.v
+
+
+def cache_attention_mask(
+    key_mask: Array, index: Array, q_len: int, sliding_window: int | None = None
+) -> Array:
+    """Boolean mask [batch, 1, q_len, max_len] of queries at slots index.. over a KV cache.
+
+    Query slot ``index + i`` sees key slot ``j`` when ``j <= index + i``, the key is a real
+    token (``key_mask[:, j] > 0``) and, with a window, ``j > index + i - window``. Slot
+    distances equal position distances because every row's real tokens are contiguous (prompts
+    are left-padded, generated tokens follow them).
+
+    Args:
+        key_mask: [batch, max_len], > 0 where a real token has been written (this pass's
+            tokens included).
+        index: int32 scalar, the slot of the first query.
+    """
+    max_len = key_mask.shape[-1]
+    q = index + jnp.arange(q_len)[:, None]  # [q, 1]
+    k = jnp.arange(max_len)[None, :]  # [1, max_len]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    return allowed[None, None] & (key_mask[:, None, None, :] > 0)
 
 
 ATTENTION_CHUNK = 128  # query rows per causal block (see `dot_product_attention`)

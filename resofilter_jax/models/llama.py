@@ -9,15 +9,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resofilter_jax.models.base import EmbedHeadLM, default_positions, pick, run_layers
+from resofilter_jax.models.base import (
+    EmbedHeadLM,
+    KVCache,
+    close_cache,
+    default_positions,
+    open_cache,
+    pick,
+    run_layers,
+)
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import (
     Embedding,
+    KVSlot,
     Linear,
     RMSNorm,
     activation,
     apply_rope,
     attention_mask_bias,
+    cache_attention_mask,
     dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
@@ -41,12 +51,17 @@ class LlamaAttention(nnx.Module):
         self.head_dim = d
         self.scale = cfg.attention_scale()
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array, slot: KVSlot | None = None
+    ) -> Array:
+        """x [b, s, hidden]; mask [b, 1, s, keys]; with a `slot`, keys are the whole cache."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if slot is not None:
+            k, v = slot.update(k, v)  # [b, max_len, kv, head_dim] each
         out = dot_product_attention(q, k, v, mask, scale=self.scale)  # [b, s, heads, head_dim]
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
@@ -77,8 +92,10 @@ class LlamaDecoderLayer(nnx.Module):
             cfg.hidden_size, eps=cfg.norm_eps, gemma=False, **kw
         )
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array, slot: KVSlot | None = None
+    ) -> Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -111,8 +128,13 @@ class LlamaForCausalLM(EmbedHeadLM):
         self._init_head(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def hidden_states(
-        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
-    ) -> Array:
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Final hidden states [b, s, hidden]; with a `cache`, also the updated cache."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -120,6 +142,14 @@ class LlamaForCausalLM(EmbedHeadLM):
             positions = default_positions(input_ids)
         x = self.model.embed_tokens(input_ids)  # [b, s, hidden]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim), self.dtype)
+        if cache is not None:
+            key_mask, slots = open_cache(cache, attention_mask)
+            s = input_ids.shape[1]
+            for i, layer in enumerate(self.model.layers):
+                window = cfg.sliding_window if cfg.is_sliding(i) else None
+                mask = cache_attention_mask(key_mask, cache.index, s, window)  # [b, 1, s, T]
+                x = layer(x, cos, sin, mask, slots[i])
+            return self.model.norm(x), close_cache(key_mask, slots, s)
         full_mask = attention_mask_bias(attention_mask)
         slide_mask = (
             attention_mask_bias(attention_mask, cfg.sliding_window)

@@ -208,6 +208,8 @@ def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
 
     if gguf_file is not None:
         return _gguf_tokenizer(Path(source) / gguf_file)
+    if Path(source).suffix == ".gguf" and Path(source).is_file():
+        return _gguf_tokenizer(Path(source))
     return AutoTokenizer.from_pretrained(str(source))
 
 
