@@ -364,6 +364,20 @@ def encode_sft_examples(
     return out
 
 
+def without_added_bos(ids: list[int], layout: SpecialLayout | None, bos: int | None) -> list[int]:
+    """A separately encoded target without the BOS the tokenizer put in front of it.
+
+    With a known special layout, its prefix counts as added when the ids start with it; else
+    a leading ``bos`` does. (A template text that itself starts with the BOS token, like
+    SmolLM2's ``<|im_start|>``, keeps it when the tokenizer adds no prefix.)
+    """
+    if layout is not None:
+        added = bool(layout.prefix) and tuple(ids[: len(layout.prefix)]) == layout.prefix
+    else:
+        added = bos is not None and bool(ids) and ids[0] == bos
+    return ids[1:] if added else ids
+
+
 def _sft_chunk(
     records: Sequence[Record],
     tokenizer: Any,
@@ -379,12 +393,7 @@ def _sft_chunk(
     tgt_ids = encode_texts(tokenizer, [tmpl.response(records[i]) for i in todo])
     done: dict[int, SFTExample] = {}
     for k, i in enumerate(todo):
-        src, tgt = src_ids[k], tgt_ids[k]
-        if layout is not None:
-            added_bos = bool(layout.prefix) and tuple(tgt[: len(layout.prefix)]) == layout.prefix
-        else:
-            added_bos = bos is not None and bool(tgt) and tgt[0] == bos
-        tgt = tgt[1:] if added_bos else tgt
+        src, tgt = src_ids[k], without_added_bos(tgt_ids[k], layout, bos)
         ids = np.asarray([*src, *tgt, eos][:max_length], np.int32)  # [n]
         labels = np.asarray(([IGNORE_INDEX] * len(src) + [*tgt, eos])[:max_length], np.int32)  # [n]
         status = "ok" if bool(np.any(labels != IGNORE_INDEX)) else "no_response_tokens"
