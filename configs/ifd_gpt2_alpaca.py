@@ -9,6 +9,8 @@ tokenizer files), e.g. one saved with `save_pretrained`.
 
 import ml_collections
 
+from resofilter_jax.parallel import distributed_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The whole run; every field can be overridden with --config.<field>=..."""
@@ -40,4 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.overwrite = False
     c.progress = True
     c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"  # "" = off
+    # Multi-process jobs (launch/README.md): explicit coordinator/count/id; SLURM and TPU pods
+    # are detected. Not part of the fingerprint: a job may resume with another process count.
+    c.distributed = distributed_config()
     return c

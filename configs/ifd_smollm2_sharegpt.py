@@ -6,6 +6,8 @@
 
 import ml_collections
 
+from resofilter_jax.parallel import distributed_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The whole run; every field can be overridden with --config.<field>=..."""
@@ -42,4 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.progress = True  # tqdm progress bar
     # JAX persistent compilation cache ("" = off).
     c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"
+    # Multi-process jobs (launch/README.md): explicit coordinator/count/id; SLURM and TPU pods
+    # are detected. Not part of the fingerprint: a job may resume with another process count.
+    c.distributed = distributed_config()
     return c

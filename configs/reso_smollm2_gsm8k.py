@@ -6,6 +6,8 @@
 
 import ml_collections
 
+from resofilter_jax.parallel import distributed_config
+
 
 def resonance_config() -> ml_collections.ConfigDict:
     """The resonance settings: which matrices, which one-step update, how to aggregate."""
@@ -74,4 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.overwrite = False
     c.progress = True
     c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"
+    # Multi-process jobs (launch/README.md): explicit coordinator/count/id; SLURM and TPU pods
+    # are detected. Not part of the fingerprint: a job may resume with another process count.
+    c.distributed = distributed_config()
     return c

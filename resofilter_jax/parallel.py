@@ -6,6 +6,7 @@ axis over the ``data`` mesh axis.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,3 +128,136 @@ def train_batch_sharding(mesh: Mesh) -> NamedSharding:
     """[accum, rows, ...] training batches: rows split over every device of the mesh."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     return NamedSharding(mesh, PartitionSpec(None, axes))
+
+
+# --- Multi-process (multi-controller) jobs: jax.distributed initialisation and a global mesh. ---
+
+
+def distributed_config() -> Any:
+    """The ``config.distributed`` section shared by every scoring config (all optional).
+
+    Leave the defaults for a single process, for SLURM (``srun``) and for TPU pod slices:
+    those are detected from the environment. Set all three of ``coordinator_address``,
+    ``num_processes`` and ``process_id`` to join a job by hand (e.g.
+    ``launch/local_multiprocess.sh``). Not part of the run fingerprint: a job may resume with
+    another process count.
+    """
+    import ml_collections
+
+    d = ml_collections.ConfigDict()
+    d.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # host:port
+    d.num_processes = 1  # processes in the job (explicit mode)
+    d.process_id = 0  # this process (explicit mode)
+    d.initialization_timeout_s = 300  # how long to wait for all processes to join
+    d.heartbeat_timeout_s = 100  # a process silent this long fails the whole job
+    return d
+
+
+def _slurm_multi_task() -> bool:
+    """Inside a SLURM step with more than one task (jax's SLURM detector reads the rest)."""
+    env = os.environ
+    needed = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+    tasks = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))  # srun sets the first
+    return all(k in env for k in needed) and int(tasks) > 1
+
+
+def _on_tpu_vm() -> bool:
+    """TPU chips are attached to this host (found from /sys, without touching a backend)."""
+    if os.environ.get("JAX_PLATFORMS", "") not in ("", "tpu"):
+        return False
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - a private API; no TPU if it is unavailable
+        return False
+
+
+def distributed_mode(config: Any = None) -> str:
+    """How this process joins a job: ``explicit``, ``slurm``, ``tpu`` or ``single``."""
+    d = config.get("distributed") if config is not None else None
+    if d is not None and int(d.get("num_processes", 1) or 1) > 1:
+        return "explicit"
+    if _slurm_multi_task():
+        return "slurm"
+    if _on_tpu_vm():
+        return "tpu"
+    return "single"
+
+
+def initialize_distributed(config: Any = None) -> dict[str, Any]:
+    """Joins the multi-process job this process is part of; does nothing on a single process.
+
+    Modes (first that applies): explicit ``config.distributed`` with ``num_processes > 1``;
+    SLURM with ``SLURM_NTASKS > 1`` (coordinator, count and id from jax's SLURM detector);
+    a Cloud TPU VM (jax's TPU pod detection, which also handles single-host slices). On CPU
+    the cross-process collectives are gloo. Call it before any other JAX use (it is a no-op
+    when jax.distributed is already initialised). Logs the process index and count and the
+    local and global devices.
+
+    Returns:
+        ``{"mode", "process_index", "process_count", "local_devices", "global_devices"}``.
+
+    Raises:
+        ValueError: If explicit mode lacks a coordinator address.
+    """
+    from absl import logging
+
+    mode = distributed_mode(config)
+    d = config.get("distributed") if config is not None else None
+    timeouts: dict[str, int] = {}
+    if d is not None:
+        timeouts = {
+            "initialization_timeout": int(d.get("initialization_timeout_s", 300)),
+            "heartbeat_timeout_seconds": int(d.get("heartbeat_timeout_s", 100)),
+        }
+    if mode != "single" and not jax.distributed.is_initialized():
+        if jax.config.jax_cpu_collectives_implementation is None:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if mode == "explicit":
+            if not d.coordinator_address:
+                raise ValueError(
+                    "config.distributed.num_processes > 1 needs "
+                    "config.distributed.coordinator_address=host:port"
+                )
+            jax.distributed.initialize(
+                coordinator_address=d.coordinator_address,
+                num_processes=int(d.num_processes),
+                process_id=int(d.process_id),
+                **timeouts,
+            )
+        else:  # slurm / tpu: jax detects coordinator, process count and id
+            jax.distributed.initialize(**timeouts)
+    info = {
+        "mode": mode,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "local_devices": [str(x) for x in jax.local_devices()],
+        "global_devices": len(jax.devices()),
+    }
+    if info["process_count"] > 1:
+        logging.info(
+            "process %d of %d (%s): %d local devices %s, %d global devices",
+            info["process_index"],
+            info["process_count"],
+            mode,
+            len(info["local_devices"]),
+            info["local_devices"],
+            info["global_devices"],
+        )
+    return info
+
+
+def global_devices(num_local: int = 0) -> list[jax.Device]:
+    """The devices of every process, process by process (the first ``num_local`` of each).
+
+    Ordered by (process index, device id), so process p's devices hold a contiguous block
+    of a batch split over a 1-D mesh of them.
+    """
+    devices = sorted(jax.devices(), key=lambda x: (x.process_index, x.id))
+    if num_local:
+        by_proc: dict[int, list[jax.Device]] = {}
+        for x in devices:
+            by_proc.setdefault(x.process_index, []).append(x)
+        devices = [x for p in sorted(by_proc) for x in by_proc[p][:num_local]]
+    return devices

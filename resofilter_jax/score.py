@@ -6,6 +6,11 @@
 
 Writes OUTPUT_DIR/shards/*.parquet while running (a re-run with the same configuration
 computes only the missing shards), then OUTPUT_DIR/scores.parquet, scores.jsonl and run.json.
+
+Multi-process jobs (``jax.distributed``; see launch/README.md) run the same command on every
+process: the mesh spans all their devices, each process scores its part of every shard and
+writes ``shards/shard-K.pPofN.parquet``, and process 0 merges after a barrier. OUTPUT_DIR
+must be on a filesystem all processes share.
 """
 
 from __future__ import annotations
@@ -15,20 +20,24 @@ import itertools
 import json
 import os
 import platform
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import pyarrow.parquet as pq
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resofilter_jax import assets
 from resofilter_jax.data import ReadReport, Record, iter_raw_rows, to_records
 from resofilter_jax.models.loading import load_model
-from resofilter_jax.parallel import make_mesh
+from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
 from resofilter_jax.scoring import outputs, reso_runner
+from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.runner import score_ifd
 
 METHODS = ("ifd", "resonance")
@@ -113,6 +122,31 @@ def _enable_compilation_cache(path: str) -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache))
 
 
+KILL_ENV = "RESOFILTER_TEST_KILL_AFTER_SHARDS"  # test hook: "P:N" = process P dies after N
+
+
+def shard_writer(
+    out_dir: Path, hosts: Hosts, schema: Any = outputs.SHARD_SCHEMA
+) -> Callable[[int, dict[str, Any]], None]:
+    """``on_shard`` callback: this process's part (or, alone, the whole shard) of shard k.
+
+    Test hook: with ``RESOFILTER_TEST_KILL_AFTER_SHARDS=P:N`` in the environment, process P
+    SIGKILLs itself right after writing its N-th shard file (a crash mid-run).
+    """
+    part = (hosts.index, hosts.count)
+    hook = os.environ.get(KILL_ENV, "")
+    victim, after = (int(x) for x in hook.split(":")) if hook else (-1, 0)
+    written = [0]
+
+    def write(k: int, cols: dict[str, Any]) -> None:
+        outputs.write_shard(out_dir, k, cols, schema, part)
+        written[0] += 1
+        if victim == hosts.index and written[0] >= after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return write
+
+
 def _score_ifd(
     config: ml_collections.ConfigDict,
     lm: Any,
@@ -120,6 +154,7 @@ def _score_ifd(
     todo: list[int],
     mesh: Any,
     out_dir: Path,
+    hosts: Hosts,
 ) -> Any:
     """Runs the IFD loop over the missing shards, writing each as it finishes."""
     return score_ifd(
@@ -135,8 +170,8 @@ def _score_ifd(
         shard_size=config.shard_size,
         shards=todo,
         mesh=mesh,
-        on_shard=lambda k, cols: outputs.write_shard(out_dir, k, cols),
-        progress=config.progress,
+        on_shard=shard_writer(out_dir, hosts),
+        progress=config.progress and hosts.index == 0,
     )
 
 
@@ -164,22 +199,31 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         )
     if config.get("require_data_path", False) and not config.data.path:
         raise ValueError("this config needs --config.data.path=<local data file or directory>")
+    dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
     _enable_compilation_cache(config.compilation_cache_dir)
     model_path, data_path = _resolve_paths(config)
-    out_dir = outputs.prepare_output_dir(
-        config.output_dir, fingerprint(config, model_path, data_path), overwrite=config.overwrite
-    )
+    if dist["process_count"] > 1:
+        devices = global_devices(config.num_devices)
+    else:
+        devices = jax.local_devices()
+        if config.num_devices:
+            devices = devices[: config.num_devices]
+    mesh = make_mesh(devices)
+    hosts = Hosts(mesh)
+    fp = fingerprint(config, model_path, data_path)
+    outputs.check_output_dir(config.output_dir, fp, overwrite=config.overwrite)  # all raise
+    if hosts.index == 0:
+        outputs.prepare_output_dir(config.output_dir, fp, overwrite=config.overwrite)
+    hosts.barrier("resofilter_output_dir")
+    out_dir = Path(config.output_dir)
     records, report = read_records(config, data_path)
     ranges = outputs.shard_ranges(len(records), config.shard_size)
-    todo = outputs.missing_shards(out_dir, len(ranges))
+    # Every process computes the union of what any of them sees missing (lockstep).
+    todo = hosts.agree_todo(outputs.missing_shards(out_dir, len(ranges)), len(ranges))
     t_read = time.perf_counter()
     lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
     lm.model.scan_layers = bool(config.model.get("scan_layers", False))
     t_load = time.perf_counter()
-    devices = jax.local_devices()
-    if config.num_devices:
-        devices = devices[: config.num_devices]
-    mesh = make_mesh(devices)
     schema = outputs.SHARD_SCHEMA
     if config.method == "resonance":
         spec = reso_runner.spec_from_config(config, lm.model)
@@ -192,18 +236,23 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             records,
             shards=todo,
             mesh=mesh,
-            on_shard=lambda k, cols: outputs.write_shard(out_dir, k, cols, schema),
+            on_shard=shard_writer(out_dir, hosts, schema),
         )
     else:
-        stats = _score_ifd(config, lm, records, todo, mesh, out_dir)
-    table = outputs.merge_shards(
-        out_dir,
-        len(ranges),
-        with_id=any(r.id is not None for r in records),
-        with_turn=config.data.sharegpt_turns == "all",
-        expected_rows=len(records),
-        schema=schema,
-    )
+        stats = _score_ifd(config, lm, records, todo, mesh, out_dir, hosts)
+    hosts.barrier("resofilter_scored")  # every part of every shard is written
+    if hosts.index == 0:
+        table = outputs.merge_shards(
+            out_dir,
+            len(ranges),
+            with_id=any(r.id is not None for r in records),
+            with_turn=config.data.sharegpt_turns == "all",
+            expected_rows=len(records),
+            schema=schema,
+        )
+    hosts.barrier("resofilter_merged")
+    if hosts.index != 0:
+        table = pq.read_table(out_dir / "scores.parquet", columns=["status"])
     t_end = time.perf_counter()
     statuses = outputs.status_counts(table.column("status").to_pylist())
     summary = {
@@ -223,6 +272,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "samples_per_s": stats.samples_per_s,
         "tokens_per_s": stats.tokens_per_s,
     }
+    if hosts.multi:  # the loop counters above are this process's
+        summary["processes"] = {"index": hosts.index, "count": hosts.count}
+    if hosts.index != 0:
+        return summary
     cfg = lm.config
     outputs.write_json(
         out_dir / "run.json",
@@ -238,6 +291,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             },
             "versions": _versions(),
             "devices": [str(d) for d in devices],
+            "distributed": dist,
             "read_report": {
                 "path": report.path,
                 "rows_read": report.rows_read,
@@ -258,6 +312,7 @@ def main(argv: list[str]) -> None:
     """absl entry point: runs the config given with --config and prints the summary."""
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    initialize_distributed(flags.FLAGS.config)  # before any other JAX use
     summary = run(flags.FLAGS.config)
     print(json.dumps(summary, indent=2))
 

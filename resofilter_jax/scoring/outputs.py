@@ -4,6 +4,7 @@ Layout of an output directory::
 
     run_config.json          fingerprint of everything that affects the scores
     shards/shard-00000.parquet ...   one file per ``shard_size`` rows, written atomically
+    shards/shard-00000.p0of2.parquet ... or, from a job of N processes, one part per process
     scores.parquet scores.jsonl      the merged result, one row per row, in input order
     run.json                 resolved config, versions, devices, timings, read report
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -42,6 +44,9 @@ SHARD_SCHEMA = pa.schema(
         ("n_tokens_condition", pa.int64()),
     ]
 )
+
+
+_PART = re.compile(r"^shard-(\d{5,})\.p(\d+)of(\d+)\.parquet$")
 
 
 class FingerprintMismatchError(RuntimeError):
@@ -99,10 +104,34 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def check_output_dir(
+    out_dir: str | os.PathLike[str], fingerprint: Mapping[str, Any], *, overwrite: bool = False
+) -> bool:
+    """Read-only check of ``out_dir`` against ``fingerprint``; True when it can be reused as is.
+
+    Raises:
+        FingerprintMismatchError: If the directory belongs to a run with a different
+            fingerprint and ``overwrite`` is False (the message names the differing keys).
+    """
+    out = Path(out_dir)
+    cfg = out / RUN_CONFIG
+    if not cfg.exists():
+        return False
+    diff = _diff_keys(json.loads(cfg.read_text()), json.loads(json.dumps(fingerprint)))
+    if diff and not overwrite:
+        raise FingerprintMismatchError(
+            f"{out} holds results of a different run (differing keys: {', '.join(diff)}); "
+            "use another output_dir or pass overwrite=True to discard them"
+        )
+    return not diff and not overwrite
+
+
 def prepare_output_dir(
     out_dir: str | os.PathLike[str], fingerprint: Mapping[str, Any], *, overwrite: bool = False
 ) -> Path:
     """Creates ``out_dir`` and records the fingerprint, or checks it against an older run.
+
+    In a multi-process job only process 0 calls this (the others :func:`check_output_dir`).
 
     Raises:
         FingerprintMismatchError: If the directory belongs to a run with a different
@@ -112,16 +141,8 @@ def prepare_output_dir(
     out.mkdir(parents=True, exist_ok=True)
     fp = json.loads(json.dumps(fingerprint))  # normalise (tuples -> lists, ...)
     cfg = out / RUN_CONFIG
-    if cfg.exists():
-        old = json.loads(cfg.read_text())
-        diff = _diff_keys(old, fp)
-        if diff and not overwrite:
-            raise FingerprintMismatchError(
-                f"{out} holds results of a different run (differing keys: {', '.join(diff)}); "
-                "use another output_dir or pass overwrite=True to discard them"
-            )
-        if not diff and not overwrite:
-            return out
+    if check_output_dir(out, fp, overwrite=overwrite):
+        return out
     if overwrite or not cfg.exists():
         shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
         for name in ("scores.parquet", "scores.jsonl", "run.json"):
@@ -130,9 +151,38 @@ def prepare_output_dir(
     return out
 
 
-def shard_path(out_dir: str | os.PathLike[str], k: int) -> Path:
-    """``OUT/shards/shard-{k:05d}.parquet``."""
-    return Path(out_dir) / SHARD_DIR / f"shard-{k:05d}.parquet"
+def shard_path(out_dir: str | os.PathLike[str], k: int, part: tuple[int, int] = (0, 1)) -> Path:
+    """``OUT/shards/shard-{k:05d}.parquet``; part ``(p, n)`` with n > 1: ``...p{p}of{n}``."""
+    p, n = part
+    name = f"shard-{k:05d}.parquet" if n == 1 else f"shard-{k:05d}.p{p}of{n}.parquet"
+    return Path(out_dir) / SHARD_DIR / name
+
+
+def shard_files(out_dir: str | os.PathLike[str], n_shards: int) -> dict[int, list[Path]]:
+    """The files that make up each finished shard (in row order).
+
+    A shard is finished when its single file exists (a one-process run) or all n parts of
+    some n-process run exist; the single file wins, then the smallest complete n. Resume
+    therefore works whatever the process count of the earlier or the later run.
+    """
+    d = Path(out_dir) / SHARD_DIR
+    parts: dict[int, dict[int, set[int]]] = {}
+    names = os.listdir(d) if d.is_dir() else []
+    for name in names:
+        m = _PART.match(name)
+        if m:
+            k, p, n = (int(g) for g in m.groups())
+            parts.setdefault(k, {}).setdefault(n, set()).add(p)
+    done: dict[int, list[Path]] = {}
+    for k in range(n_shards):
+        if f"shard-{k:05d}.parquet" in names:
+            done[k] = [shard_path(out_dir, k)]
+            continue
+        complete = [n for n, ps in parts.get(k, {}).items() if ps == set(range(n))]
+        if complete:
+            n = min(complete)
+            done[k] = [shard_path(out_dir, k, (p, n)) for p in range(n)]
+    return done
 
 
 def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -143,8 +193,9 @@ def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def missing_shards(out_dir: str | os.PathLike[str], n_shards: int) -> list[int]:
-    """Shard numbers whose file does not exist yet."""
-    return [k for k in range(n_shards) if not shard_path(out_dir, k).exists()]
+    """Shard numbers that are not finished (see :func:`shard_files`)."""
+    done = shard_files(out_dir, n_shards)
+    return [k for k in range(n_shards) if k not in done]
 
 
 def write_shard(
@@ -152,11 +203,15 @@ def write_shard(
     k: int,
     columns: Mapping[str, Any],
     schema: pa.Schema = SHARD_SCHEMA,
+    part: tuple[int, int] = (0, 1),
 ) -> Path:
-    """Writes shard ``k`` (columns of ``schema``, default IFD's) atomically; returns its path."""
+    """Writes shard ``k`` (columns of ``schema``, default IFD's) atomically; returns its path.
+
+    ``part=(p, n)``: process p of an n-process job writes its rows of the shard.
+    """
     arrays = [pa.array(list(columns[f.name]), type=f.type) for f in schema]
     table = pa.Table.from_arrays(arrays, schema=schema)
-    path = shard_path(out_dir, k)
+    path = shard_path(out_dir, k, part)
     _atomic_write_table(path, table)
     return path
 
@@ -185,10 +240,11 @@ def merge_shards(
         ValueError: If the row count differs from ``expected_rows``.
     """
     out = Path(out_dir)
-    missing = missing_shards(out, n_shards)
+    done = shard_files(out, n_shards)
+    missing = [k for k in range(n_shards) if k not in done]
     if missing:
         raise FileNotFoundError(f"cannot merge: shards {missing[:8]} of {n_shards} are missing")
-    tables = [pq.read_table(shard_path(out, k), schema=schema) for k in range(n_shards)]
+    tables = [pq.read_table(f, schema=schema) for k in range(n_shards) for f in done[k]]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if expected_rows is not None and table.num_rows != expected_rows:
         raise ValueError(f"merged {table.num_rows} rows but the input has {expected_rows}")

@@ -32,10 +32,12 @@ import numpy as np
 import pyarrow as pa
 from jax.sharding import Mesh
 
-from resofilter_jax.data import BatchPlan, Record, collate, encode_sft_examples, plan_batches
+from resofilter_jax.data import BatchPlan, Record, collate, encode_sft_examples
+from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.models.base import CausalLM
-from resofilter_jax.parallel import make_mesh, num_devices, shard_batch
-from resofilter_jax.scoring import outputs, projection
+from resofilter_jax.parallel import make_mesh
+from resofilter_jax.scoring import outputs, projection, projection_parts
+from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.param_select import select_params
 from resofilter_jax.scoring.resonance import (
     ProjectionSpec,
@@ -49,10 +51,10 @@ from resofilter_jax.scoring.resonance import (
 from resofilter_jax.scoring.runner import (
     RunStats,
     ShardCallback,
-    _buckets,
     _Progress,
     print_summary,
     run_pipelined,
+    shard_plans,
 )
 
 DUPLICATE = "duplicate_of:"
@@ -147,6 +149,21 @@ class _Shard:
     remaining: int = 0
 
 
+def _collate_sft(
+    plan: BatchPlan, seqs: Sequence[np.ndarray], labels: Sequence[np.ndarray], pad_id: int
+) -> dict[str, np.ndarray]:
+    """:func:`collate` with labels, also for a process's all-dummy share of a global batch."""
+    if (plan.rows >= 0).any():
+        return collate(plan, seqs, labels, pad_id)
+    bsz, length = plan.rows.size, plan.length
+    return {
+        "input_ids": np.full((bsz, length), pad_id, np.int32),  # [B, L]
+        "attention_mask": np.zeros((bsz, length), np.int32),  # [B, L]
+        "row": plan.rows.astype(np.int32),  # [B]
+        "labels": np.full((bsz, length), IGNORE_INDEX, np.int32),  # [B, L]
+    }
+
+
 def score_resonance(
     model: CausalLM,
     tokenizer: Any,
@@ -187,13 +204,14 @@ def score_resonance(
         The loop's :class:`RunStats` (``sequences``: examples scored).
     """
     mesh = mesh if mesh is not None else make_mesh()
-    multiple = num_devices(mesh)
+    hosts = Hosts(mesh)
     ranges = outputs.shard_ranges(len(records), shard_size)
     todo = list(range(len(ranges))) if shards is None else sorted(shards)
     stats = RunStats(shards_skipped=len(ranges) - len(todo))
-    stats.rows = sum(ranges[k][1] - ranges[k][0] for k in todo)
-    dup = dedup_queries(records)
-    fn = make_resonance_fn(model, spec, data_shards=multiple)
+    stats.rows = sum(hi - lo for lo, hi in (hosts.rows(*ranges[k]) for k in todo))
+    cap = -(-shard_size // hosts.count)  # most examples of one process in a shard
+    dup = dedup_queries(records)  # over all records (text only), on every process
+    fn = make_resonance_fn(model, spec, data_shards=hosts.devices)
     names = feature_names(spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     shapes: set[tuple[int, int]] = set()
@@ -201,7 +219,7 @@ def score_resonance(
 
     def batches() -> Iterator[tuple[_Shard, BatchPlan | None, dict[str, np.ndarray] | None]]:
         for k in todo:
-            lo, hi = ranges[k]
+            lo, hi = hosts.rows(*ranges[k])  # this process's rows of the shard
             recs = records[lo:hi]
             keep = [i for i in range(hi - lo) if dup[lo + i] is None]
             examples = encode_sft_examples(
@@ -221,19 +239,20 @@ def score_resonance(
             rows = np.asarray([i for i, _ in ok], np.int64)  # item -> row within the shard
             seqs = [ex.ids for _, ex in ok]
             labels = [ex.labels for _, ex in ok]
-            lengths = [len(s) for s in seqs]
-            plans = plan_batches(
-                lengths,
-                buckets=_buckets(lengths, max_length, min_bucket, bucket_step),
+            plans = shard_plans(
+                hosts,
+                [len(s) for s in seqs],
+                cap=cap,
+                max_length=max_length,
+                min_bucket=min_bucket,
+                bucket_step=bucket_step,
                 token_budget=token_budget,
-                batch_multiple=multiple,
-                pow2_tail=True,
             )
             shard.remaining = len(plans)
             if not plans:
                 yield shard, None, None
             for plan in plans:
-                batch = collate(plan, seqs, labels, pad_id)
+                batch = _collate_sft(plan, seqs, labels, pad_id)
                 batch["shard_rows"] = np.where(plan.rows >= 0, rows[np.maximum(plan.rows, 0)], -1)
                 yield shard, plan, batch
 
@@ -258,7 +277,8 @@ def score_resonance(
 
     def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
         where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
-        out = jax.device_get(out)  # blocks until the batch is done
+        # Blocks until the batch is done; several processes: this process's rows only.
+        out = hosts.local_tree(out) if hosts.multi else jax.device_get(out)
         host = to_columns(out, spec)  # [B] each
         if stats.first_result_s == 0.0:
             stats.first_result_s = bar.elapsed()
@@ -274,7 +294,7 @@ def score_resonance(
 
     def dispatch(batch: dict[str, np.ndarray]) -> Any:
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-        return fn(shard_batch(arrays, mesh))
+        return fn(hosts.to_global(arrays))  # [P * B, L] global batch
 
     run_pipelined(
         batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
@@ -304,18 +324,27 @@ def run_from_config(
     With a projection, each shard's ``.npy`` is written before ``on_shard`` writes its score
     shard; a shard whose score file exists but whose projection file is missing or malformed
     is recomputed too; ``projections/index.json`` is (re)written at the end. Without one, a
-    stale ``projections/`` directory (of an overwritten run) is removed.
+    stale ``projections/`` directory (of an overwritten run) is removed. With several
+    processes each writes its part of a shard's projections (``projection_parts``) and
+    process 0 merges them (at the end, and at the start for a killed run's parts).
+    ``shards`` must be the same list on every process.
     """
+    hosts = Hosts(mesh)
+    lead = hosts.index == 0
     out_dir = Path(config.output_dir)
     ranges = outputs.shard_ranges(len(records), config.shard_size)
     pdir = out_dir / projection.PROJ_DIR
-    (pdir / projection.INDEX).unlink(missing_ok=True)
+    if lead:
+        (pdir / projection.INDEX).unlink(missing_ok=True)
     write = on_shard
     proj = spec.projection
     if proj is None:
-        if pdir.is_dir():
+        if lead and pdir.is_dir():
             shutil.rmtree(pdir)
     else:
+        if lead:
+            projection_parts.merge_parts(out_dir, ranges, proj.dim)  # parts of a killed run
+        hosts.barrier("resofilter_projections_ready")
         todo = set(shards)
         redo = [
             k
@@ -327,10 +356,14 @@ def run_from_config(
                 f"shards {redo[:8]} have scores but no valid projection file: recomputing them",
                 stacklevel=2,
             )
-        shards = sorted(todo | set(redo))
+        shards = hosts.agree_todo(sorted(todo | set(redo)), len(ranges))
 
         def write(k: int, cols: dict[str, Any]) -> None:
-            projection.write_shard(out_dir, k, cols["projection"])  # before the score shard
+            if hosts.multi:
+                part = (hosts.index, hosts.count)
+                projection_parts.write_part(out_dir, k, cols["projection"], part)
+            else:
+                projection.write_shard(out_dir, k, cols["projection"])  # before the score shard
             on_shard(k, cols)
 
     stats = score_resonance(
@@ -347,14 +380,17 @@ def run_from_config(
         shards=shards,
         mesh=mesh,
         on_shard=write,
-        progress=config.progress,
+        progress=config.progress and lead,
     )
     if proj is not None:
-        shapes = param_shapes(model)
-        meta = projection.index_meta(
-            proj, {p: shapes[p] for p in spec.params}, _model_stamp(out_dir)
-        )
-        projection.write_index(out_dir, meta, ranges)
+        hosts.barrier("resofilter_projections_written")
+        if lead:
+            projection_parts.merge_parts(out_dir, ranges, proj.dim)
+            shapes = param_shapes(model)
+            meta = projection.index_meta(
+                proj, {p: shapes[p] for p in spec.params}, _model_stamp(out_dir)
+            )
+            projection.write_index(out_dir, meta, ranges)
     return stats
 
 

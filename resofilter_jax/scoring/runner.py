@@ -7,6 +7,11 @@ length-bucketed, token-budgeted batches, and the batches are dispatched one ahea
 host: batch n + 1 (and the tokenization of the next shard) is prepared and dispatched before
 the results of batch n are pulled to host, so host work overlaps device work through JAX's
 asynchronous dispatch. A finished shard's columns go to ``on_shard`` (e.g. a Parquet writer).
+
+With several processes (``jax.distributed``) the mesh spans all of their devices and each
+process encodes only its part of every shard; the batch plan is agreed through an all-gather
+of sequence lengths (:mod:`resofilter_jax.scoring.distributed_plan`), so every process
+dispatches the same steps with the same shapes, and ``on_shard`` gets this process's rows.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from resofilter_jax.data import (
     plan_batches,
 )
 from resofilter_jax.models.base import CausalLM
-from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
+from resofilter_jax.parallel import make_mesh, replicate
 from resofilter_jax.scoring import outputs
+from resofilter_jax.scoring.distributed_plan import Hosts, plan_global_batches
 from resofilter_jax.scoring.ifd import SCORE_COLUMNS, ifd_scores, ifd_sequences, make_batch_fn
 
 ShardCallback = Callable[[int, dict[str, Any]], None]
@@ -107,6 +113,41 @@ def _buckets(lengths: Sequence[int], max_length: int, min_bucket: int, step: int
     if longest > max_length:
         buckets.append(-(-longest // min_bucket) * min_bucket)
     return buckets
+
+
+def shard_plans(
+    hosts: Hosts,
+    lengths: Sequence[int],
+    *,
+    cap: int,
+    max_length: int,
+    min_bucket: int,
+    bucket_step: int,
+    token_budget: int,
+) -> list[BatchPlan]:
+    """This process's batch plans of a shard (rows: its own item indices, -1 = dummy).
+
+    One process: ``plan_batches`` over the mesh. Several: the lengths of all processes are
+    all-gathered (``cap``: most items any process can have in a shard) and every process
+    takes its rows of the same :func:`plan_global_batches`.
+    """
+    if not hosts.multi:
+        return plan_batches(
+            lengths,
+            buckets=_buckets(lengths, max_length, min_bucket, bucket_step),
+            token_budget=token_budget,
+            batch_multiple=hosts.devices,
+            pow2_tail=True,
+        )
+    every = hosts.allgather_lengths(lengths, cap)  # [P] x [n_p]
+    flat = [int(x) for lens in every for x in lens]
+    plans = plan_global_batches(
+        every,
+        buckets=_buckets(flat, max_length, min_bucket, bucket_step),
+        token_budget=token_budget,
+        devices_per_process=hosts.local,
+    )
+    return [BatchPlan(g.length, g.rows[hosts.index]) for g in plans]
 
 
 def _columns(shard: _Shard) -> dict[str, Any]:
@@ -183,22 +224,26 @@ def score_ifd(
         bucket_step: > 0: buckets double only up to this length, then grow by it.
         chunk: Sequence chunk of the cross-entropy.
         shard_size: Rows per shard.
-        shards: Shard numbers to compute (default: all).
-        mesh: Device mesh with a ``data`` axis (default: all local devices).
+        shards: Shard numbers to compute (default: all; with several processes the same
+            list on every process).
+        mesh: Device mesh with a ``data`` axis (default: all local devices). With several
+            processes: a mesh over the devices of all of them (process by process); each
+            then scores only its contiguous part of every shard (``Hosts.rows``).
         on_shard: Called as ``on_shard(k, columns)`` for every finished shard, where columns
             are ``index, id, turn, status`` + :data:`SCORE_COLUMNS` (lists/arrays of one
-            value per row).
+            value per row of this process's part of the shard).
         progress: Show a tqdm bar.
 
     Returns:
         The loop's :class:`RunStats`.
     """
     mesh = mesh if mesh is not None else make_mesh()
-    multiple = num_devices(mesh)
+    hosts = Hosts(mesh)
     ranges = outputs.shard_ranges(len(records), shard_size)
     todo = list(range(len(ranges))) if shards is None else sorted(shards)
     stats = RunStats(shards_skipped=len(ranges) - len(todo))
-    stats.rows = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    stats.rows = sum(hi - lo for lo, hi in (hosts.rows(*ranges[k]) for k in todo))
+    cap = 2 * -(-shard_size // hosts.count)  # most sequences of one process in a shard
     graphdef, state = nnx.split(model)
     state = replicate(state, mesh)
     fn = make_batch_fn(graphdef, chunk=chunk)
@@ -208,19 +253,20 @@ def score_ifd(
 
     def batches() -> Iterator[tuple[_Shard, BatchPlan | None, dict[str, np.ndarray] | None]]:
         for k in todo:
-            lo, hi = ranges[k]
+            lo, hi = hosts.rows(*ranges[k])  # this process's rows of the shard
             recs = records[lo:hi]
             pairs = encode_ifd_pairs(recs, tokenizer, max_length=max_length, template=template)
             seq = ifd_sequences(pairs)
             n = len(seq.seqs)
             shard = _Shard(k, recs, pairs, seq.owner, np.zeros(n, np.float32), np.zeros(n))
-            lengths = seq.lengths
-            plans = plan_batches(
-                lengths,
-                buckets=_buckets(lengths, max_length, min_bucket, bucket_step),
+            plans = shard_plans(
+                hosts,
+                seq.lengths,
+                cap=cap,
+                max_length=max_length,
+                min_bucket=min_bucket,
+                bucket_step=bucket_step,
                 token_budget=token_budget,
-                batch_multiple=multiple,
-                pow2_tail=True,
             )
             shard.remaining = len(plans)
             if not plans:
@@ -239,7 +285,7 @@ def score_ifd(
         progress_bar.add(len(shard.records) - len(shard.owner), 0)  # rows with no sequences
 
     def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
-        s, c = np.asarray(out[0]), np.asarray(out[1])  # [B] each: blocks until the batch is done
+        s, c = hosts.to_local(out[0]), hosts.to_local(out[1])  # [B] each: blocks until done
         if stats.first_result_s == 0.0:
             stats.first_result_s = progress_bar.elapsed()
         real = plan.rows >= 0  # [B]
@@ -252,7 +298,7 @@ def score_ifd(
 
     def dispatch(batch: dict[str, np.ndarray]) -> Any:
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
-        return fn(state, shard_batch(arrays, mesh))
+        return fn(state, hosts.to_global(arrays))  # [P * B, L] global batch
 
     run_pipelined(
         batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
