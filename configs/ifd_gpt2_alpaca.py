@@ -45,4 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Multi-process jobs (launch/README.md): explicit coordinator/count/id; SLURM and TPU pods
     # are detected. Not part of the fingerprint: a job may resume with another process count.
     c.distributed = distributed_config()
+    # --config.dry_run=True: compile the step for dry_run_topology (e.g. v5e-32, 2x8xh100,
+    # 4x4xv5p) on virtual CPU devices and print per-device memory; no data, no weights.
+    c.dry_run = False
+    c.dry_run_topology = "2x8xh100"
     return c

@@ -192,6 +192,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "method='resonance' needs a config with a `resonance` section "
             "(see configs/reso_smollm2_gsm8k.py)"
         )
+    if config.get("dry_run", False):  # compile for a target topology; no data, no weights
+        from resofilter_jax.dry_run import run_dry
+
+        return run_dry(config, "score")
     if config.get("require_model_path", False) and not config.model.path:
         raise ValueError(
             "this config needs --config.model.path=<local Hugging Face model dir or .gguf file> "
@@ -312,7 +316,8 @@ def main(argv: list[str]) -> None:
     """absl entry point: runs the config given with --config and prints the summary."""
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    initialize_distributed(flags.FLAGS.config)  # before any other JAX use
+    if not flags.FLAGS.config.get("dry_run", False):  # a dry run sets up its own devices
+        initialize_distributed(flags.FLAGS.config)  # before any other JAX use
     summary = run(flags.FLAGS.config)
     print(json.dumps(summary, indent=2))
 

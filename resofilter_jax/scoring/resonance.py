@@ -175,9 +175,9 @@ class ResonanceFn:
                 abstract_model(model.config, dtype=cdt, param_dtype=cdt), is_chosen, ...
             )[0]
             rest = jax.tree.map(
-                lambda x: x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest
+                lambda x: _cast(x, cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest
             )
-        self._theta = jax.tree.map(lambda x: x.astype(jnp.float32), theta)
+        self._theta = jax.tree.map(lambda x: _cast(x, jnp.float32), theta)
         self._rest = rest
         self._graphdef = graphdef
         self._jitted = jax.jit(self._batch)
@@ -191,9 +191,10 @@ class ResonanceFn:
 
     @staticmethod
     def _inputs(batch: dict[str, Any]) -> dict[str, Array]:
-        return {
-            k: jnp.asarray(batch[k], jnp.int32) for k in ("input_ids", "attention_mask", "labels")
-        }
+        keys = ("input_ids", "attention_mask", "labels")
+        if all(isinstance(batch[k], jax.ShapeDtypeStruct) for k in keys):  # lowering only
+            return {k: batch[k] for k in keys}
+        return {k: jnp.asarray(batch[k], jnp.int32) for k in keys}
 
     def _example(
         self, theta: nnx.State, rest: nnx.State, ids: Array, mask: Array, labels: Array
@@ -268,6 +269,13 @@ class ResonanceFn:
             out = jax.lax.map(lambda x: one(theta, rest, *x), xs)
         out = jax.tree.map(from_steps, out)
         return _finish(out, self.spec)
+
+
+def _cast(x: Any, dtype: jnp.dtype) -> Any:
+    """``x.astype(dtype)``; for an abstract model (dry run) a ShapeDtypeStruct of ``dtype``."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
 
 
 def _by_name(state: nnx.State) -> dict[str, Array]:
