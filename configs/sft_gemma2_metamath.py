@@ -14,6 +14,8 @@ from pathlib import Path
 
 import ml_collections
 
+from resofilter_jax.parallel import distributed_config
+
 
 def _base() -> ml_collections.ConfigDict:
     path = Path(__file__).with_name("sft_smollm2.py")
@@ -48,4 +50,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.checkpoint.every = 500
     c.workdir = "runs/sft_gemma2_metamath"
+    c.distributed = distributed_config()  # set by _base() too; kept explicit for this recipe
     return c

@@ -10,6 +10,8 @@ embedded GSM8K test set. Re-running with the same workdir resumes from its newes
 
 import ml_collections
 
+from resofilter_jax.parallel import distributed_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The whole run; every field can be overridden with --config.<field>=..."""
@@ -73,4 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.export.dtype = ""  # "" = the master weights' dtype | bfloat16 | float32
     c.workdir = "runs/sft_smollm2"
     c.compilation_cache_dir = "~/.cache/resofilter_jax/jax_cache"
+    # Multi-process jobs (launch/README.md): explicit coordinator/count/id; SLURM and TPU pods
+    # are detected. Every process runs the same command (and a restarted job resumes).
+    c.distributed = distributed_config()
     return c

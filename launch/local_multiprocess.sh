@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # N local processes x M virtual CPU devices each, joined by jax.distributed (gloo collectives).
 #
-#   launch/local_multiprocess.sh [-n N] [-d M] [-p PORT] [-l LOG_DIR] -- \
+#   launch/local_multiprocess.sh [-n N] [-d M] [-p PORT] [-l LOG_DIR] [-m MODULE] -- \
 #       --config configs/ifd_smollm2_sharegpt.py --config.limit=64 --config.output_dir=out
 #
-# Everything after `--` is passed to `python -m resofilter_jax.score` on every process, plus
+# Everything after `--` is passed to `python -m MODULE` (default resofilter_jax.score; e.g.
+# resofilter_jax.train) on every process, plus
 # --config.distributed.{coordinator_address,num_processes,process_id}. PORT defaults to a free
 # one; with LOG_DIR each process logs to LOG_DIR/process-P.log (else to this terminal).
 # Exits 0 when every process succeeded; when one fails the others are stopped and the exit
@@ -17,12 +18,14 @@ num_procs=2
 devices=4
 port=""
 log_dir=""
-while getopts "n:d:p:l:h" opt; do
+module="resofilter_jax.score"
+while getopts "n:d:p:l:m:h" opt; do
   case "${opt}" in
     n) num_procs="${OPTARG}" ;;
     d) devices="${OPTARG}" ;;
     p) port="${OPTARG}" ;;
     l) log_dir="${OPTARG}" ;;
+    m) module="${OPTARG}" ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -46,7 +49,7 @@ trap 'stop_all; exit 130' INT TERM
 
 for ((p = 0; p < num_procs; p++)); do
   cmd=(
-    "${python_bin}" -m resofilter_jax.score "$@"
+    "${python_bin}" -m "${module}" "$@"
     "--config.distributed.coordinator_address=127.0.0.1:${port}"
     "--config.distributed.num_processes=${num_procs}"
     "--config.distributed.process_id=${p}"

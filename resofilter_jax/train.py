@@ -6,6 +6,11 @@
 Writes WORKDIR/checkpoints/<step>/ (orbax; a re-run with the same WORKDIR resumes from the
 newest one, at the same data position), WORKDIR/metrics.jsonl, WORKDIR/hf/ (the trained model
 as a Hugging Face directory, when the run is complete) and WORKDIR/run.json.
+
+The same command runs as a multi-process ``jax.distributed`` job (``config.distributed``, SLURM
+or a TPU pod; see ``launch/README.md``): the mesh spans every process's devices, each process
+collates its own rows of every batch, orbax checkpoints are written by all processes, and
+process 0 writes the other files (see ``resofilter_jax.training.multihost``).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from resofilter_jax.data import encode_sft_examples
 from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.registry import named_params
-from resofilter_jax.parallel import make_train_mesh, num_devices
+from resofilter_jax.parallel import initialize_distributed, make_train_mesh, num_devices
 from resofilter_jax.score import read_records
 from resofilter_jax.scoring.outputs import status_counts
+from resofilter_jax.training import multihost
 from resofilter_jax.training.checkpoints import Checkpointer
 from resofilter_jax.training.metrics import MetricsLogger
 from resofilter_jax.training.optim import optimizer_from_config
@@ -40,11 +46,12 @@ from resofilter_jax.training.sft_data import (
     BatchPlan,
     Row,
     batch_at,
+    batch_tokens,
     packed_rows,
     rows_fingerprint,
     single_rows,
 )
-from resofilter_jax.training.trainer import Trainer
+from resofilter_jax.training.trainer import Trainer, merge_model
 
 
 def _versions() -> dict[str, str]:
@@ -168,11 +175,22 @@ def _train_steps(
 
     Metrics of a step are fetched after the next step is dispatched, so the host builds the
     next batch while the device works; before a checkpoint they are flushed, so the metrics
-    file always covers the newest checkpoint.
+    file always covers the newest checkpoint. With several processes each collates only its
+    rows of every micro-batch (``Trainer.local_rows``); token counts are the whole batch's.
     """
     pending: tuple[int, dict[str, Any], int, float] | None = None
     last = [time.perf_counter()]
     total_tokens = 0
+    micro = plan.batch_size // accum  # rows of a micro-batch, all processes
+    local = trainer.local_rows(micro)  # this process's rows of it (None: all)
+    if local is not None:
+        logging.info(
+            "process %d collates rows %s of every %d-row micro-batch",
+            jax.process_index(),
+            local.tolist(),
+            micro,
+        )
+    kill = multihost.kill_hook()
 
     def flush(entry: tuple[int, dict[str, Any], int, float]) -> None:
         step, metrics, n_tokens, lr = entry
@@ -203,17 +221,19 @@ def _train_steps(
             max_length=config.max_length,
             min_bucket=config.min_bucket,
             pad_id=pad_id,
+            local=local,
         )
-        metrics = trainer.step(batch)
+        metrics = trainer.step(batch, micro)
         if pending is not None:
             flush(pending)
-        n_tokens = int(np.sum(batch["segment_ids"] > 0))  # real (non-padding) tokens
+        n_tokens = batch_tokens(rows, plan, step)  # real (non-padding) tokens
         total_tokens += n_tokens
         pending = (step + 1, metrics, n_tokens, float(lr_at(step)))
         if ckpt.should_save(step + 1):
             flush(pending)  # metrics up to a checkpoint are on disk before it is
             pending = None
             ckpt.save(step + 1, trainer.state(), data_state(step + 1))
+        multihost.maybe_kill(step + 1, kill)
     if pending is not None:
         flush(pending)
     return total_tokens
@@ -226,7 +246,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         A summary: steps done, final metrics, paths (also written to WORKDIR/run.json).
     """
     t0 = time.perf_counter()
-    mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp)
+    dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
+    mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp, multihost.train_devices())
+    multihost.check_mesh(mesh)
+    primary = multihost.is_primary()
     accum = _check_config(config, num_devices(mesh))
     workdir = Path(config.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -263,8 +286,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         workdir,
         total_steps=total,
         start_step=start,
-        progress=config.progress,
+        progress=config.progress and primary,
         tensorboard=config.tensorboard,
+        write=primary,
     )
     pad_id = lm.tokenizer.pad_token_id
     t_loop = time.perf_counter()
@@ -288,10 +312,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t_train = time.perf_counter()
     hf_dir = None
     if stop == total and config.export.enabled:
-        dtype = as_dtype(config.export.dtype) if config.export.dtype else None
-        hf_dir = str(
-            export_hf(trainer.model(), workdir / "hf", tokenizer=lm.tokenizer, dtype=dtype)
-        )
+        hf_dir = _export(config, trainer, workdir / "hf", lm.tokenizer)
     t_end = time.perf_counter()
     summary = {
         "workdir": str(workdir),
@@ -316,12 +337,18 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         },
         "train_tokens_per_s": n_tokens / max(t_train - t_loop, 1e-9),
     }
+    if dist["process_count"] > 1:
+        summary["processes"] = {"index": dist["process_index"], "count": dist["process_count"]}
+    multihost.barrier("resofilter_train_done")  # the export is on disk when any process returns
+    if not primary:
+        return summary
     record = {
         **summary,
         "config": config.to_dict(),
         "versions": _versions(),
         "devices": [str(d) for d in mesh.devices.flat],
         "mesh": dict(mesh.shape),
+        "distributed": dist,
         "model_config": {
             "model_type": lm.config.model_type,
             "num_hidden_layers": lm.config.num_hidden_layers,
@@ -334,10 +361,26 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return summary
 
 
+def _export(config: ml_collections.ConfigDict, trainer: Trainer, out: Path, tokenizer: Any) -> str:
+    """Writes the trained model as a HF directory; returns its path.
+
+    With several processes the parameters are sharded over them: every process gathers them
+    to its host, process 0 writes.
+    """
+    dtype = as_dtype(config.export.dtype) if config.export.dtype else None
+    if jax.process_count() == 1:
+        return str(export_hf(trainer.model(), out, tokenizer=tokenizer, dtype=dtype))
+    model = merge_model(trainer.parts, multihost.gather_to_host(trainer.params))
+    if multihost.is_primary():
+        export_hf(model, out, tokenizer=tokenizer, dtype=dtype)
+    return str(out)
+
+
 def main(argv: list[str]) -> None:
     """absl entry point: trains with the config given by --config and prints the summary."""
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    initialize_distributed(flags.FLAGS.config)  # before any other JAX use
     print(json.dumps(run(flags.FLAGS.config), indent=2, default=str))
 
 

@@ -7,4 +7,5 @@
 * ``trainer``: the jit-compiled, sharded train step with token-weighted accumulation.
 * ``checkpoints``: orbax checkpoints of params, optimizer state and the data position.
 * ``metrics``: console / JSONL / TensorBoard logging.
+* ``multihost``: multi-process jobs: each process's rows of a batch, gathering for export.
 """

@@ -6,6 +6,11 @@ step, epoch, batch within the epoch, permutation seed and a fingerprint of the t
 (see :meth:`resofilter_jax.training.sft_data.BatchPlan.state`). A checkpoint directory is
 written under a temporary name and renamed when complete, so a run killed mid-save resumes
 from the previous complete one.
+
+Multi-process jobs: every process calls save/restore with the same globally sharded arrays
+(each writes the blocks of its own devices); process 0, orbax's primary host, writes the
+JSON item and the metadata and renames the finished directory. The directory must be on a
+filesystem every process sees.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Checkpointer:
             enable_async_checkpointing=use_async,
             create=True,
             cleanup_tmp_directories=True,  # half-written saves of a killed run
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -68,6 +68,8 @@ class MetricsLogger:
         start_step: steps already done (a resumed run); later records in the file are dropped.
         progress: show a tqdm bar.
         tensorboard: also write TensorBoard scalars when a writer is importable.
+        write: False on the other processes of a multi-process job: nothing is written or
+            shown, only :attr:`last` is kept (from the steps this process logs).
     """
 
     def __init__(
@@ -78,14 +80,20 @@ class MetricsLogger:
         start_step: int = 0,
         progress: bool = True,
         tensorboard: bool = True,
+        write: bool = True,
     ):
         self.path = Path(workdir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        self._bar = None
+        self.last: dict[str, Any] = {}  # the newest record
+        if not write:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = truncate_jsonl(self.path, start_step)
         self._file = self.path.open("a")
         self._tb = _tensorboard_writer(Path(workdir) / "tensorboard") if tensorboard else None
-        self._bar = None
-        self.last: dict[str, Any] = kept[-1] if kept else {}  # the newest record
+        self.last = kept[-1] if kept else {}
         if progress:
             from tqdm.auto import tqdm
 
@@ -94,9 +102,11 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Records ``metrics`` of optimizer step ``step`` (1-based: steps done)."""
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self.last = record
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        self.last = record
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, float | int):
@@ -113,7 +123,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Closes the file, the bar and the TensorBoard writer."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

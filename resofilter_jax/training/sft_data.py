@@ -263,9 +263,22 @@ def batch_at(
     max_length: int,
     min_bucket: int,
     pad_id: int,
+    local: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The collated batch of optimizer step ``step`` (padded to a length bucket)."""
+    """The collated batch of optimizer step ``step`` (padded to a length bucket).
+
+    ``local``: only these rows of every micro-batch (sorted indices into its
+    ``batch_size // accum`` rows; one process's share), [accum, local.size, length]; the
+    length is still that of the whole batch, so every process pads alike.
+    """
     picks = plan.rows_at(step)
     longest = max((len(rows[i]) for i in picks.tolist() if i >= 0), default=1)
     length = row_length(longest, max_length, min_bucket)
+    if local is not None:
+        picks = picks.reshape(accum, -1)[:, local].reshape(-1)  # [accum * local rows]
     return collate_rows(rows, picks, accum=accum, length=length, pad_id=pad_id)
+
+
+def batch_tokens(rows: Sequence[Row], plan: BatchPlan, step: int) -> int:
+    """Real (non-padding) tokens of optimizer step ``step``'s whole batch."""
+    return int(sum(len(rows[i]) for i in plan.rows_at(step).tolist() if i >= 0))

@@ -37,6 +37,7 @@ from resofilter_jax.parallel import (
     train_batch_sharding,
 )
 from resofilter_jax.scoring.losses import chunked_token_ce
+from resofilter_jax.training import multihost
 
 Array = jax.Array
 Params = dict[str, Array]
@@ -171,8 +172,9 @@ class Trainer:
         self.mesh, self.tx = mesh, tx
         self.parts, params = split_model(model)
         self.param_sharding = param_shardings({n: v.shape for n, v in params.items()}, mesh, rules)
-        # A copy (never an alias of the model's arrays): the step donates these buffers.
-        self.params: Params = jax.device_put(params, self.param_sharding, may_alias=False)
+        # A copy (never an alias of the model's arrays): the step donates these buffers. With
+        # several processes each copies the blocks of its own devices.
+        self.params: Params = multihost.put_global(params, self.param_sharding)
         rep = replicated(mesh)
         self.opt_sharding = optax.tree_utils.tree_map_params(
             tx,
@@ -190,24 +192,41 @@ class Trainer:
             donate_argnums=(0, 1) if donate else (),
         )
 
-    def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
+    def local_rows(self, rows: int) -> np.ndarray | None:
+        """[local rows] the rows of a micro-batch of ``rows`` rows that this process's devices
+        hold (the rows it collates), sorted; None with a single process (every row)."""
+        return multihost.local_rows(self.batch_sharding, rows)
+
+    def put_batch(
+        self, batch: Mapping[str, np.ndarray], rows: int | None = None
+    ) -> dict[str, Array]:
         """Host arrays [accum, rows, seq] -> device arrays with rows split over the mesh.
+
+        With several processes ``batch`` holds only this process's rows, those of
+        :meth:`local_rows` ([accum, local rows, seq]), and ``rows`` is the global row count.
 
         Raises:
             ValueError: If the rows of a micro-batch do not split over the devices.
         """
-        rows, n = batch["input_ids"].shape[1], num_devices(self.mesh)
+        rows = batch["input_ids"].shape[1] if rows is None else rows
+        n = num_devices(self.mesh)
         if rows % n:
             raise ValueError(
                 f"a micro-batch of {rows} rows does not split over {n} devices; make the "
                 "micro-batch size a multiple of the device count"
             )
+        if not self.batch_sharding.is_fully_addressable:
+            picked = {k: batch[k] for k in BATCH_KEYS}
+            return multihost.put_local_batch(picked, self.batch_sharding, rows)
         return {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
 
-    def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
-        """One optimizer step on ``batch``; returns its metrics (device scalars, not fetched)."""
+    def step(self, batch: Mapping[str, np.ndarray], rows: int | None = None) -> dict[str, Array]:
+        """One optimizer step on ``batch``; returns its metrics (device scalars, not fetched).
+
+        ``rows``: the global rows of a micro-batch when ``batch`` holds this process's rows.
+        """
         self.params, self.opt_state, metrics = self._step(
-            self.params, self.opt_state, self.put_batch(batch)
+            self.params, self.opt_state, self.put_batch(batch, rows)
         )
         return metrics
 
