@@ -78,4 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Multi-process jobs (launch/README.md): explicit coordinator/count/id; SLURM and TPU pods
     # are detected. Every process runs the same command (and a restarted job resumes).
     c.distributed = distributed_config()
+    # --config.dry_run=True: compile the train step for dry_run_topology (e.g. v5e-32,
+    # 2x8xh100) on virtual CPU devices and print per-device memory; no data, no weights.
+    c.dry_run = False
+    c.dry_run_topology = "2x8xh100"
     return c

@@ -10,10 +10,11 @@
 # jax[tpu]; `ssh --worker=all --command` running `python -m resofilter_jax.score ARGS` on every
 # worker at once. OUTPUT_DIR must be shared by the workers (e.g. a Filestore / GCS-fuse mount);
 # re-running the same command resumes a killed job. Set SKIP_INSTALL=1 to skip the copy and
-# install on a slice that already has this version.
+# install on a slice that already has this version. MODULE=resofilter_jax.train runs training
+# instead of scoring (default: resofilter_jax.score).
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 name=""
 zone=""
@@ -58,10 +59,11 @@ if [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
     'set -e; mkdir -p ~/resofilter_jax && tar -C ~/resofilter_jax -xzf ~/resofilter_jax.tar.gz && python3 -m pip install -q -U "jax[tpu]" && python3 -m pip install -q -e ~/resofilter_jax && python3 -m resofilter_jax.assets fetch'
 fi
 
+module="${MODULE:-resofilter_jax.score}"
 # Quote every argument for the remote shell, then run the same command on every worker.
 remote_args=""
 for arg in "$@"; do
   remote_args+=" $(printf '%q' "${arg}")"
 done
 "${gc[@]}" ssh "${name}" "${common[@]}" --worker=all --command \
-  "cd ~/resofilter_jax && TOKENIZERS_PARALLELISM=false python3 -m resofilter_jax.score${remote_args}"
+  "cd ~/resofilter_jax && TOKENIZERS_PARALLELISM=false python3 -m ${module}${remote_args}"

@@ -144,7 +144,7 @@ def _abstract(tree: Any, sharding: Any) -> Any:
     """ShapeDtypeStructs of ``tree`` with ``sharding`` (one sharding, or a matching tree)."""
     import jax
 
-    if isinstance(sharding, dict):
+    if not isinstance(sharding, jax.sharding.Sharding):  # a tree of shardings like `tree`
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
         )

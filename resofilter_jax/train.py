@@ -246,6 +246,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         A summary: steps done, final metrics, paths (also written to WORKDIR/run.json).
     """
     t0 = time.perf_counter()
+    if config.get("dry_run", False):  # compile for a target topology; no data, no weights
+        from resofilter_jax.dry_run import run_dry
+
+        return run_dry(config, "train")
     dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
     mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp, multihost.train_devices())
     multihost.check_mesh(mesh)
@@ -380,7 +384,8 @@ def main(argv: list[str]) -> None:
     """absl entry point: trains with the config given by --config and prints the summary."""
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    initialize_distributed(flags.FLAGS.config)  # before any other JAX use
+    if not flags.FLAGS.config.get("dry_run", False):  # a dry run sets up its own devices
+        initialize_distributed(flags.FLAGS.config)  # before any other JAX use
     print(json.dumps(run(flags.FLAGS.config), indent=2, default=str))
 
 

@@ -107,3 +107,31 @@ def test_resonance_dry_run_of_the_paper_setting(tmp_path: Path) -> None:
     assert report["model"]["params"] > 2.5e9
     assert report["per_device_bytes"]["arguments"] > 2.5e9 * 4 * 0.9
     assert report["fits"] is True
+
+
+def test_train_dry_run_with_fsdp() -> None:
+    """SmolLM2 SFT on 4 hosts x 4 v5e: params + AdamW state sharded over fsdp=4."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "resofilter_jax.train",
+        "--config",
+        str(REPO / "configs/sft_smollm2.py"),
+        "--config.dry_run=True",
+        "--config.dry_run_topology=4x4xv5e",
+        "--config.mesh.fsdp=4",
+        "--config.train.batch_size=32",
+        "--config.train.micro_batch_size=16",
+        "--config.max_length=256",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("\n{") + 1 :])
+    assert report["mesh"] == {"data": 4, "fsdp": 4}
+    assert report["batch"]["global"] == [2, 16, 256]
+    assert report["batch"]["per_process"] == [2, 4, 256]
+    params = report["model"]["params"]
+    args = report["per_device_bytes"]["arguments"]
+    # fp32 params + two AdamW moments, matrices split 4 ways (norms replicated): ~12 N / 4.
+    assert 0.8 * 12 * params / 4 < args < 1.2 * 12 * params / 4
+    assert report["fits"] is True
