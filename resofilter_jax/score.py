@@ -22,7 +22,7 @@ import os
 import platform
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from resofilter_jax.models.loading import load_model
 from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.distributed_plan import Hosts
+from resofilter_jax.scoring.process_records import ProcessRecords, stream_process_records
 from resofilter_jax.scoring.runner import score_ifd
 
 METHODS = ("ifd", "resonance")
@@ -79,10 +80,13 @@ def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: s
     return fp
 
 
-def read_records(
+def iter_records(
     config: ml_collections.ConfigDict, data_path: str, limit: int | None = None
-) -> tuple[list[Record], ReadReport]:
-    """Reads the records of the first ``limit`` input rows (default ``config.limit``; 0 = all)."""
+) -> tuple[Iterator[Record], ReadReport]:
+    """Streams the records of the first ``limit`` input rows (default ``config.limit``; 0 = all).
+
+    The report is filled as the records are consumed.
+    """
     d = config.data
     report = ReadReport()
     rows = iter_raw_rows(
@@ -91,18 +95,49 @@ def read_records(
     limit = config.limit if limit is None else limit
     if limit:
         rows = itertools.islice(rows, limit)
-    records = list(
-        to_records(
-            rows,
-            d.format,
-            fields=dict(d.fields) or None,
-            sharegpt_turns=d.sharegpt_turns,
-            on_error=d.on_error,
-        )
+    records = to_records(
+        rows,
+        d.format,
+        fields=dict(d.fields) or None,
+        sharegpt_turns=d.sharegpt_turns,
+        on_error=d.on_error,
     )
+    return records, report
+
+
+def read_records(
+    config: ml_collections.ConfigDict, data_path: str, limit: int | None = None
+) -> tuple[list[Record], ReadReport]:
+    """Reads the records of the first ``limit`` input rows (default ``config.limit``; 0 = all)."""
+    stream, report = iter_records(config, data_path, limit)
+    records = list(stream)
     if report.truncated:
         logging.warning("%s", report.message)
     return records, report
+
+
+def _read_for_process(
+    config: ml_collections.ConfigDict, data_path: str, hosts: Hosts
+) -> tuple[Sequence[Record] | ProcessRecords, ReadReport, bool]:
+    """(records, report, whether any record has an id) as this process's scorer needs them.
+
+    Several processes scoring IFD: only this process's rows are kept (one streaming pass,
+    :mod:`resofilter_jax.scoring.process_records`). Resonance needs every query on every
+    process (duplicates are found over the whole input), and one process needs everything.
+    """
+    if hosts.multi and config.method == "ifd":
+        stream, report = iter_records(config, data_path)
+        records = stream_process_records(
+            stream,
+            shard_size=config.shard_size,
+            process_index=hosts.index,
+            process_count=hosts.count,
+        )
+        if report.truncated:
+            logging.warning("%s", report.message)
+        return records, report, records.has_id
+    records, report = read_records(config, data_path)
+    return records, report, any(r.id is not None for r in records)
 
 
 def _versions() -> dict[str, str]:
@@ -150,7 +185,7 @@ def shard_writer(
 def _score_ifd(
     config: ml_collections.ConfigDict,
     lm: Any,
-    records: list[Record],
+    records: Sequence[Record] | ProcessRecords,
     todo: list[int],
     mesh: Any,
     out_dir: Path,
@@ -220,7 +255,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         outputs.prepare_output_dir(config.output_dir, fp, overwrite=config.overwrite)
     hosts.barrier("resofilter_output_dir")
     out_dir = Path(config.output_dir)
-    records, report = read_records(config, data_path)
+    records, report, has_id = _read_for_process(config, data_path, hosts)
     ranges = outputs.shard_ranges(len(records), config.shard_size)
     # Every process computes the union of what any of them sees missing (lockstep).
     todo = hosts.agree_todo(outputs.missing_shards(out_dir, len(ranges)), len(ranges))
@@ -249,7 +284,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         table = outputs.merge_shards(
             out_dir,
             len(ranges),
-            with_id=any(r.id is not None for r in records),
+            with_id=has_id,
             with_turn=config.data.sharegpt_turns == "all",
             expected_rows=len(records),
             schema=schema,
