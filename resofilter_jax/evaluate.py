@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -37,16 +36,16 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from resofilter_jax import assets
-from resofilter_jax.data import IGNORE_INDEX, Record, encode_sft_examples, encode_texts
+from resofilter_jax.data import Record, encode_sft_examples, encode_texts
 from resofilter_jax.data.encoding import special_layout, without_added_bos
 from resofilter_jax.data.templates import get_template
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.generate import generate
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
-from resofilter_jax.score import read_records
-from resofilter_jax.scoring.losses import chunked_token_ce
+from resofilter_jax.score import enable_compilation_cache, read_records
 from resofilter_jax.training.sft_data import collate_rows, row_length, single_rows
+from resofilter_jax.training.trainer import row_loss_sums
 
 TASKS = ("loss", "gsm8k")
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -145,19 +144,7 @@ def heldout_loss(
 
     @jax.jit
     def row_sums(state: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        m = nnx.merge(graphdef, state)
-        hidden = m.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
-        labels = batch["labels"][:, 1:]  # [rows, seq - 1]
-        valid = labels != IGNORE_INDEX
-        ce = chunked_token_ce(
-            hidden[:, :-1],
-            m.output_embedding(),
-            jnp.where(valid, labels, 0),
-            dtype=m.dtype,
-            softcap=m.config.final_logit_softcapping,
-            chunk=ce_chunk,
-        )  # [rows, seq - 1] fp32
-        return jnp.sum(jnp.where(valid, ce, 0.0), axis=1), jnp.sum(valid, axis=1)
+        return row_loss_sums(nnx.merge(graphdef, state), batch, ce_chunk=ce_chunk)  # [rows] x2
 
     order = np.argsort([len(r) for r in rows], kind="stable")
     sums = np.zeros(len(rows))
@@ -256,10 +243,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
     t0 = time.perf_counter()
-    if config.get("compilation_cache_dir"):
-        cache = Path(config.compilation_cache_dir).expanduser()
-        cache.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(cache))
+    enable_compilation_cache(config.get("compilation_cache_dir", ""))
     model_path = config.model.path or str(assets.smollm2_gguf())
     data_path = config.data.path or str(assets.gsm8k_test())
     lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)

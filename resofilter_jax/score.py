@@ -150,7 +150,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _enable_compilation_cache(path: str) -> None:
+def enable_compilation_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``path`` ("" = off)."""
     if path:
         cache = Path(path).expanduser()
         cache.mkdir(parents=True, exist_ok=True)
@@ -239,7 +240,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.get("require_data_path", False) and not config.data.path:
         raise ValueError("this config needs --config.data.path=<local data file or directory>")
     dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
-    _enable_compilation_cache(config.compilation_cache_dir)
+    enable_compilation_cache(config.compilation_cache_dir)
     model_path, data_path = _resolve_paths(config)
     if dist["process_count"] > 1:
         devices = global_devices(config.num_devices)

@@ -36,7 +36,7 @@ from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.registry import named_params
 from resofilter_jax.parallel import initialize_distributed, make_train_mesh, num_devices
-from resofilter_jax.score import read_records
+from resofilter_jax.score import enable_compilation_cache, read_records
 from resofilter_jax.scoring.outputs import status_counts
 from resofilter_jax.training import multihost
 from resofilter_jax.training.checkpoints import Checkpointer
@@ -257,10 +257,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     accum = _check_config(config, num_devices(mesh))
     workdir = Path(config.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.compilation_cache_dir:
-        cache = Path(config.compilation_cache_dir).expanduser()
-        cache.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(cache))
+    enable_compilation_cache(config.compilation_cache_dir)
     model_path = config.model.path or str(assets.smollm2_gguf())
     data_path = config.data.path or str(assets.gsm8k_test())
     lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)

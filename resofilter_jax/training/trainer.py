@@ -67,10 +67,10 @@ def merge_model(parts: ModelParts, params: Mapping[str, Array]) -> CausalLM:
     return nnx.merge(parts.graphdef, state, parts.rest)
 
 
-def loss_sums(
-    parts: ModelParts, params: Mapping[str, Array], batch: Mapping[str, Array], *, ce_chunk: int
+def row_loss_sums(
+    model: CausalLM, batch: Mapping[str, Array], *, ce_chunk: int, remat: bool = False
 ) -> tuple[Array, Array]:
-    """Summed next-token CE over the target tokens of a micro-batch, and their count.
+    """Per-row summed next-token CE over the target tokens, and their counts.
 
     Token ``t`` is a target where ``labels[:, t] != -100``; it is predicted from position
     ``t - 1`` (HF's shifted loss). ``segment_ids`` is the attention mask (0 = padding; packed
@@ -78,10 +78,10 @@ def loss_sums(
 
     Args:
         batch: ``input_ids``, ``labels``, ``segment_ids``, ``positions``, each [rows, seq].
+        remat: recompute each CE chunk in the backward pass (for training).
     Returns:
-        (loss_sum, count), fp32 scalars.
+        (loss_sum [rows], count [rows]), fp32.
     """
-    model = merge_model(parts, params)
     hidden = model.hidden_states(
         batch["input_ids"], batch["segment_ids"], batch["positions"]
     )  # [rows, seq, hidden]
@@ -94,9 +94,20 @@ def loss_sums(
         dtype=model.dtype,
         softcap=model.config.final_logit_softcapping,
         chunk=ce_chunk,
-        remat=True,
+        remat=remat,
     )  # [rows, seq - 1] fp32
-    return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid, dtype=jnp.float32)
+    return jnp.sum(jnp.where(valid, ce, 0.0), axis=1), jnp.sum(valid, axis=1, dtype=jnp.float32)
+
+
+def loss_sums(
+    parts: ModelParts, params: Mapping[str, Array], batch: Mapping[str, Array], *, ce_chunk: int
+) -> tuple[Array, Array]:
+    """Summed CE over every target token of a micro-batch, and their count (fp32 scalars).
+
+    See :func:`row_loss_sums` for the batch layout.
+    """
+    sums, counts = row_loss_sums(merge_model(parts, params), batch, ce_chunk=ce_chunk, remat=True)
+    return jnp.sum(sums), jnp.sum(counts)
 
 
 def make_step_fn(
