@@ -182,6 +182,7 @@ def main() -> None:
     config.compilation_cache_dir = str(wd / "jax_cache")
 
     from resofilter_jax.data import encode_ifd_pairs
+    from resofilter_jax.host_memory import tune_allocator
     from resofilter_jax.score import read_records
     from resofilter_jax.scoring.ifd import ifd_sequences
 
@@ -194,11 +195,14 @@ def main() -> None:
         args.process_runs, args.config, over, wd, common.child_env(args.jax_matmul_precision)
     )
     torch_r = None
+    if args.torch_allocator == "tuned":
+        tune_allocator()
     if args.torch_samples > 0:
         if config.template != "none":
             print("warning: the torch loop uses Superfiltering's prompt (template none)")
         torch_r = run_torch(args, tok, records, model_path, config.max_length)
 
+    tune_allocator()  # the project runs as its commands do (resofilter_jax/host_memory.py)
     import jax
 
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
@@ -277,7 +281,7 @@ def report(
         scores["torch"] = torch_r["scores"]
         print(
             f"torch: {args.torch_dtype} on {torch_r['device_kind']}, {torch_r['threads']} "
-            f"threads, tf32={torch_r['tf32']}; peak: {tnote}"
+            f"threads, tf32={torch_r['tf32']}, allocator {args.torch_allocator}; peak: {tnote}"
         )
     if other is not None:
         scores["other"] = other["scores"]

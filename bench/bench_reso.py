@@ -273,6 +273,7 @@ def main() -> None:
     wd = common.work_dir(args.work_dir)
     config.compilation_cache_dir = str(wd / "jax_cache")
 
+    from resofilter_jax.host_memory import tune_allocator
     from resofilter_jax.score import read_records
 
     tok = common.load_tokenizer(model_path)
@@ -282,7 +283,10 @@ def main() -> None:
 
     env = common.child_env(args.jax_matmul_precision)
     procs = common.process_runs(args.process_runs, args.config, over, wd, env)
+    if args.torch_allocator == "tuned":
+        tune_allocator()
     torch_r = run_torch(args, config, examples, model_path) if args.torch_samples > 0 else None
+    tune_allocator()  # the project runs as its commands do (resofilter_jax/host_memory.py)
 
     import jax
 
@@ -385,7 +389,8 @@ def report(
         grads = "the chosen matrices" if args.torch_chosen_only else "all parameters"
         print(
             f"torch: {args.torch_dtype} on {torch_r['device_kind']}, {torch_r['threads']} "
-            f"threads, tf32={torch_r['tf32']}, grads of {grads}, AdamW step in {step}; "
+            f"threads, tf32={torch_r['tf32']}, allocator {args.torch_allocator}, "
+            f"grads of {grads}, AdamW step in {step}; "
             f"peak: {tnote}"
         )
     if other is not None:

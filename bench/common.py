@@ -440,6 +440,14 @@ def add_common_args(
     )
     add("--torch_dtype", choices=DTYPES, help="torch model dtype (default: --dtype)")
     add("--torch_tf32", action="store_true", help="allow TF32 matmuls in torch (GPU)")
+    add(
+        "--torch_allocator",
+        choices=("default", "tuned"),
+        default="default",
+        help="glibc settings for the torch loop: default (as users run it) or tuned (the "
+        "project's resofilter_jax/host_memory.py, applied before torch runs); the project "
+        "phase always runs tuned, as the commands do",
+    )
     add("--jax_matmul_precision", default="", help="JAX default matmul precision, e.g. highest")
     add(
         "--check_rankings",

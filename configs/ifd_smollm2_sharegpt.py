@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.token_budget = 16384
     c.min_bucket = 64
     c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
+    c.pack = True  # several sequences per row (segment masks): far less padding, same scores
     c.chunk = 128  # sequence chunk of the cross-entropy (bounds [batch, chunk, vocab] logits)
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
     # Outputs: shards of `shard_size` rows are written as they finish; a re-run with the same

@@ -212,6 +212,7 @@ def dry_run_scoring(config: Any) -> dict[str, Any]:
             {
                 "input_ids": ((rows, length), jnp.int32),
                 "attention_mask": ((rows, length), jnp.int32),
+                "positions": ((rows, length), jnp.int32),
                 "loss_mask": ((rows, length), jnp.float32),
             },
             bs,

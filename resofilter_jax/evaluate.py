@@ -39,6 +39,7 @@ from resofilter_jax import assets
 from resofilter_jax.data import Record, encode_sft_examples, encode_texts
 from resofilter_jax.data.encoding import special_layout, without_added_bos
 from resofilter_jax.data.templates import get_template
+from resofilter_jax.host_memory import tune_allocator
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.generate import generate
 from resofilter_jax.models.loading import load_model
@@ -294,6 +295,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     """absl entry point: evaluates with the config given by --config and prints the metrics."""
+    tune_allocator()  # before JAX starts: keep XLA's big buffers (host_memory.py)
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(json.dumps(run(flags.FLAGS.config), indent=2, default=str))

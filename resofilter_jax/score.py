@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from resofilter_jax import assets
 from resofilter_jax.data import ReadReport, Record, iter_raw_rows, to_records
+from resofilter_jax.host_memory import tune_allocator
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
 from resofilter_jax.scoring import outputs, reso_runner
@@ -203,6 +204,7 @@ def _score_ifd(
         min_bucket=config.min_bucket,
         bucket_step=config.get("bucket_step", 0),
         chunk=config.chunk,
+        pack=config.get("pack", True),
         shard_size=config.shard_size,
         shards=todo,
         mesh=mesh,
@@ -350,6 +352,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     """absl entry point: runs the config given with --config and prints the summary."""
+    tune_allocator()  # before JAX starts: keep XLA's big buffers (host_memory.py)
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not flags.FLAGS.config.get("dry_run", False):  # a dry run sets up its own devices

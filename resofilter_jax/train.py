@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from resofilter_jax import assets
 from resofilter_jax.data import encode_sft_examples
+from resofilter_jax.host_memory import tune_allocator
 from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.registry import named_params
@@ -379,6 +380,7 @@ def _export(config: ml_collections.ConfigDict, trainer: Trainer, out: Path, toke
 
 def main(argv: list[str]) -> None:
     """absl entry point: trains with the config given by --config and prints the summary."""
+    tune_allocator()  # before JAX starts: keep XLA's big buffers (host_memory.py)
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not flags.FLAGS.config.get("dry_run", False):  # a dry run sets up its own devices

@@ -22,6 +22,7 @@ from resofilter_jax.data.encoding import (
     truncate_ids,
 )
 from resofilter_jax.data.formats import FORMATS, detect_format, load_records, to_records
+from resofilter_jax.data.packing import Segment, collate_packed, pack_sequences, packed_lengths
 from resofilter_jax.data.readers import READERS, detect_reader, iter_raw_rows
 from resofilter_jax.data.records import (
     DataError,
@@ -44,12 +45,14 @@ __all__ = [
     "Record",
     "RowError",
     "SFTExample",
+    "Segment",
     "SpecialLayout",
     "Template",
     "TemplateError",
     "TruncatedInputError",
     "bucket_lengths",
     "collate",
+    "collate_packed",
     "detect_format",
     "detect_reader",
     "encode_ifd_pairs",
@@ -61,6 +64,8 @@ __all__ = [
     "iter_raw_rows",
     "load_records",
     "num_scored",
+    "pack_sequences",
+    "packed_lengths",
     "pad_to_multiple",
     "plan_batches",
     "special_layout",

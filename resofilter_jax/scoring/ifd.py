@@ -2,8 +2,9 @@
 
 Every ``ok`` sample contributes two sequences to ONE sequence list, ``2 * k`` (direct: the
 response alone) and ``2 * k + 1`` (conditioned: prompt + response), so both go through the
-same length-bucketed batches. The device function returns per-row (loss_sum, count); the
-host function turns per-sequence results into per-sample scores:
+same packed, length-bucketed batches. The device function returns the masked CE of every
+position; the host sums each sequence's segment and turns per-sequence results into
+per-sample scores:
 
     loss = loss_sum / count,  ppl = exp(loss),  ifd = ppl_condition / ppl_direct.
 """
@@ -17,9 +18,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from resofilter_jax.data import IFDPair
+from resofilter_jax.data import IFDPair, Segment
 from resofilter_jax.models.base import CausalLM
-from resofilter_jax.scoring.losses import sequence_losses
+from resofilter_jax.scoring.losses import token_losses
 
 Array = jax.Array
 OK = "ok"
@@ -36,40 +37,60 @@ SCORE_COLUMNS = (
 )
 
 
-def batch_losses(
-    model: CausalLM, batch: dict[str, Array], *, chunk: int = 128
-) -> tuple[Array, Array]:
-    """Per-row summed CE and scored-token count of one collated batch.
+def batch_losses(model: CausalLM, batch: dict[str, Array], *, chunk: int = 128) -> Array:
+    """Masked per-position CE of one collated batch (packed or not).
 
     Args:
         model: The causal LM.
-        batch: ``input_ids``, ``attention_mask`` [B, L] int32 and ``loss_mask`` [B, L] float32
-            (from :func:`resofilter_jax.data.collate`).
+        batch: ``input_ids``, ``attention_mask`` (segment ids) [B, L] int32, ``loss_mask``
+            [B, L] float32 and optionally ``positions`` [B, L] int32 (from
+            :func:`resofilter_jax.data.collate_packed` or :func:`resofilter_jax.data.collate`).
         chunk: Sequence chunk of the cross-entropy.
 
     Returns:
-        (loss_sum [B] fp32, count [B] fp32).
+        [B, L - 1] fp32: the loss of token t at column t - 1 where it is scored, else 0.
     """
-    return sequence_losses(
-        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=chunk
+    return token_losses(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["loss_mask"],
+        batch.get("positions"),
+        chunk=chunk,
     )
 
 
 def make_batch_fn(
     graphdef: nnx.GraphDef, *, chunk: int = 128
-) -> Callable[[nnx.State, dict[str, Array]], tuple[Array, Array]]:
-    """A jitted ``(state, batch) -> (loss_sum [B], count [B])`` for a split NNX model.
+) -> Callable[[nnx.State, dict[str, Array]], Array]:
+    """A jitted ``(state, batch) -> per-position CE [B, L - 1]`` for a split NNX model.
 
     Shardings follow the inputs: a batch split over the ``data`` axis with replicated
     ``state`` gives data-parallel scoring (per-row results stay on their device).
     """
 
     @jax.jit
-    def fn(state: nnx.State, batch: dict[str, Array]) -> tuple[Array, Array]:
+    def fn(state: nnx.State, batch: dict[str, Array]) -> Array:
         model = nnx.merge(graphdef, state)
         return batch_losses(model, batch, chunk=chunk)
 
     return fn
+
+
+def add_segment_losses(
+    ce: np.ndarray, segments: Sequence[Segment], loss_sum: np.ndarray, count: np.ndarray
+) -> None:
+    """Writes each segment's summed CE (float64 sum) and scored-token count, in place.
+
+    Args:
+        ce: [B, L - 1] per-position CE of a batch (from :func:`make_batch_fn`).
+        segments: Where each sequence sits in the batch.
+        loss_sum, count: [n_seq] per-sequence outputs, indexed by ``Segment.seq``.
+    """
+    for g in segments:
+        part = ce[g.row, g.offset : g.offset + g.length - 1]  # slots predicting its tokens
+        loss_sum[g.seq] = float(np.sum(part, dtype=np.float64))
+        count[g.seq] = g.scored
 
 
 @dataclass(frozen=True)

@@ -65,26 +65,30 @@ def chunked_token_ce(
     return ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :s].reshape(*lead, s)
 
 
-def sequence_losses(
+def token_losses(
     model: CausalLM,
     input_ids: Array,
     attention_mask: Array,
     loss_mask: Array,
+    positions: Array | None = None,
     *,
     chunk: int = 128,
-) -> tuple[Array, Array]:
-    """Summed next-token CE and the number of scored tokens per sequence.
+) -> Array:
+    """Masked next-token CE per position: ``out[:, t - 1]`` is the loss of token t.
 
     Token t is scored (predicted from position t - 1) where `loss_mask[:, t]` is 1, exactly as
-    HF's shifted loss with labels masked to -100 elsewhere.
+    HF's shifted loss with labels masked to -100 elsewhere; other positions are 0. Packed rows
+    (segment ids in `attention_mask`, `positions` restarting per segment) give every sequence
+    the losses it has alone; sum a segment's slots ``[offset, offset + length - 1)``.
 
     Args:
-        input_ids, attention_mask: [batch, seq] (right padding).
-        loss_mask: [batch, seq] float, 1 on scored target positions (never position 0).
+        input_ids, attention_mask: [batch, seq] (right padding; mask values are segment ids).
+        loss_mask: [batch, seq] float, 1 on scored target positions (never a segment's first).
+        positions: [batch, seq] token positions (default 0..seq-1).
     Returns:
-        (loss_sum [batch] fp32, count [batch] fp32); mean CE = loss_sum / count.
+        [batch, seq - 1] fp32.
     """
-    hidden = model.hidden_states(input_ids, attention_mask)  # [batch, seq, hidden]
+    hidden = model.hidden_states(input_ids, attention_mask, positions)  # [batch, seq, hidden]
     ce = chunked_token_ce(
         hidden[:, :-1],
         model.output_embedding(),
@@ -93,5 +97,24 @@ def sequence_losses(
         softcap=model.config.final_logit_softcapping,
         chunk=chunk,
     )  # [batch, seq - 1]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(ce * mask, axis=-1), jnp.sum(mask, axis=-1)
+    return ce * loss_mask[:, 1:].astype(jnp.float32)
+
+
+def sequence_losses(
+    model: CausalLM,
+    input_ids: Array,
+    attention_mask: Array,
+    loss_mask: Array,
+    *,
+    chunk: int = 128,
+) -> tuple[Array, Array]:
+    """Summed next-token CE and the number of scored tokens per (unpacked) row.
+
+    Args:
+        input_ids, attention_mask: [batch, seq] (right padding).
+        loss_mask: [batch, seq] float, 1 on scored target positions (never position 0).
+    Returns:
+        (loss_sum [batch] fp32, count [batch] fp32); mean CE = loss_sum / count.
+    """
+    ce = token_losses(model, input_ids, attention_mask, loss_mask, chunk=chunk)  # [b, s - 1]
+    return jnp.sum(ce, axis=-1), jnp.sum(loss_mask[:, 1:].astype(jnp.float32), axis=-1)

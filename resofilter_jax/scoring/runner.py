@@ -2,8 +2,9 @@
 
 This is the only module that loops over data. Rows are processed in fixed-size shards (in
 input order). For each shard the records are encoded (Superfiltering tokenization), the
-direct and conditioned sequences of all its samples form one sequence list that is cut into
-length-bucketed, token-budgeted batches, and the batches are dispatched one ahead of the
+direct and conditioned sequences of all its samples form one sequence list that is packed
+several to a row (:mod:`resofilter_jax.data.packing`) and cut into length-bucketed,
+token-budgeted batches of rows, and the batches are dispatched one ahead of the
 host: batch n + 1 (and the tokenization of the next shard) is prepared and dispatched before
 the results of batch n are pulled to host, so host work overlaps device work through JAX's
 asynchronous dispatch. A finished shard's columns go to ``on_shard`` (e.g. a Parquet writer).
@@ -31,16 +32,25 @@ from tqdm import tqdm
 from resofilter_jax.data import (
     BatchPlan,
     Record,
+    Segment,
     bucket_lengths,
-    collate,
+    collate_packed,
     encode_ifd_pairs,
+    pack_sequences,
+    packed_lengths,
     plan_batches,
 )
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh, replicate
 from resofilter_jax.scoring import outputs
 from resofilter_jax.scoring.distributed_plan import Hosts, plan_global_batches
-from resofilter_jax.scoring.ifd import SCORE_COLUMNS, ifd_scores, ifd_sequences, make_batch_fn
+from resofilter_jax.scoring.ifd import (
+    SCORE_COLUMNS,
+    add_segment_losses,
+    ifd_scores,
+    ifd_sequences,
+    make_batch_fn,
+)
 
 ShardCallback = Callable[[int, dict[str, Any]], None]
 
@@ -101,8 +111,8 @@ class _Shard:
     records: Sequence[Record]
     pairs: list[Any]
     owner: np.ndarray
-    loss_sum: np.ndarray  # [n_seq] fp32
-    count: np.ndarray  # [n_seq] fp32
+    loss_sum: np.ndarray  # [n_seq] float64
+    count: np.ndarray  # [n_seq]
     remaining: int = 0
 
 
@@ -174,7 +184,8 @@ def run_pipelined(
 
     `batches` yields (shard, plan, batch), or (shard, None, None) for a shard with nothing to
     run (handed straight to `finish`). `dispatch` returns device results (async);
-    `collect(shard, plan, batch, n_tokens, out)` pulls them to host. Counters go to `stats`.
+    `collect(shard, plan, batch, n_tokens, out)` pulls them to host. Counters go to `stats`;
+    a batch of packed rows lists its sequences under ``batch["segments"]``.
     """
     pending: collections.deque = collections.deque()
     for shard, plan, batch in batches:
@@ -182,10 +193,11 @@ def run_pipelined(
             finish(shard)
             continue
         rows = int(plan.rows.size)
-        n_tokens = int(batch["attention_mask"].sum())
+        n_tokens = int((batch["attention_mask"] > 0).sum())  # segment ids: > 0 is real
         shapes.add((rows, plan.length))
         stats.batches += 1
-        stats.sequences += int((plan.rows >= 0).sum())
+        packed = batch.get("segments")
+        stats.sequences += len(packed) if packed is not None else int((plan.rows >= 0).sum())
         stats.tokens += n_tokens
         stats.padded_tokens += rows * plan.length
         pending.append((shard, plan, batch, n_tokens, dispatch(batch)))  # async dispatch
@@ -206,6 +218,7 @@ def score_ifd(
     min_bucket: int = 64,
     bucket_step: int = 0,
     chunk: int = 128,
+    pack: bool = True,
     shard_size: int = 2048,
     shards: Sequence[int] | None = None,
     mesh: Mesh | None = None,
@@ -223,6 +236,8 @@ def score_ifd(
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
         bucket_step: > 0: buckets double only up to this length, then grow by it.
         chunk: Sequence chunk of the cross-entropy.
+        pack: Pack several sequences into one row (:mod:`resofilter_jax.data.packing`);
+            False: one sequence per row. The scores are the same either way.
         shard_size: Rows per shard.
         shards: Shard numbers to compute (default: all; with several processes the same
             list on every process).
@@ -258,10 +273,13 @@ def score_ifd(
             pairs = encode_ifd_pairs(recs, tokenizer, max_length=max_length, template=template)
             seq = ifd_sequences(pairs)
             n = len(seq.seqs)
-            shard = _Shard(k, recs, pairs, seq.owner, np.zeros(n, np.float32), np.zeros(n))
+            shard = _Shard(k, recs, pairs, seq.owner, np.zeros(n), np.zeros(n))
+            rows = pack_sequences(
+                seq.lengths, _buckets(seq.lengths, max_length, min_bucket, bucket_step), pack=pack
+            )  # packed rows of sequence indices
             plans = shard_plans(
                 hosts,
-                seq.lengths,
+                packed_lengths(rows, seq.lengths),
                 cap=cap,
                 max_length=max_length,
                 min_bucket=min_bucket,
@@ -272,7 +290,8 @@ def score_ifd(
             if not plans:
                 yield shard, None, None
             for plan in plans:
-                yield shard, plan, collate(plan, seq.seqs, seq.starts, pad_id)
+                arrays, segments = collate_packed(plan, rows, seq.seqs, seq.starts, pad_id)
+                yield shard, plan, {**arrays, "segments": segments}
 
     progress_bar = _Progress(stats.rows, enabled=progress)
 
@@ -285,19 +304,18 @@ def score_ifd(
         progress_bar.add(len(shard.records) - len(shard.owner), 0)  # rows with no sequences
 
     def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
-        s, c = hosts.to_local(out[0]), hosts.to_local(out[1])  # [B] each: blocks until done
+        ce = hosts.to_local(out)  # [B, L - 1]: blocks until done
         if stats.first_result_s == 0.0:
             stats.first_result_s = progress_bar.elapsed()
-        real = plan.rows >= 0  # [B]
-        shard.loss_sum[plan.rows[real]] = s[real]
-        shard.count[plan.rows[real]] = c[real]
+        segments: list[Segment] = batch["segments"]
+        add_segment_losses(ce, segments, shard.loss_sum, shard.count)
         shard.remaining -= 1
-        progress_bar.add(real.sum() / 2, n_tokens)  # two sequences per sample
+        progress_bar.add(len(segments) / 2, n_tokens)  # two sequences per sample
         if shard.remaining == 0:
             finish(shard)
 
     def dispatch(batch: dict[str, np.ndarray]) -> Any:
-        arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+        arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
         return fn(state, hosts.to_global(arrays))  # [P * B, L] global batch
 
     run_pipelined(
