@@ -72,7 +72,9 @@ def token_losses(
     loss_mask: Array,
     positions: Array | None = None,
     *,
+    targets: Array | None = None,
     chunk: int = 128,
+    remat: bool = False,
 ) -> Array:
     """Masked next-token CE per position: ``out[:, t - 1]`` is the loss of token t.
 
@@ -85,6 +87,9 @@ def token_losses(
         input_ids, attention_mask: [batch, seq] (right padding; mask values are segment ids).
         loss_mask: [batch, seq] float, 1 on scored target positions (never a segment's first).
         positions: [batch, seq] token positions (default 0..seq-1).
+        targets: [batch, seq - 1] ids predicted at each position (default ``input_ids[:, 1:]``;
+            SFT passes its labels).
+        remat: recompute each CE chunk in the backward pass (training).
     Returns:
         [batch, seq - 1] fp32.
     """
@@ -92,10 +97,11 @@ def token_losses(
     ce = chunked_token_ce(
         hidden[:, :-1],
         model.output_embedding(),
-        input_ids[:, 1:],
+        input_ids[:, 1:] if targets is None else targets,
         dtype=model.dtype,
         softcap=model.config.final_logit_softcapping,
         chunk=chunk,
+        remat=remat,
     )  # [batch, seq - 1]
     return ce * loss_mask[:, 1:].astype(jnp.float32)
 

@@ -36,7 +36,7 @@ from resofilter_jax.parallel import (
     replicated,
     train_batch_sharding,
 )
-from resofilter_jax.scoring.losses import chunked_token_ce
+from resofilter_jax.scoring.losses import token_losses
 from resofilter_jax.training import multihost
 
 Array = jax.Array
@@ -82,21 +82,19 @@ def row_loss_sums(
     Returns:
         (loss_sum [rows], count [rows]), fp32.
     """
-    hidden = model.hidden_states(
-        batch["input_ids"], batch["segment_ids"], batch["positions"]
-    )  # [rows, seq, hidden]
-    labels = batch["labels"][:, 1:]  # [rows, seq - 1]
-    valid = labels != IGNORE_INDEX
-    ce = chunked_token_ce(
-        hidden[:, :-1],
-        model.output_embedding(),
-        jnp.where(valid, labels, 0),
-        dtype=model.dtype,
-        softcap=model.config.final_logit_softcapping,
+    labels = batch["labels"]  # [rows, seq]
+    valid = labels != IGNORE_INDEX  # [rows, seq]; position 0 is never a target
+    ce = token_losses(
+        model,
+        batch["input_ids"],
+        batch["segment_ids"],
+        valid.astype(jnp.float32),
+        batch["positions"],
+        targets=jnp.where(valid, labels, 0)[:, 1:],
         chunk=ce_chunk,
         remat=remat,
-    )  # [rows, seq - 1] fp32
-    return jnp.sum(jnp.where(valid, ce, 0.0), axis=1), jnp.sum(valid, axis=1, dtype=jnp.float32)
+    )  # [rows, seq - 1] fp32, 0 where not a target
+    return jnp.sum(ce, axis=1), jnp.sum(valid[:, 1:], axis=1, dtype=jnp.float32)
 
 
 def loss_sums(
