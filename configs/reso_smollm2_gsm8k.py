@@ -21,7 +21,8 @@ def resonance_config() -> ml_collections.ConfigDict:
     r.weight_decay = 0.01  # -1 = the rule's torch default (adamw 0.01, adam/sgd 0)
     r.aggregate = "mean"  # score = mean | sum | max over the chosen matrices of mean |delta|
     r.memory_budget_gb = 4.0  # per device for per-example gradients + activations of a step
-    r.micro = 0  # examples per device per step; 0 = as many as memory_budget_gb allows
+    r.micro = 0  # rows per device per step; 0 = as many as memory_budget_gb allows
+    r.max_segments = 8  # most examples packed into one row (with pack=True)
     return r
 
 
@@ -69,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.token_budget = 8192
     c.min_bucket = 64
     c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
+    # Several examples per row; one backward pass gives each its own gradient (same results).
+    c.pack = True
     c.chunk = 128  # unused by resonance (its CE chunk is fixed); kept for a uniform config
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
     c.shard_size = 512

@@ -197,13 +197,21 @@ def dry_run_scoring(config: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     if config.method == "resonance":
         from resofilter_jax.scoring import reso_runner
-        from resofilter_jax.scoring.resonance import make_resonance_fn
+        from resofilter_jax.scoring.resonance import make_resonance_fn, max_slots
 
         spec = reso_runner.spec_from_config(config, model)
         fn = make_resonance_fn(model, spec, data_shards=topo.devices)
         ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=bs)
-        lowered = fn.lower({"input_ids": ids, "attention_mask": ids, "labels": ids})
-        step = f"resonance ({len(spec.params)} matrices, {spec.rule})"
+        batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+        slots = None
+        limit = int(config.resonance.get("max_segments", 8))
+        limit = max_slots(model, spec, length, limit)  # as the scoring loop lowers it
+        if config.get("pack", True) and fn.packable and limit > 1:  # the fullest packed rows
+            slots = limit
+            batch["positions"] = ids
+        lowered = fn.lower(batch, slots=slots)
+        step = f"resonance ({len(spec.params)} matrices, {spec.rule}"
+        step += f", {slots} examples per row)" if slots else ")"
     else:
         from resofilter_jax.scoring.ifd import make_batch_fn
 

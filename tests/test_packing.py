@@ -14,7 +14,14 @@ import pytest
 from test_ifd import MAX_LENGTH, alpaca_rows, assert_matches_reference, records_of, tiny
 from torch_reference import ifd_reference
 
-from resofilter_jax.data import BatchPlan, collate_packed, pack_sequences, packed_lengths
+from resofilter_jax.data import (
+    BatchPlan,
+    collate_packed,
+    pack_sequences,
+    packed_lengths,
+    segment_slots,
+)
+from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.scoring.runner import score_records
 
 
@@ -46,6 +53,11 @@ def test_pack_sequences_best_fit_example() -> None:
     assert pack_sequences([], [16]) == []
     with pytest.raises(ValueError, match="largest bucket"):
         pack_sequences([17], [8, 16])
+    # At most 2 per row: the 3 would fit the first row's 6 free slots but opens its own row.
+    assert pack_sequences([10, 3, 3, 3], [16], max_per_row=2) == [[0, 1], [2, 3]]
+    assert pack_sequences([10, 3, 3], [16], max_per_row=1) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="max_per_row"):
+        pack_sequences([1], [16], max_per_row=0)
 
 
 def test_collate_packed_arrays() -> None:
@@ -74,6 +86,17 @@ def test_collate_packed_arrays() -> None:
     ]
     with pytest.raises(ValueError, match="batch length"):
         collate_packed(BatchPlan(5, np.array([0])), rows, seqs, starts, pad_id=0)
+    assert segment_slots(arrays) == 2 and "labels" not in arrays
+    # SFT labels: copied per segment, IGNORE on padding and on each segment's first token.
+    labels = [np.array([-100, 6, 7]), np.array([-100, 9]), np.array([-100, -100, 12, 13])]
+    arrays, _ = collate_packed(plan, rows, seqs, starts, pad_id=0, labels=labels)
+    x = IGNORE_INDEX
+    np.testing.assert_array_equal(
+        arrays["labels"], [[x, x, 12, 13, x, 9, x, x], [x] * 8, [x, 6, 7, x, x, x, x, x]]
+    )
+    labels[1] = np.array([8, 9])  # a label on a segment's first token is still dropped
+    again, _ = collate_packed(plan, rows, seqs, starts, pad_id=0, labels=labels)
+    np.testing.assert_array_equal(again["labels"], arrays["labels"])
 
 
 @pytest.fixture(scope="module")

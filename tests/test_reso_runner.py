@@ -219,7 +219,10 @@ def assert_same_table(got: Any, want: Any) -> None:
 def test_one_vs_eight_devices_same_rows_scores_and_projections(
     model_dir: Path, data_path: Path, run8: Path, tmp_path: Path
 ) -> None:
-    cfg = make_config(model_dir, data_path, tmp_path / "on1", shard_size=4, num_devices=1, **PROJ)
+    # One device and one example per row (pack=False) against 8 devices with packed rows.
+    cfg = make_config(
+        model_dir, data_path, tmp_path / "on1", shard_size=4, num_devices=1, pack=False, **PROJ
+    )
     on1 = score.run(cfg)
     r8 = json.loads((run8 / "run.json").read_text())
     r1 = json.loads((tmp_path / "on1" / "run.json").read_text())

@@ -27,17 +27,26 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from reso_packing import packed_batch, per_example
 from scipy.stats import spearmanr
 from test_model_parity import loaded, reference
 from torch_resonance_reference import resonance_loop
 
-from resofilter_jax.data import BatchPlan, collate, encode_sft_examples, load_records
+from resofilter_jax.data import (
+    BatchPlan,
+    collate,
+    encode_sft_examples,
+    load_records,
+    pack_sequences,
+    segment_slots,
+)
 from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.data.records import Record
 from resofilter_jax.models.config import config_from_hf
 from resofilter_jax.models.registry import build_model
 from resofilter_jax.scoring.param_select import select_params, sort_names
 from resofilter_jax.scoring.projection import ProjectionSpec, matrix_rows
+from resofilter_jax.scoring.reso_features import _order_stats
 from resofilter_jax.scoring.resonance import (
     ResonanceSpec,
     dedup_queries,
@@ -128,6 +137,11 @@ def near_bound(delta: np.ndarray, grad: np.ndarray, bound: float) -> int:
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
 def test_every_feature_matches_float64_torch_adamw_loop(name: str) -> None:
     spec, out, ref = tiny_run(name)
+    assert_matches_loop(spec, out, ref)
+
+
+def assert_matches_loop(spec: ResonanceSpec, out: dict[str, Any], ref: list[dict]) -> None:
+    """Every feature of every matrix of our results [n, ...] vs the float64 torch loop's."""
     np.testing.assert_allclose(out["loss"], [r["loss"] for r in ref], rtol=1e-5)
     np.testing.assert_array_equal(out["n_tokens"], [r["n_tokens"] for r in ref])
     want_score = [np.mean([r["features"][p]["mean_abs"] for p in spec.params]) for r in ref]
@@ -152,6 +166,25 @@ def test_every_feature_matches_float64_torch_adamw_loop(name: str) -> None:
                     tol += extra
                 assert abs(got - exp) <= tol, (i, p, f, got, exp)
     assert excused <= 1e-3 * n_counted  # counts are compared on all but a handful of elements
+
+
+def test_order_statistics_are_exact_when_the_sample_bracket_misses_too() -> None:
+    rng = np.random.default_rng(0)
+    n = 20_000
+    smooth = np.abs(rng.normal(size=n)).astype(np.float32)
+    repeats = np.round(smooth * 8) / 8  # long runs of equal values
+    # Every 4th element (the strided sample when n = 4 * 4096 + ...) is tiny: the sample's
+    # bracket is wrong for every rank and the search must fall back to the whole range.
+    trap = np.full(n, 3.0, np.float32)
+    trap[::4] = rng.uniform(0, 1e-3, size=trap[::4].size)
+    ranks = [0, 1, 2000, 4999, 5000, 10_000, 19_998, n - 1]
+    rows = np.stack([smooth, repeats, trap, np.zeros(n, np.float32)])  # [4, n]
+    got = jax.jit(jax.vmap(lambda a: _order_stats(a, ranks)))(rows)
+    np.testing.assert_array_equal(got, np.sort(rows, axis=1)[:, ranks])
+    small = smooth[:37]  # fewer elements than the sample: the bracket is exact
+    got = _order_stats(jnp.asarray(small), [0, 18, 36])
+    np.testing.assert_array_equal(got, np.sort(small)[[0, 18, 36]])
+    assert _order_stats(jnp.asarray(small), []).shape == (0,)
 
 
 def test_all_params_in_the_optimizer_changes_nothing_for_the_chosen() -> None:
@@ -317,7 +350,8 @@ def _count_dots(jaxpr: Any) -> int:
     return n
 
 
-def test_backward_work_stops_at_the_lowest_chosen_layer() -> None:
+def four_layer_llama() -> Any:
+    """A random 4-layer Llama (vocab 128, hidden 64) for counting backward work."""
     hf = transformers.LlamaConfig(
         vocab_size=128,
         hidden_size=64,
@@ -326,15 +360,23 @@ def test_backward_work_stops_at_the_lowest_chosen_layer() -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    model = build_model(config_from_hf(hf.to_dict()), seed=0)
+    return build_model(config_from_hf(hf.to_dict()), seed=0)
+
+
+@pytest.mark.parametrize("slots", [None, 4], ids=["unpacked", "packed"])
+def test_backward_work_stops_at_the_lowest_chosen_layer(slots: int | None) -> None:
+    model = four_layer_llama()
     batch = tiny_batch("llama")
+    if slots is not None:  # the three samples in one row
+        batch, _ = packed_batch(batch, [[0, 1, 2]], 64)
     flops, dots = {}, {}
     for layer in (0, 3):
         spec = ResonanceSpec(params=(f"model.layers.{layer}.mlp.up_proj.weight",))
         fn = make_resonance_fn(model, spec)
-        flops[layer] = fn.lower(batch).cost_analysis()["flops"]
-        args = (fn._theta, fn._rest, fn._inputs(batch))
-        dots[layer] = _count_dots(jax.make_jaxpr(fn._batch)(*args).jaxpr)
+        flops[layer] = fn.lower(batch, slots=slots).cost_analysis()["flops"]
+        args = (fn._theta, fn._rest, fn._inputs(batch, slots))
+        jaxpr = jax.make_jaxpr(lambda t, r, b, fn=fn: fn._batch(t, r, b, slots=slots))(*args)
+        dots[layer] = _count_dots(jaxpr.jaxpr)
     # Forward: 4 x 9 dots + LM head. The backward from layer 3 crosses 1 layer, from 0 all 4.
     per_layer = (dots[0] - dots[3]) / 3  # backward dots of one decoder layer
     assert per_layer >= 9
@@ -438,13 +480,20 @@ def smol_setup(smollm2, gsm8k_path) -> tuple[list[str], dict[str, np.ndarray], l
     return names, batch, examples, out
 
 
-def test_smollm2_scores_rank_like_the_float64_torch_loop(smol_setup, smollm2_torch) -> None:
-    names, _, examples, out = smol_setup
-    assert names == [f"model.layers.{i}.mlp.up_proj.weight" for i in (27, 28, 29)]
+@pytest.fixture(scope="module")
+def smol_torch(smol_setup, smollm2_torch) -> tuple[list[dict], np.ndarray]:
+    """The float64-step torch loop on the 16 examples: per-example results and scores."""
+    names, _, examples, _ = smol_setup
     pairs = [(e.ids, e.labels) for e in examples]
     # fp32 model (as the fixture), float64 AdamW step: the torch step without cancellation.
     ref = resonance_loop(smollm2_torch, pairs, names, dtype=torch.float32, step_dtype=torch.float64)
-    want = np.array([np.mean([r["features"][p]["mean_abs"] for p in names]) for r in ref])
+    return ref, np.array([np.mean([r["features"][p]["mean_abs"] for p in names]) for r in ref])
+
+
+def test_smollm2_scores_rank_like_the_float64_torch_loop(smol_setup, smol_torch) -> None:
+    names, _, _, out = smol_setup
+    assert names == [f"model.layers.{i}.mlp.up_proj.weight" for i in (27, 28, 29)]
+    ref, want = smol_torch
     np.testing.assert_allclose(out["loss"], [r["loss"] for r in ref], rtol=1e-4)
     np.testing.assert_allclose(out["score"], want, rtol=1e-5)
     assert np.ptp(want) / want.mean() > 1e-4  # the samples really differ
@@ -459,3 +508,29 @@ def test_smollm2_bfloat16_mode_ranks_like_float32(smol_setup, smollm2) -> None:
     assert fast["score"].dtype == np.float32 and np.isfinite(fast["score"]).all()
     np.testing.assert_allclose(fast["loss"], out["loss"], rtol=0.05)
     assert spearmanr(fast["score"], out["score"]).statistic >= 0.99
+
+
+@pytest.fixture(scope="module")
+def smol_packed(smol_setup, smollm2) -> dict[str, np.ndarray]:
+    """The 16 examples of `smol_setup` packed best-fit into rows of 160 tokens (<= 4 each)."""
+    names, batch, _, _ = smol_setup
+    lens = batch["attention_mask"].sum(1)
+    rows = pack_sequences(lens, [160], max_per_row=4)
+    assert len(rows) < N_SMOL and max(len(r) for r in rows) >= 2
+    arrays, where = packed_batch(batch, rows, 160)
+    spec = ResonanceSpec(params=tuple(names))
+    slots = 1 << (segment_slots(arrays) - 1).bit_length()
+    out = jax.device_get(make_resonance_fn(smollm2.model, spec)(arrays, slots=slots))
+    return per_example(out, where)
+
+
+def test_smollm2_packed_rows_score_like_unpacked_and_the_torch_loop(
+    smol_setup, smol_packed, smol_torch
+) -> None:
+    _, _, _, out = smol_setup
+    np.testing.assert_allclose(smol_packed["loss"], out["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(smol_packed["n_tokens"], out["n_tokens"])
+    np.testing.assert_allclose(smol_packed["score"], out["score"], rtol=1e-5)
+    _, want = smol_torch
+    np.testing.assert_allclose(smol_packed["score"], want, rtol=1e-5)
+    assert spearmanr(smol_packed["score"], want).statistic >= 0.99

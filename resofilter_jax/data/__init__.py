@@ -22,7 +22,13 @@ from resofilter_jax.data.encoding import (
     truncate_ids,
 )
 from resofilter_jax.data.formats import FORMATS, detect_format, load_records, to_records
-from resofilter_jax.data.packing import Segment, collate_packed, pack_sequences, packed_lengths
+from resofilter_jax.data.packing import (
+    Segment,
+    collate_packed,
+    pack_sequences,
+    packed_lengths,
+    segment_slots,
+)
 from resofilter_jax.data.readers import READERS, detect_reader, iter_raw_rows
 from resofilter_jax.data.records import (
     DataError,
@@ -66,6 +72,7 @@ __all__ = [
     "num_scored",
     "pack_sequences",
     "packed_lengths",
+    "segment_slots",
     "pad_to_multiple",
     "plan_batches",
     "special_layout",

@@ -26,12 +26,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from resofilter_jax.data.batching import BatchPlan
+from resofilter_jax.data.encoding import IGNORE_INDEX
 
-__all__ = ["Segment", "collate_packed", "pack_sequences", "packed_lengths"]
+__all__ = ["Segment", "collate_packed", "pack_sequences", "packed_lengths", "segment_slots"]
 
 
 def pack_sequences(
-    lengths: Sequence[int], buckets: Sequence[int], *, pack: bool = True
+    lengths: Sequence[int],
+    buckets: Sequence[int],
+    *,
+    pack: bool = True,
+    max_per_row: int | None = None,
 ) -> list[list[int]]:
     """Packs sequences into rows whose capacity is a bucket length (best-fit decreasing).
 
@@ -40,6 +45,7 @@ def pack_sequences(
         buckets: Row capacities to choose from; a new row gets the smallest bucket that holds
             the sequence that opens it.
         pack: False: one sequence per row (the unpacked layout), in index order.
+        max_per_row: A row holding this many sequences takes no more (None: no limit).
 
     Returns:
         Rows as lists of sequence indices, in placement order; every index exactly once.
@@ -49,7 +55,9 @@ def pack_sequences(
         ValueError: If a sequence is longer than the largest bucket.
     """
     lens = [int(x) for x in lengths]
-    if not pack:
+    if max_per_row is not None and max_per_row < 1:
+        raise ValueError(f"max_per_row must be >= 1, got {max_per_row}")
+    if not pack or max_per_row == 1:
         return [[i] for i in range(len(lens))]
     edges = sorted(set(int(b) for b in buckets))
     if lens and max(lens) > edges[-1]:
@@ -67,7 +75,7 @@ def pack_sequences(
             r = len(rows)
             rows.append([i])
             free = edges[bisect.bisect_left(edges, n)] - n
-        if free > 0:
+        if free > 0 and (max_per_row is None or len(rows[r]) < max_per_row):
             bisect.insort(open_rows, (free, r))
     return rows
 
@@ -102,6 +110,7 @@ def collate_packed(
     seqs: Sequence[np.ndarray],
     starts: Sequence[int],
     pad_id: int,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[Segment]]:
     """Builds the arrays of one batch of packed rows.
 
@@ -111,12 +120,15 @@ def collate_packed(
         seqs: Token ids of every sequence.
         starts: First scored position of every sequence (Superfiltering's start).
         pad_id: Padding token id.
+        labels: Optional SFT labels of every sequence (IGNORE_INDEX where not trained on).
 
     Returns:
         (arrays, segments): ``input_ids`` [B, L] int32, ``attention_mask`` [B, L] int32
         segment ids (0 = padding), ``positions`` [B, L] int32 (from 0 in each segment),
         ``loss_mask`` [B, L] float32 (1 where token t of a segment is scored, i.e.
-        ``max(start, 1) <= t - offset < length``), and one :class:`Segment` per sequence.
+        ``max(start, 1) <= t - offset < length``), with ``labels`` also ``labels`` [B, L]
+        int32 (IGNORE_INDEX on padding and on each segment's first token, which nothing in
+        its segment predicts), and one :class:`Segment` per sequence.
 
     Raises:
         ValueError: If a row's sequences do not fit the batch length.
@@ -126,6 +138,7 @@ def collate_packed(
     segment_ids = np.zeros((bsz, length), np.int32)  # [B, L]
     positions = np.zeros((bsz, length), np.int32)  # [B, L]
     loss_mask = np.zeros((bsz, length), np.float32)  # [B, L]
+    label_rows = np.full((bsz, length), IGNORE_INDEX, np.int32)  # [B, L]
     segments: list[Segment] = []
     for b, r in enumerate(plan.rows.tolist()):
         if r < 0:
@@ -141,6 +154,8 @@ def collate_packed(
             segment_ids[b, offset : offset + n] = s + 1
             positions[b, offset : offset + n] = np.arange(n, dtype=np.int32)
             loss_mask[b, offset + first : offset + n] = 1.0
+            if labels is not None:
+                label_rows[b, offset + 1 : offset + n] = np.asarray(labels[i])[1:n]
             segments.append(Segment(int(i), b, offset, n, max(n - first, 0)))
             offset += n
     arrays = {
@@ -149,4 +164,12 @@ def collate_packed(
         "positions": positions,
         "loss_mask": loss_mask,
     }
+    if labels is not None:
+        arrays["labels"] = label_rows
     return arrays, segments
+
+
+def segment_slots(arrays: dict[str, np.ndarray]) -> int:
+    """Segments of the fullest row of a collated batch (0 when it has no real token)."""
+    seg = arrays["attention_mask"]
+    return int(seg.max()) if seg.size else 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resofilter_jax.scoring.projection import ProjectionSpec
 
@@ -146,26 +147,54 @@ def _angle(a: Array, d: Array) -> tuple[Array, Array]:
     return cos, gap
 
 
-def _order_stats(a: Array, ranks: Sequence[int]) -> Array:
+ORDER_SAMPLE = 4096  # elements sampled to bracket each order statistic
+
+
+def _order_stats(a: Array, ranks: Sequence[int], sample: int = ORDER_SAMPLE) -> Array:
     """Exact order statistics (0-based ranks) of a 1-D non-negative fp32 array, without sorting.
 
-    Bisection on the int32 bit patterns (monotone in the value for non-negative floats):
-    32 counting passes per rank instead of an O(n log n) sort, which is slow on CPU.
+    Bisection on the int32 bit patterns (monotone in the value for non-negative floats): each
+    step counts the elements at or below a midpoint per rank, instead of an O(n log n) sort,
+    which is slow on CPU. The search starts from a bracket read off a sorted strided sample
+    of ``sample`` elements (the sample's order statistics 4 standard deviations either side of
+    the rank's position), checked by one counting pass; a bracket that misses falls back to
+    the whole range, so the result is exact either way. The bracket typically leaves 11-17
+    steps instead of 32.
+
     Returns [len(ranks)] values, ``sorted(a)[k]`` for each rank k.
     """
+    if not ranks:
+        return jnp.zeros((0,), jnp.float32)
+    n = a.shape[0]
     bits = jax.lax.bitcast_convert_type(a, jnp.int32)  # [n]
-    need = jnp.asarray(ranks, jnp.int32)[:, None] + 1  # [R, 1] elements at or below the answer
-    lo = jnp.full((len(ranks), 1), jnp.min(bits) - 1, jnp.int32)  # [R, 1] count(<= lo) < need
-    hi = jnp.full((len(ranks), 1), jnp.max(bits), jnp.int32)  # [R, 1] count(<= hi) >= need
+    need = jnp.asarray(ranks, jnp.int32) + 1  # [R] elements at or below the answer
+    m = min(n, sample)
+    stride = n // m
+    picked = jnp.sort(bits[: m * stride : stride])  # [m] sorted sample
+    q = np.asarray(ranks, np.float64) / max(n - 1, 1)  # [R]
+    spread = 4.0 * np.sqrt(m * q * (1.0 - q)) + 2.0  # binomial sd of the sample count, padded
+    i_lo = np.floor(q * (m - 1) - spread).astype(np.int64)  # [R]
+    i_hi = np.ceil(q * (m - 1) + spread).astype(np.int64)  # [R]
+    whole_lo, whole_hi = jnp.min(bits) - 1, jnp.max(bits)
+    lo = jnp.where(jnp.asarray(i_lo >= 0), picked[np.clip(i_lo, 0, m - 1)] - 1, whole_lo)
+    hi = jnp.where(jnp.asarray(i_hi < m), picked[np.clip(i_hi, 0, m - 1)], whole_hi)
+    counts = jnp.sum(bits[None, :] <= jnp.concatenate([lo, hi])[:, None], axis=1)  # [2R]
+    r = len(ranks)
+    lo = jnp.where(counts[:r] < need, lo, whole_lo)  # invariant: count(<= lo) < need
+    hi = jnp.where(counts[r:] >= need, hi, whole_hi)  # invariant: count(<= hi) >= need
 
-    def step(_: int, bounds: tuple[Array, Array]) -> tuple[Array, Array]:
+    def unfinished(bounds: tuple[Array, Array]) -> Array:
         lo, hi = bounds
-        mid = lo + (hi - lo) // 2  # [R, 1]
-        enough = jnp.sum(bits[None, :] <= mid, axis=1, keepdims=True) >= need  # [R, 1]
+        return jnp.any(hi - lo > 1)
+
+    def step(bounds: tuple[Array, Array]) -> tuple[Array, Array]:
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2  # [R]
+        enough = jnp.sum(bits[None, :] <= mid[:, None], axis=1) >= need  # [R]
         return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
 
-    _, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
-    return jax.lax.bitcast_convert_type(hi[:, 0], jnp.float32)
+    _, hi = jax.lax.while_loop(unfinished, step, (lo, hi))
+    return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
 def matrix_features(theta: Array, delta: Array, spec: ResonanceSpec) -> dict[str, Array]:

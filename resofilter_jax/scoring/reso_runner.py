@@ -32,7 +32,16 @@ import numpy as np
 import pyarrow as pa
 from jax.sharding import Mesh
 
-from resofilter_jax.data import BatchPlan, Record, collate, encode_sft_examples
+from resofilter_jax.data import (
+    BatchPlan,
+    Record,
+    collate,
+    collate_packed,
+    encode_sft_examples,
+    pack_sequences,
+    packed_lengths,
+    segment_slots,
+)
 from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh
@@ -45,12 +54,14 @@ from resofilter_jax.scoring.resonance import (
     dedup_queries,
     feature_names,
     make_resonance_fn,
+    max_slots,
     param_shapes,
     to_columns,
 )
 from resofilter_jax.scoring.runner import (
     RunStats,
     ShardCallback,
+    _buckets,
     _Progress,
     print_summary,
     run_pipelined,
@@ -164,6 +175,15 @@ def _collate_sft(
     }
 
 
+def _agreed_slots(hosts: Hosts, local: Sequence[int], limit: int) -> list[int]:
+    """Segment slots of every batch of a shard: the fullest row over all processes, rounded
+    up to a power of two (fewer compiled shapes) but at most ``limit``; every process gets
+    the same list."""
+    every = hosts.allgather_lengths(local, len(local)) if hosts.multi else [np.asarray(local)]
+    most = np.max(np.stack(every), axis=0) if local else np.zeros(0, np.int64)
+    return [min(1 << max(int(n) - 1, 0).bit_length(), max(limit, int(n))) for n in most]
+
+
 def score_resonance(
     model: CausalLM,
     tokenizer: Any,
@@ -175,6 +195,8 @@ def score_resonance(
     token_budget: int = 8192,
     min_bucket: int = 64,
     bucket_step: int = 0,
+    pack: bool = True,
+    max_segments: int = 8,
     shard_size: int = 2048,
     shards: Sequence[int] | None = None,
     mesh: Mesh | None = None,
@@ -192,6 +214,12 @@ def score_resonance(
         token_budget: Padded tokens per batch (rows x bucket length).
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
         bucket_step: > 0: buckets double only up to this length, then grow by it.
+        pack: Pack several examples into one row (one backward pass gives each its own
+            gradient, `resofilter_jax.scoring.segment_grads`); falls back to one example per
+            row, with a warning, when a chosen parameter does not allow it. Same results.
+        max_segments: Most examples in one packed row (the segment-masked weight gradient
+            costs this many weight-gradient matmuls per chosen matrix and row); lowered to
+            what the memory budget holds at ``max_length`` (below 2: not packed).
         shard_size: Rows per shard.
         shards: Shard numbers to compute (default: all).
         mesh: Device mesh with a ``data`` axis (default: all local devices).
@@ -212,6 +240,16 @@ def score_resonance(
     cap = -(-shard_size // hosts.count)  # most examples of one process in a shard
     dup = dedup_queries(records)  # over all records (text only), on every process
     fn = make_resonance_fn(model, spec, data_shards=hosts.devices)
+    if pack and not fn.packable:
+        warnings.warn(
+            f"packing is off: the per-example gradients of {fn.unpackable} need one example "
+            "per row",
+            stacklevel=2,
+        )
+        pack = False
+    if pack:  # gradients of the chosen matrices for every example of a row must fit
+        max_segments = min(max_segments, max_slots(model, spec, max_length, max_segments))
+        pack = max_segments > 1
     names = feature_names(spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     shapes: set[tuple[int, int]] = set()
@@ -239,9 +277,16 @@ def score_resonance(
             rows = np.asarray([i for i, _ in ok], np.int64)  # item -> row within the shard
             seqs = [ex.ids for _, ex in ok]
             labels = [ex.labels for _, ex in ok]
+            lengths = [len(s) for s in seqs]
+            packed = pack_sequences(
+                lengths,
+                _buckets(lengths, max_length, min_bucket, bucket_step),
+                pack=pack,
+                max_per_row=max_segments,
+            )  # rows of example indices
             plans = shard_plans(
                 hosts,
-                [len(s) for s in seqs],
+                packed_lengths(packed, lengths) if pack else lengths,
                 cap=cap,
                 max_length=max_length,
                 min_bucket=min_bucket,
@@ -251,10 +296,23 @@ def score_resonance(
             shard.remaining = len(plans)
             if not plans:
                 yield shard, None, None
-            for plan in plans:
-                batch = _collate_sft(plan, seqs, labels, pad_id)
-                batch["shard_rows"] = np.where(plan.rows >= 0, rows[np.maximum(plan.rows, 0)], -1)
-                yield shard, plan, batch
+            if not pack:
+                for plan in plans:
+                    batch = _collate_sft(plan, seqs, labels, pad_id)
+                    batch["shard_rows"] = np.where(
+                        plan.rows >= 0, rows[np.maximum(plan.rows, 0)], -1
+                    )
+                    yield shard, plan, batch
+                continue
+            starts = [1] * len(seqs)  # labels mark what is trained on
+            got = [collate_packed(p, packed, seqs, starts, pad_id, labels) for p in plans]
+            for plan, (arrays, segments), slots in zip(
+                plans,
+                got,
+                _agreed_slots(hosts, [segment_slots(a) for a, _ in got], max_segments),
+                strict=True,
+            ):
+                yield shard, plan, {**arrays, "segments": segments, "slots": slots, "rows": rows}
 
     bar = _Progress(stats.rows, enabled=progress)
     bar.bar.set_description("resonance")
@@ -276,23 +334,36 @@ def score_resonance(
         bar.add(sum(s != "ok" for s in shard.status), 0)
 
     def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
-        where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
         # Blocks until the batch is done; several processes: this process's rows only.
         out = hosts.local_tree(out) if hosts.multi else jax.device_get(out)
-        host = to_columns(out, spec)  # [B] each
         if stats.first_result_s == 0.0:
             stats.first_result_s = bar.elapsed()
-        real = where >= 0  # [B]
+        if "slots" in batch:  # packed: results [B, S, ...] -> one per segment
+            slots, segments = batch["slots"], batch["segments"]
+            out = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in out.items()}
+            seg_ids = batch["attention_mask"]
+            at = np.asarray([g.row * slots + seg_ids[g.row, g.offset] - 1 for g in segments])
+            where = batch["rows"][[g.seq for g in segments]]  # row within the shard
+            done = len(segments)
+        else:
+            where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
+            at = np.nonzero(where >= 0)[0]
+            where = where[at]
+            done = len(at)
+        host = to_columns(out, spec)  # [B] or [B * S] each
         for n in names:
-            shard.cols[n][where[real]] = host[n][real]
+            shard.cols[n][where] = host[n][at]
         if shard.proj is not None:
-            shard.proj[where[real]] = np.asarray(out["projection"])[real]  # [b, K]
+            shard.proj[where] = np.asarray(out["projection"])[at]  # [b, K]
         shard.remaining -= 1
-        bar.add(int(real.sum()), n_tokens)
+        bar.add(done, n_tokens)
         if shard.remaining == 0:
             finish(shard)
 
     def dispatch(batch: dict[str, np.ndarray]) -> Any:
+        if "slots" in batch:
+            keys = ("input_ids", "attention_mask", "positions", "labels")
+            return fn(hosts.to_global({k: batch[k] for k in keys}), slots=batch["slots"])
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         return fn(hosts.to_global(arrays))  # [P * B, L] global batch
 
@@ -376,6 +447,8 @@ def run_from_config(
         token_budget=config.token_budget,
         min_bucket=config.min_bucket,
         bucket_step=config.get("bucket_step", 0),
+        pack=config.get("pack", True),
+        max_segments=config.resonance.get("max_segments", 8),
         shard_size=config.shard_size,
         shards=shards,
         mesh=mesh,

@@ -64,6 +64,7 @@ from resofilter_jax.scoring.reso_features import (
     matrix_features,
     update_delta,
 )
+from resofilter_jax.scoring.segment_grads import segment_grads, unsupported
 
 Array = jax.Array
 
@@ -78,6 +79,7 @@ __all__ = [
     "make_resonance_fn",
     "matrix_feature_names",
     "matrix_features",
+    "max_slots",
     "microbatch_size",
     "param_shapes",
     "to_columns",
@@ -86,19 +88,28 @@ __all__ = [
 
 
 def example_bytes(
-    model: CausalLM, spec: ResonanceSpec, seq_len: int, *, backward_layers: int | None = None
+    model: CausalLM,
+    spec: ResonanceSpec,
+    seq_len: int,
+    *,
+    backward_layers: int | None = None,
+    segments: int = 1,
 ) -> int:
-    """Estimated device bytes one example needs in a step (gradients, features, activations).
+    """Estimated device bytes one row needs in a step (gradients, features, activations).
 
-    Per-example fp32 gradient, update and sort buffers of the chosen matrices (~6 copies),
-    saved activations of the layers the backward pass crosses (~10 hidden- and 4
-    intermediate-sized vectors per token and two [heads, L, L] attention maps per layer, plus
-    one layer in flight), one chunk of fp32 logits with its cotangent, and the projection
-    accumulator when ``spec.projection`` is set (its shared block is not per example: see
-    :func:`microbatch_size`).
+    Unpacked (``segments`` 1, ``vmap``): the example's fp32 gradient, update and feature
+    buffers of the chosen matrices (~6 copies). Packed (``segments`` S > 1): S gradients,
+    plus ~5 copies for the features, which run one example at a time. Then saved
+    activations of the
+    layers the backward pass crosses (~10 hidden- and 4 intermediate-sized vectors per token
+    and two [heads, L, L] attention maps per layer, plus one layer in flight), one chunk of
+    fp32 logits with its cotangent, the segment-masked output gradient of the widest chosen
+    matrix when packed, and the projection accumulator when ``spec.projection`` is set (its
+    shared block is not per example: see :func:`microbatch_size`).
     """
     cfg = model.config
-    sizes = {p: math.prod(shape) for p, shape in param_shapes(model).items()}
+    shapes = param_shapes(model)
+    sizes = {p: math.prod(shape) for p, shape in shapes.items()}
     n_chosen = sum(sizes[p] for p in spec.params)
     if backward_layers is None:
         backward_layers = _backward_layers(spec.params, cfg.num_hidden_layers)
@@ -107,7 +118,11 @@ def example_bytes(
     per_layer += 2 * cfg.num_attention_heads * seq_len * seq_len * c
     logits = 3 * min(spec.ce_chunk, seq_len) * cfg.vocab_size * 4
     proj = spec.projection.example_bytes() if spec.projection is not None else 0
-    return 6 * 4 * n_chosen + (backward_layers + 1) * per_layer + logits + proj
+    masked = 0
+    if segments > 1:
+        masked = segments * seq_len * max(max(shapes[p]) for p in spec.params) * c
+    grads = 6 * 4 * n_chosen if segments == 1 else (segments + 5) * 4 * n_chosen
+    return grads + proj + (backward_layers + 1) * per_layer + logits + masked
 
 
 def _backward_layers(params: Sequence[str], num_layers: int) -> int:
@@ -128,23 +143,42 @@ def param_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
     return {param_name(path): tuple(var.shape) for path, var in flat}
 
 
-def microbatch_size(model: CausalLM, spec: ResonanceSpec, seq_len: int, rows: int) -> int:
-    """Examples per device per step (the projection's shared block comes off the budget)."""
+def microbatch_size(
+    model: CausalLM, spec: ResonanceSpec, seq_len: int, rows: int, *, segments: int = 1
+) -> int:
+    """Rows per device per step (the projection's shared block comes off the budget).
+
+    ``segments``: examples packed per row (1: unpacked, one example per row).
+    """
     if spec.micro is not None:
         return max(1, min(spec.micro, rows))
-    need = example_bytes(model, spec, seq_len)
+    need = example_bytes(model, spec, seq_len, segments=segments)
     budget = spec.memory_budget_bytes
     if spec.projection is not None:
         budget -= spec.projection.fixed_bytes()
     if need > budget:
+        what = "one example" if segments == 1 else f"one row of {segments} packed examples"
         raise ValueError(
-            f"one example needs about {need / 2**20:.1f} MiB at sequence length {seq_len} "
+            f"{what} needs about {need / 2**20:.1f} MiB at sequence length {seq_len} "
             f"(per-example gradients of {len(spec.params)} chosen parameters + activations) but "
             f"memory_budget_bytes is {spec.memory_budget_bytes / 2**20:.1f} MiB"
             + (" less the projection block" if spec.projection is not None else "")
             + "; raise the budget, shorten max_length or choose fewer / smaller parameters"
+            + ("" if segments == 1 else ", or pack fewer examples per row")
         )
     return max(1, min(rows, budget // need))
+
+
+def max_slots(model: CausalLM, spec: ResonanceSpec, seq_len: int, limit: int) -> int:
+    """Most examples (at most ``limit``) one packed row of ``seq_len`` may hold within the
+    per-device memory budget (0: not even one)."""
+    budget = spec.memory_budget_bytes
+    if spec.projection is not None:
+        budget -= spec.projection.fixed_bytes()
+    fits = [
+        s for s in range(1, limit + 1) if example_bytes(model, spec, seq_len, segments=s) <= budget
+    ]
+    return max(fits, default=0)
 
 
 class ResonanceFn:
@@ -155,6 +189,13 @@ class ResonanceFn:
     feature as [B, n_params] (columns in ``spec.params`` order) and, with ``spec.projection``,
     ``projection`` [B, K] fp32. Rows without a label token (e.g. dummy padding rows) get NaN
     (floats) and -1 (counts).
+
+    Packed rows (several examples per row, from :func:`resofilter_jax.data.collate_packed`
+    with labels: ``attention_mask`` holds segment ids, plus ``positions``) are scored with
+    ``fn(batch, slots=S)``: one backward pass per row gives every example's gradient
+    (`resofilter_jax.scoring.segment_grads`), and the results are [B, S, ...], slot s of row
+    b being the example with segment id s + 1 (empty slots: NaN / -1). Possible when
+    :attr:`packable`; otherwise :attr:`unpackable` names the parameters in the way.
     """
 
     def __init__(self, model: CausalLM, spec: ResonanceSpec, *, data_shards: int = 1):
@@ -163,6 +204,7 @@ class ResonanceFn:
         if missing:
             raise ValueError(f"the model has no parameter(s) {missing}")
         self.spec, self.model, self.data_shards = spec, model, data_shards
+        self.unpackable = unsupported(model, spec.params)
         chosen = set(spec.params)
 
         def is_chosen(path: tuple, _: Any) -> bool:
@@ -178,22 +220,39 @@ class ResonanceFn:
                 lambda x: _cast(x, cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest
             )
         self._theta = jax.tree.map(lambda x: _cast(x, jnp.float32), theta)
+        self._shapes = {p: tuple(v.shape) for p, v in _by_name(self._theta).items()}
         self._rest = rest
         self._graphdef = graphdef
-        self._jitted = jax.jit(self._batch)
+        self._jitted = jax.jit(self._batch, static_argnames="slots")
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Array]:
-        return self._jitted(self._theta, self._rest, self._inputs(batch))
+    @property
+    def packable(self) -> bool:
+        """Whether packed rows can be scored (every chosen parameter is supported)."""
+        return not self.unpackable
 
-    def lower(self, batch: dict[str, Any]) -> Any:
+    def __call__(self, batch: dict[str, Any], slots: int | None = None) -> dict[str, Array]:
+        return self._jitted(self._theta, self._rest, self._inputs(batch, slots), slots=slots)
+
+    def lower(self, batch: dict[str, Any], slots: int | None = None) -> Any:
         """``jax.jit(...).lower`` for this batch (cost analysis, AOT compile)."""
-        return self._jitted.lower(self._theta, self._rest, self._inputs(batch))
+        return self._jitted.lower(self._theta, self._rest, self._inputs(batch, slots), slots=slots)
 
-    @staticmethod
-    def _inputs(batch: dict[str, Any]) -> dict[str, Array]:
+    def _inputs(self, batch: dict[str, Any], slots: int | None) -> dict[str, Array]:
         keys = ("input_ids", "attention_mask", "labels")
+        if slots is not None:
+            if self.unpackable:
+                raise ValueError(
+                    f"packed rows need per-token parameters; {self.unpackable} are not "
+                    "(embedding tables, the LM head): score them unpacked"
+                )
+            if slots < 1:
+                raise ValueError(f"slots must be >= 1, got {slots}")
+            keys += ("positions",)
         if all(isinstance(batch[k], jax.ShapeDtypeStruct) for k in keys):  # lowering only
             return {k: batch[k] for k in keys}
+        seg = batch["attention_mask"]
+        if slots is not None and isinstance(seg, np.ndarray) and seg.size and seg.max() > slots:
+            raise ValueError(f"a row holds {seg.max()} segments, more than slots={slots}")
         return {k: jnp.asarray(batch[k], jnp.int32) for k in keys}
 
     def _example(
@@ -220,7 +279,13 @@ class ResonanceFn:
             return jnp.sum(ce * valid) / jnp.maximum(n, 1.0), n
 
         (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(theta)
-        th, gr = _by_name(theta), _by_name(grads)
+        out = self._features(_by_name(theta), _by_name(grads))
+        out["loss"], out["n_tokens"] = loss, n.astype(jnp.int32)
+        return out
+
+    def _features(self, th: dict[str, Array], gr: dict[str, Array]) -> dict[str, Array]:
+        """Per-matrix features [n_params] (+ ``projection`` [K]) of one example's gradients."""
+        spec = self.spec
         groups: dict[tuple[int, ...], list[str]] = {}  # same-shaped matrices share one program
         for p in spec.params:
             groups.setdefault(tuple(th[p].shape), []).append(p)
@@ -232,22 +297,63 @@ class ResonanceFn:
             per.update({p: {k: v[i] for k, v in f.items()} for i, p in enumerate(ps)})
         feats = [per[p] for p in spec.params]
         out = {k: jnp.stack([f[k] for f in feats]) for k in feats[0]}  # [n_params] each
-        out["loss"], out["n_tokens"] = loss, n.astype(jnp.int32)
         if spec.projection is not None:  # fp32 gradients, documented order
             out["projection"] = project([gr[p] for p in spec.params], spec.projection)  # [K]
         return out
 
-    def _batch(
-        self, theta: nnx.State, rest: nnx.State, batch: dict[str, Array]
+    def _packed_rows(
+        self, theta: nnx.State, rest: nnx.State, rows: dict[str, Array], slots: int
     ) -> dict[str, Array]:
-        """Per-example results of a [B, L] batch in ceil(B / micro) vmapped steps."""
+        """Results [m, S, ...] of the examples in m packed rows (one backward pass)."""
+        cdt = DTYPES[self.spec.compute_dtype]
+        theta_c = jax.tree.map(lambda x: x.astype(cdt), theta)
+        grads, loss_sum, n = segment_grads(
+            lambda: nnx.merge(self._graphdef, theta_c, rest),
+            self.spec.params,
+            self._shapes,
+            rows,
+            slots,
+            ce_chunk=self.spec.ce_chunk,
+        )  # [m, S, *shape] each; [m, S]
+        m = loss_sum.shape[0]
+        flat = {p: g.reshape(m * slots, *g.shape[2:]) for p, g in grads.items()}
+        th = _by_name(theta)
+        used = n.reshape(m * slots) > 0  # [m * S]
+        empty = jax.tree.map(
+            lambda x: jnp.zeros(x.shape, x.dtype),
+            jax.eval_shape(self._features, th, {p: g[0] for p, g in flat.items()}),
+        )
+
+        def features(x: tuple[dict[str, Array], Array]) -> dict[str, Array]:
+            g, ok = x  # one slot: a real branch, so empty slots cost nothing
+            return jax.lax.cond(ok, lambda: self._features(th, g), lambda: empty)
+
+        out = jax.lax.map(features, (flat, used))  # [m * S, ...]
+        out = jax.tree.map(lambda v: v.reshape(m, slots, *v.shape[1:]), out)
+        out["loss"] = loss_sum / jnp.maximum(n, 1.0)
+        out["n_tokens"] = n.astype(jnp.int32)
+        return out
+
+    def _batch(
+        self,
+        theta: nnx.State,
+        rest: nnx.State,
+        batch: dict[str, Array],
+        slots: int | None = None,
+    ) -> dict[str, Array]:
+        """Per-example results of a [B, L] batch in ceil(B / micro) steps of ``micro`` rows.
+
+        Unpacked (``slots`` None): ``vmap(grad)``, one example per row, results [B, ...].
+        Packed (``slots`` = S segments per row): one backward pass per step, results
+        [B, S, ...].
+        """
         ids = batch["input_ids"]
         bsz, seq = ids.shape
         shards = self.data_shards
         if bsz % shards:
             raise ValueError(f"batch of {bsz} rows does not split over {shards} data shards")
         rows = bsz // shards
-        m = microbatch_size(self.model, self.spec, seq, rows)
+        m = microbatch_size(self.model, self.spec, seq, rows, segments=slots or 1)
         steps = -(-rows // m)
         pad = steps * m - rows
 
@@ -261,12 +367,21 @@ class ResonanceFn:
             x = x.reshape(steps, shards, m, *x.shape[2:]).swapaxes(0, 1)
             return x.reshape(shards, steps * m, *x.shape[3:])[:, :rows].reshape(bsz, *x.shape[3:])
 
-        one = jax.vmap(self._example, in_axes=(None, None, 0, 0, 0))
-        xs = tuple(to_steps(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
-        if steps == 1:
-            out = jax.tree.map(lambda y: y[None], one(theta, rest, *(x[0] for x in xs)))
+        if slots is None:
+            vmapped = jax.vmap(self._example, in_axes=(None, None, 0, 0, 0))
+
+            def one(x: dict[str, Array]) -> dict[str, Array]:
+                return vmapped(theta, rest, x["input_ids"], x["attention_mask"], x["labels"])
         else:
-            out = jax.lax.map(lambda x: one(theta, rest, *x), xs)
+
+            def one(x: dict[str, Array]) -> dict[str, Array]:
+                return self._packed_rows(theta, rest, x, slots)
+
+        xs = {k: to_steps(v) for k, v in batch.items()}
+        if steps == 1:
+            out = jax.tree.map(lambda y: y[None], one({k: v[0] for k, v in xs.items()}))
+        else:
+            out = jax.lax.map(one, xs)
         out = jax.tree.map(from_steps, out)
         return _finish(out, self.spec)
 
@@ -284,15 +399,15 @@ def _by_name(state: nnx.State) -> dict[str, Array]:
 
 def _finish(out: dict[str, Array], spec: ResonanceSpec) -> dict[str, Array]:
     """Adds score and ppl; NaN / -1 on rows without label tokens."""
-    ok = out["n_tokens"] > 0  # [B]
-    x = out[spec.score_feature].astype(jnp.float32)  # [B, n_params]
+    ok = out["n_tokens"] > 0  # [B] (packed: [B, S])
+    x = out[spec.score_feature].astype(jnp.float32)  # [B, (S,) n_params]
     agg = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[spec.aggregate]
     out["score"] = agg(x, axis=-1)
     out["ppl"] = jnp.exp(out["loss"])
     for k, v in out.items():
         if k == "n_tokens":
             continue
-        mask = ok.reshape(ok.shape + (1,) * (v.ndim - 1))
+        mask = ok.reshape(ok.shape + (1,) * (v.ndim - ok.ndim))
         bad = jnp.nan if jnp.issubdtype(v.dtype, jnp.floating) else -1
         out[k] = jnp.where(mask, v, bad)
     return out
