@@ -130,3 +130,32 @@ def test_padding_rows_and_unused_slots_cost_no_examples() -> None:
     assert (arrays["labels"] == IGNORE_INDEX).all() and segment_slots(arrays) == 0
     out = jax.device_get(make_resonance_fn(model, spec)(arrays, slots=1))
     assert np.isnan(out["score"]).all() and (out["n_tokens"] == 0).all()
+
+
+def test_gemma3_head_norm_vectors_pack_like_unpacked(tmp_path) -> None:
+    """q_norm / k_norm act on [b, s, heads, d]: per-token copies take the input's rank."""
+    from test_ifd import tiny
+
+    lm, _, _ = tiny("gemma3", "bos", str(tmp_path))
+    names = ["model.layers.1.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"]
+    names += [
+        "model.layers.1.pre_feedforward_layernorm.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ]
+    rng = np.random.default_rng(0)
+    ids = np.zeros((3, 24), np.int32)
+    mask = np.zeros((3, 24), np.int32)
+    labels = np.full((3, 24), IGNORE_INDEX, np.int32)
+    for i, n in enumerate((20, 13, 9)):
+        ids[i, :n] = rng.integers(3, lm.config.vocab_size, n)
+        mask[i, :n] = 1
+        labels[i, 3:n] = ids[i, 3:n]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    fn = make_resonance_fn(lm.model, ResonanceSpec(params=tuple(names)))
+    assert fn.packable
+    want = jax.device_get(fn(batch))
+    arrays, where = packed_batch(batch, [[0, 1, 2]], 48)
+    got = per_example(jax.device_get(fn(arrays, slots=4)), where)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    for f in ("score", "mean_abs", "l2", "max", "min", "q10_abs", "q99_abs"):
+        np.testing.assert_allclose(got[f], want[f], rtol=1e-5, err_msg=f)
