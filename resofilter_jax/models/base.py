@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resofilter_jax.models import precision
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import KVSlot, Linear
 
@@ -105,8 +106,13 @@ class CausalLM(nnx.Module):
 
         Applies final-logit soft-capping where the config has it.
         """
-        w = self.output_embedding().astype(self.dtype)  # [vocab, hidden]
-        logits = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), w)
+        logits = precision.linear(
+            hidden,
+            self.output_embedding(),
+            transposed=True,
+            dtype=self.dtype,
+            out_dtype=jnp.float32,
+        )  # [..., vocab] fp32
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resofilter_jax.models import precision
 from resofilter_jax.models.config import RopeConfig
 
 Array = jax.Array
@@ -43,8 +44,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        w = self.weight[...].astype(self.dtype)  # [out, in]
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w)
+        y = precision.linear(x, self.weight[...], transposed=True, dtype=self.dtype)  # [..., out]
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -67,10 +67,8 @@ class Conv1D(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        w = self.weight[...].astype(self.dtype)  # [in, out]
-        return jnp.einsum("...i,io->...o", x.astype(self.dtype), w) + self.bias[...].astype(
-            self.dtype
-        )
+        y = precision.linear(x, self.weight[...], transposed=False, dtype=self.dtype)  # [..., out]
+        return y + self.bias[...].astype(self.dtype)
 
 
 class Embedding(nnx.Module):
@@ -86,9 +84,9 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)  # [..., dim]
 
     def attend(self, x: Array) -> Array:
-        """Tied output projection: x [..., dim] -> logits [..., num]."""
-        return jnp.einsum(
-            "...d,vd->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype)
+        """Tied output projection: x [..., dim] -> fp32 logits [..., num]."""
+        return precision.linear(
+            x, self.weight[...], transposed=True, dtype=self.dtype, out_dtype=jnp.float32
         )
 
 
@@ -302,8 +300,8 @@ def dot_product_attention(
         stop = min(s, start + step)
         rows, keys = stop - start, (stop if step < s else t)
         qc = qt[:, :, :, start:stop].reshape(b, kv, groups * rows, d)  # [b, kv, g*rows, d]
-        scores = jnp.einsum(
-            "bkqd,bktd->bkqt", qc, kt[:, :, :keys], preferred_element_type=jnp.float32
+        scores = precision.einsum(
+            "bkqd,bktd->bkqt", qc, kt[:, :, :keys], dtype=q.dtype, out_dtype=jnp.float32
         )
         scores = scores.reshape(b, kv, groups, rows, keys) * scale  # [b, kv, g, rows, keys]
         if softcap is not None:
@@ -312,7 +310,8 @@ def dot_product_attention(
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         probs = probs.reshape(b, kv, groups * rows, keys)
-        out = jnp.einsum("bkqt,bktd->bkqd", probs, vt[:, :, :keys])  # [b, kv, g*rows, d]
+        out = precision.einsum("bkqt,bktd->bkqd", probs, vt[:, :, :keys], dtype=v.dtype)
+        # out: [b, kv, g*rows, d]
         blocks.append(out.reshape(b, kv, groups, rows, d))
     out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=3)  # [b, kv, g, s, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)

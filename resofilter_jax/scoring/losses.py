@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from resofilter_jax.models import precision
 from resofilter_jax.models.base import CausalLM
 
 Array = jax.Array
@@ -50,8 +51,8 @@ def chunked_token_ce(
 
     def one_chunk(args: tuple[Array, Array]) -> Array:
         hc, tc = args
-        logits = jnp.einsum(
-            "bcd,vd->bcv", hc.astype(dtype), w, preferred_element_type=jnp.float32
+        logits = precision.einsum(
+            "bcd,vd->bcv", hc, w, dtype=dtype, out_dtype=jnp.float32
         )  # [b, c, vocab]
         if softcap is not None:
             logits = jnp.tanh(logits / softcap) * softcap

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resofilter_jax.data.encoding import IGNORE_INDEX
+from resofilter_jax.models import precision
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.layers import Conv1D, LayerNorm, Linear, RMSNorm
 from resofilter_jax.scoring.losses import chunked_token_ce
@@ -95,7 +96,7 @@ def segment_onehot(segment_ids: Array, slots: int, dtype: jnp.dtype) -> Array:
 
 def _matmul(x: Array, w: Array, conv: bool) -> Array:
     """x [b, l, in] times a Linear ([out, in]) or Conv1D ([in, out]) weight -> [b, l, out]."""
-    return jnp.einsum("bli,io->blo" if conv else "bli,oi->blo", x, w)
+    return precision.einsum("bli,io->blo" if conv else "bli,oi->blo", x, w, dtype=x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -116,7 +117,8 @@ def _probed_bwd(
     conv: bool, res: tuple[Array, Array, Array], dy: Array
 ) -> tuple[Array, Array, Array, Array]:
     x, w, onehot = res  # x [b, l, in], w, onehot [b, l, S]; dy [b, l, out]
-    dx = jnp.einsum("blo,io->bli" if conv else "blo,oi->bli", dy, w)  # as autodiff of _matmul
+    dy = dy.astype(x.dtype)  # the contract's backward: compute-dtype operands, fp32 accumulation
+    dx = precision.einsum("blo,io->bli" if conv else "blo,oi->bli", dy, w, dtype=x.dtype)
     dys = onehot.astype(dy.dtype)[..., None] * dy[:, :, None, :]  # [b, l, S, out]
     spec = "blso,bli->bsio" if conv else "blso,bli->bsoi"
     dw = jnp.einsum(spec, dys, x, preferred_element_type=jnp.float32)  # [b, S, *w.shape]
