@@ -20,6 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = ""
     c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
     c.model.param_dtype = "float32"
+    c.model.matmul_precision = "highest"  # default | high | highest (README: Precision)
+    # Attention backend: auto (picked by platform, packing, model features; logged and recorded
+    # in eval.json) | reference | xla | cudnn | pallas_gpu | splash (models/attention.py).
+    c.model.attention = "auto"
     c.data = ml_collections.ConfigDict()
     c.data.path = ""
     c.data.format = "auto"  # auto | alpaca | query_response | gsm8k | sharegpt

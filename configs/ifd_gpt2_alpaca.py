@@ -20,7 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # REQUIRED: local GPT-2 HF directory (no default weights ship for it)
     c.model.dtype = "float32"  # fp32 as in the reference
     c.model.param_dtype = "float32"
+    c.model.matmul_precision = "highest"  # default | high | highest (README: Precision)
     c.model.scan_layers = True  # one lax.scan over the layers: half the compile time, same scores
+    # Attention backend: auto (picked by platform, packing, model features; logged and recorded
+    # in run.json) | reference | xla | cudnn | pallas_gpu | splash (models/attention.py).
+    c.model.attention = "auto"
     c.require_model_path = True  # error clearly when model.path is empty
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # Alpaca JSON/JSONL (instruction, input, output); "" = embedded ShareGPT

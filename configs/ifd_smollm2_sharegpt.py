@@ -18,7 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = ""
     c.model.dtype = "float32"  # compute dtype: float32 (parity) | bfloat16 (speed)
     c.model.param_dtype = "float32"  # storage dtype of the parameters
+    c.model.matmul_precision = "highest"  # default | high | highest (README: Precision)
     c.model.scan_layers = True  # one lax.scan over the layers: half the compile time, same scores
+    # Attention backend: auto (picked by platform, packing, model features; logged and recorded
+    # in run.json) | reference | xla | cudnn | pallas_gpu | splash (models/attention.py).
+    c.model.attention = "auto"
     # Data: a file or dataset; "" = the embedded ShareGPT V3 file (truncated near its end).
     c.data = ml_collections.ConfigDict()
     c.data.path = ""

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.require_data_path = True  # MetaMathQA is not embedded: a local JSON/JSONL file
     c.model.path = ""
     c.model.dtype = "float32"
+    c.model.matmul_precision = "highest"  # default | high | highest (README: Precision)
     c.data.path = ""
     c.data.format = "query_response"
     c.template = "gemma"

@@ -52,7 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = ""
     c.model.dtype = "float32"  # compute dtype: float32 (parity) | bfloat16 (speed)
     c.model.param_dtype = "float32"
+    c.model.matmul_precision = "highest"  # default | high | highest (README: Precision)
     c.model.scan_layers = False  # keep off: a scan would take the backward pass through all layers
+    # Attention backend: auto (picked by platform, packing, model features; logged and recorded
+    # in run.json) | reference | xla | cudnn | pallas_gpu | splash (models/attention.py).
+    c.model.attention = "auto"
     # Data: a file or dataset; "" = the embedded GSM8K test set (1319 rows).
     c.data = ml_collections.ConfigDict()
     c.data.path = ""

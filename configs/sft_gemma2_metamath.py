@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # placeholder: --config.model.path=/path/to/gemma-2-2b
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
+    c.model.matmul_precision = "default"  # default | high | highest (README: Precision)
     c.data.path = ""
     c.data.format = "auto"  # query_response for MetaMathQA; select's output keeps it
     c.template = "gemma"

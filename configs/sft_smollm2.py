@@ -21,7 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = ""
     c.model.dtype = "bfloat16"  # compute dtype (float32 for parity runs)
     c.model.param_dtype = "float32"  # master weights and optimizer state
+    c.model.matmul_precision = "default"  # default | high | highest (README: Precision)
     c.model.scan_layers = False  # one lax.scan over the layers: faster compiles, same numbers
+    # Attention backend: auto (picked by platform, packing, model features; logged and recorded
+    # in run.json) | reference | xla | cudnn | pallas_gpu | splash (models/attention.py).
+    c.model.attention = "auto"
     # Data.
     c.data = ml_collections.ConfigDict()
     c.data.path = ""

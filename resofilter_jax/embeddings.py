@@ -23,7 +23,9 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from resofilter_jax.data import Record, bucket_lengths, collate, encode_truncated, plan_batches
+from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.base import CausalLM
+from resofilter_jax.models.precision import matmul_precision_scope
 from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
 
 __all__ = [
@@ -182,29 +184,33 @@ def load_embedder(
     *,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    matmul_precision: str = "highest",
     max_length: int = 1024,
     token_budget: int = 16384,
     num_devices: int = 0,
     progress: bool = False,
+    attention: str = "auto",
 ) -> Callable[[Sequence[str]], np.ndarray]:
     """Loads a model (HF dir, ``.gguf`` file or hub id) and returns ``texts -> [n, hidden]``.
 
     The function is :func:`embed_texts` over a mesh of the first ``num_devices`` local
-    devices (0: all of them).
+    devices (0: all of them). ``attention``: the attention backend (models/attention.py).
     """
     lm = cached_model(str(model_path), str(dtype), str(param_dtype))
+    configure_attention(lm.model, attention, packed=False)  # one text per row
     devices = jax.local_devices()
     mesh = make_mesh(devices[:num_devices] if num_devices > 0 else devices)
 
     def embed(texts: Sequence[str]) -> np.ndarray:
-        return embed_texts(
-            lm.model,
-            lm.tokenizer,
-            texts,
-            max_length=max_length,
-            token_budget=token_budget,
-            mesh=mesh,
-            progress=progress,
-        )
+        with matmul_precision_scope(matmul_precision):
+            return embed_texts(
+                lm.model,
+                lm.tokenizer,
+                texts,
+                max_length=max_length,
+                token_budget=token_budget,
+                mesh=mesh,
+                progress=progress,
+            )
 
     return embed

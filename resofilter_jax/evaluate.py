@@ -40,9 +40,11 @@ from resofilter_jax.data import Record, encode_sft_examples, encode_texts
 from resofilter_jax.data.encoding import special_layout, without_added_bos
 from resofilter_jax.data.templates import get_template
 from resofilter_jax.host_memory import tune_allocator
+from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.generate import generate
 from resofilter_jax.models.loading import load_model
+from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
 from resofilter_jax.score import enable_compilation_cache, read_records
 from resofilter_jax.training.sft_data import collate_rows, row_length, single_rows
@@ -233,6 +235,7 @@ def gsm8k_accuracy(
     return metrics, rows
 
 
+@with_matmul_precision
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs the configured tasks; writes OUTPUT_DIR/eval.json (and predictions.jsonl).
 
@@ -248,6 +251,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     model_path = config.model.path or str(assets.smollm2_gguf())
     data_path = config.data.path or str(assets.gsm8k_test())
     lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    # Held-out loss rows are unpacked; generation (KV cache) always uses the reference.
+    attention = configure_attention(lm.model, config.model.get("attention", "auto"), packed=False)
     records, _ = read_records(config, data_path, limit=config.data.limit)
     out_dir = Path(config.output_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,6 +293,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f.write(json.dumps(row) + "\n")
     result["seconds"] = seconds
     record = {**result, "config": config.to_dict(), "devices": [str(d) for d in jax.devices()]}
+    record["attention"] = attention  # the backend `model.attention` resolved to, and why
     (out_dir / "eval.json").write_text(json.dumps(record, indent=2, default=str))
     logging.info("eval: %s", json.dumps(result, default=str))
     return result

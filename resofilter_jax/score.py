@@ -35,7 +35,9 @@ from ml_collections import config_flags
 from resofilter_jax import assets
 from resofilter_jax.data import ReadReport, Record, iter_raw_rows, to_records
 from resofilter_jax.host_memory import tune_allocator
+from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.loading import load_model
+from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
 from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.distributed_plan import Hosts
@@ -62,6 +64,7 @@ def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: s
             **outputs.path_stamp(model_path),
             "dtype": config.model.dtype,
             "param_dtype": config.model.param_dtype,
+            "matmul_precision": run_matmul_precision(config),
         },
         "data": {
             **outputs.path_stamp(data_path, mtime=False),
@@ -213,6 +216,7 @@ def _score_ifd(
     )
 
 
+@with_matmul_precision
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Scores ``config.data`` with ``config.model``; writes the outputs; returns the summary.
 
@@ -265,6 +269,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t_read = time.perf_counter()
     lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
     lm.model.scan_layers = bool(config.model.get("scan_layers", False))
+    attention = configure_attention(
+        lm.model, config.model.get("attention", "auto"), packed=bool(config.get("pack", True))
+    )
     t_load = time.perf_counter()
     schema = outputs.SHARD_SCHEMA
     if config.method == "resonance":
@@ -331,6 +338,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 "num_hidden_layers": cfg.num_hidden_layers,
                 "source": lm.source,
             },
+            "attention": attention,  # the backend `model.attention` resolved to, and why
             "versions": _versions(),
             "devices": [str(d) for d in devices],
             "distributed": dist,

@@ -104,7 +104,7 @@ def scored_model_settings(scores: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     cfg = json.loads(path.read_text())
     model = cfg.get("model", {})
-    out = {k: model[k] for k in ("path", "dtype", "param_dtype") if k in model}
+    out = {k: model[k] for k in ("path", "dtype", "param_dtype", "matmul_precision") if k in model}
     if "max_length" in cfg:
         out["max_length"] = int(cfg["max_length"])
     return out
@@ -113,11 +113,13 @@ def scored_model_settings(scores: str | os.PathLike[str]) -> dict[str, Any]:
 def embedding_model(
     scores: str | os.PathLike[str], model: str = "", dtype: str = "", max_length: int = 0
 ) -> dict[str, Any]:
-    """``model_path``, ``dtype``, ``param_dtype``, ``max_length`` of the model that embeds texts.
+    """``model_path``, ``dtype``, ``param_dtype``, ``matmul_precision``, ``max_length`` of the
+    model that embeds texts.
 
     ``model`` if given, else the scorer's model as recorded next to ``scores`` (a local path
     or a hub id), else the embedded SmolLM2 GGUF. ``dtype`` (compute and storage) and
-    ``max_length`` if given, else the scorer's, else float32 and 1024.
+    ``max_length`` if given, else the scorer's, else float32 and 1024; the scorer's matmul
+    precision (else ``highest`` for fp32 compute, ``default`` otherwise).
 
     Raises:
         ValueError: If the recorded model is a local path that no longer exists.
@@ -135,6 +137,9 @@ def embedding_model(
         "model_path": path,
         "dtype": compute,
         "param_dtype": dtype or scorer.get("param_dtype", compute),
+        "matmul_precision": scorer.get(
+            "matmul_precision", "highest" if compute == "float32" else "default"
+        ),
         "max_length": max_length or scorer.get("max_length", 1024),
     }
 

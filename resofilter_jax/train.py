@@ -33,8 +33,10 @@ from ml_collections import config_flags
 from resofilter_jax import assets
 from resofilter_jax.data import encode_sft_examples
 from resofilter_jax.host_memory import tune_allocator
+from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
+from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.models.registry import named_params
 from resofilter_jax.parallel import initialize_distributed, make_train_mesh, num_devices
 from resofilter_jax.score import enable_compilation_cache, read_records
@@ -240,6 +242,7 @@ def _train_steps(
     return total_tokens
 
 
+@with_matmul_precision
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains ``config.model`` on ``config.data``; resumes from WORKDIR's newest checkpoint.
 
@@ -263,6 +266,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     data_path = config.data.path or str(assets.gsm8k_test())
     lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
     lm.model.scan_layers = bool(config.model.scan_layers)
+    attention = configure_attention(
+        lm.model, config.model.get("attention", "auto"), packed=bool(config.data.packing)
+    )
     rows, data_info = read_training_rows(config, lm.tokenizer, data_path)
     plan, total = _plan(config, len(rows))
     fingerprint = rows_fingerprint(rows)
@@ -351,6 +357,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "devices": [str(d) for d in mesh.devices.flat],
         "mesh": dict(mesh.shape),
         "distributed": dist,
+        "attention": attention,  # the backend `model.attention` resolved to, and why
         "model_config": {
             "model_type": lm.config.model_type,
             "num_hidden_layers": lm.config.num_hidden_layers,

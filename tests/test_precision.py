@@ -118,6 +118,15 @@ def test_matmul_precision_reaches_the_hlo(value: str) -> None:
     assert all(c == (want, want) for c in configs)
 
 
+def test_low_precision_operands_keep_the_native_path_under_highest() -> None:
+    model, case = bf16_model("llama")
+    with precision.matmul_precision_scope("highest"):
+        hlo = jax.jit(lambda m, i: m(i).logits).lower(model, jnp.asarray(case.input_ids)).as_text()
+    for line in hlo.splitlines():
+        if "stablehlo.dot_general" in line and "xbf16>, tensor<" in line:
+            assert "precision = [DEFAULT, DEFAULT]" in line, line
+
+
 def test_unknown_matmul_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="matmul_precision"):
         precision.check_matmul_precision("tf32")

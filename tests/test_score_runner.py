@@ -141,6 +141,11 @@ def test_fingerprint_mismatch_and_overwrite(
         score.run(make_config(model_dir, data_path, out, max_length=40))
     with pytest.raises(FingerprintMismatchError, match=r"template"):
         score.run(make_config(model_dir, data_path, out, template="alpaca"))
+    assert json.loads((out / "run_config.json").read_text())["model"]["matmul_precision"] == (
+        "highest"  # the recipe's
+    )
+    with pytest.raises(FingerprintMismatchError, match=r"matmul_precision"):
+        score.run(make_config(model_dir, data_path, out, **{"model.matmul_precision": "high"}))
     redo = score.run(make_config(model_dir, data_path, out, max_length=40, overwrite=True))
     assert redo["shards"]["computed"] == redo["shards"]["total"]
     assert json.loads((out / "run_config.json").read_text())["max_length"] == 40

@@ -558,6 +558,7 @@ def test_embedding_model_resolution(tmp_path: Path) -> None:
         "model_path": str(gguf),
         "dtype": "bfloat16",
         "param_dtype": "bfloat16",
+        "matmul_precision": "default",
         "max_length": 512,
     }
     got = embedding_model(scores, model="other/model", dtype="float32", max_length=64)
@@ -565,6 +566,7 @@ def test_embedding_model_resolution(tmp_path: Path) -> None:
         "model_path": "other/model",
         "dtype": "float32",
         "param_dtype": "float32",
+        "matmul_precision": "highest",  # none recorded: fp32 compute means fp32
         "max_length": 64,
     }
     gguf.unlink()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resofilter_jax.models.attention import attend, layer_masks
 from resofilter_jax.models.base import (
     EmbedHeadLM,
     KVCache,
@@ -31,9 +32,7 @@ from resofilter_jax.models.layers import (
     Linear,
     RMSNorm,
     apply_rope,
-    attention_mask_bias,
     cache_attention_mask,
-    dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -73,7 +72,8 @@ class GemmaAttention(nnx.Module):
     def __call__(
         self, x: Array, cos: Array, sin: Array, mask: Array, slot: KVSlot | None = None
     ) -> Array:
-        """x [batch, seq, hidden]; cos/sin [batch, seq, head_dim]; mask [batch, 1, seq, keys].
+        """x [batch, seq, hidden]; cos/sin [batch, seq, head_dim]; mask [batch, 1, seq, keys]
+        (or `attention.Rows` for a non-reference backend).
 
         With a `slot`, the new keys/values are written to the cache and the keys are the
         whole cache.
@@ -87,7 +87,7 @@ class GemmaAttention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:
             k, v = slot.update(k, v)  # [b, max_len, kv, hd] each
-        out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # [b, s, heads, hd]
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))  # [b, s, hidden]
 
 
@@ -130,6 +130,8 @@ class GemmaModel(nnx.Module):
 
 class GemmaForCausalLM(EmbedHeadLM):
     """Gemma 2 / Gemma 3 text causal LM; `lm_head` is absent when embeddings are tied."""
+
+    attention: str = "reference"  # non-cached attention backend (models/attention.py)
 
     def __init__(
         self,
@@ -180,11 +182,10 @@ class GemmaForCausalLM(EmbedHeadLM):
         # HF multiplies by sqrt(hidden) rounded to the embedding dtype.
         scale = jnp.asarray(math.sqrt(cfg.hidden_size), dtype=self.dtype)
         x = self.model.embed_tokens(input_ids) * scale  # [b, s, hidden]
-        full_mask = attention_mask_bias(attention_mask)  # [b, 1, s, s]
-        slide_mask = (
-            attention_mask_bias(attention_mask, cfg.sliding_window)
-            if any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
-            else full_mask
+        sliding = any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
+        # [b, 1, s, s] boolean masks (reference) or `attention.Rows`
+        full_mask, slide_mask = layer_masks(
+            attention_mask, cfg.sliding_window if sliding else None, self.attention
         )
         # The rope table follows the layer type even when no window is set (as in HF).
         full_rope = rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim), self.dtype)

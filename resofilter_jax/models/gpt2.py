@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resofilter_jax.models.attention import attend, layer_masks
 from resofilter_jax.models.base import (
     CausalLM,
     KVCache,
@@ -26,9 +27,7 @@ from resofilter_jax.models.layers import (
     LayerNorm,
     Linear,
     activation,
-    attention_mask_bias,
     cache_attention_mask,
-    dot_product_attention,
 )
 
 Array = jax.Array
@@ -57,7 +56,8 @@ class GPT2Attention(nnx.Module):
         self.scale = float(cfg.head_dim) ** -0.5 if scale_weights else 1.0
 
     def __call__(self, x: Array, mask: Array, slot: KVSlot | None = None) -> Array:
-        """x [batch, seq, hidden], mask bool [batch, 1, seq, keys] -> [batch, seq, hidden].
+        """x [batch, seq, hidden], mask bool [batch, 1, seq, keys] (or `attention.Rows`) ->
+        [batch, seq, hidden].
 
         With a `slot`, the new keys/values go to the cache and the keys are the whole cache.
         """
@@ -67,7 +67,7 @@ class GPT2Attention(nnx.Module):
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)  # [b, s, heads, head_dim]
         if slot is not None:
             k, v = slot.update(k, v)  # [b, max_len, heads, head_dim] each
-        out = dot_product_attention(q, k, v, mask, scale=self.scale)  # [b, s, heads, head_dim]
+        out = attend(q, k, v, mask, scale=self.scale, softcap=None)  # [b, s, heads, head_dim]
         return self.c_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -118,6 +118,8 @@ class GPT2Model(nnx.Module):
 
 class GPT2LMHeadModel(CausalLM):
     """GPT-2 causal LM; the output embedding is `transformer.wte` when tied (the HF default)."""
+
+    attention: str = "reference"  # non-cached attention backend (models/attention.py)
 
     def __init__(
         self,
@@ -180,7 +182,7 @@ class GPT2LMHeadModel(CausalLM):
             for block, slot in zip(self.transformer.h, slots, strict=True):
                 x = block(x, mask, slot)
             return self.transformer.ln_f(x), close_cache(key_mask, slots, s)
-        mask = attention_mask_bias(attention_mask)  # [b, 1, s, s]
+        mask, _ = layer_masks(attention_mask, None, self.attention)  # [b, 1, s, s] or Rows
         x = run_layers(
             self.transformer.h,
             x,

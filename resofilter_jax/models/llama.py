@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resofilter_jax.models.attention import attend, layer_masks
 from resofilter_jax.models.base import (
     EmbedHeadLM,
     KVCache,
@@ -26,9 +27,7 @@ from resofilter_jax.models.layers import (
     RMSNorm,
     activation,
     apply_rope,
-    attention_mask_bias,
     cache_attention_mask,
-    dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -54,7 +53,8 @@ class LlamaAttention(nnx.Module):
     def __call__(
         self, x: Array, cos: Array, sin: Array, mask: Array, slot: KVSlot | None = None
     ) -> Array:
-        """x [b, s, hidden]; mask [b, 1, s, keys]; with a `slot`, keys are the whole cache."""
+        """x [b, s, hidden]; mask [b, 1, s, keys] or `attention.Rows`; with a `slot`, keys are
+        the whole cache."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -62,7 +62,7 @@ class LlamaAttention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:
             k, v = slot.update(k, v)  # [b, max_len, kv, head_dim] each
-        out = dot_product_attention(q, k, v, mask, scale=self.scale)  # [b, s, heads, head_dim]
+        out = attend(q, k, v, mask, scale=self.scale, softcap=None)  # [b, s, heads, head_dim]
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -114,6 +114,8 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(EmbedHeadLM):
     """Llama-family causal LM; `lm_head` is absent when embeddings are tied."""
 
+    attention: str = "reference"  # non-cached attention backend (models/attention.py)
+
     def __init__(
         self,
         config: ModelConfig,
@@ -150,13 +152,9 @@ class LlamaForCausalLM(EmbedHeadLM):
                 mask = cache_attention_mask(key_mask, cache.index, s, window)  # [b, 1, s, T]
                 x = layer(x, cos, sin, mask, slots[i])
             return self.model.norm(x), close_cache(key_mask, slots, s)
-        full_mask = attention_mask_bias(attention_mask)
-        slide_mask = (
-            attention_mask_bias(attention_mask, cfg.sliding_window)
-            if any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
-            else full_mask
-        )
         local = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+        window = cfg.sliding_window if any(local) else None
+        full_mask, slide_mask = layer_masks(attention_mask, window, self.attention)
         x = run_layers(
             self.model.layers,
             x,

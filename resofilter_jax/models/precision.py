@@ -23,14 +23,17 @@ The *matmul precision* (how fp32 operands are multiplied) is a run setting,
 ``model.matmul_precision``, applied with :func:`matmul_precision_scope` around the whole run:
 ``default`` is the backend's default (CPU: fp32; GPU: TF32 for fp32 operands; TPU: one bf16
 pass), ``high`` (GPU: TF32; TPU: three bf16 passes) and ``highest`` (fp32 everywhere). Parity
-recipes set ``highest`` so that "float32" means fp32 on every backend.
+recipes set ``highest`` so that "float32" means fp32 on every backend. The setting is about
+fp32 operands: matmuls with bf16 operands always run the native bf16 path (their precision is
+pinned to DEFAULT), so a bf16 run under ``highest`` is not slowed down.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +70,10 @@ def _transposed_specs(spec: str) -> tuple[str, str]:
 
 
 def _f32_acc(spec: str, a: Array, b: Array) -> Array:
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    # The run's matmul precision is about fp32 operands; low-precision operands always take the
+    # native path (an explicit DEFAULT is not overridden by jax.default_matmul_precision).
+    prec = None if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=prec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -118,3 +124,21 @@ def linear(x: Array, w: Array, *, transposed: bool, dtype: jnp.dtype, out_dtype=
     x2 = x.reshape(-1, x.shape[-1])  # [n, in]
     y = einsum("ni,oi->no" if transposed else "ni,io->no", x2, w, dtype=dtype, out_dtype=out_dtype)
     return y.reshape(*lead, y.shape[-1])  # [..., out]
+
+
+def run_matmul_precision(config: Any) -> str:
+    """The run's ``model.matmul_precision`` (``default`` when the config has none), checked."""
+    model = config.get("model", None) if hasattr(config, "get") else None
+    name = model.get("matmul_precision", "default") if model is not None else "default"
+    return check_matmul_precision(str(name))
+
+
+def with_matmul_precision(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Decorates a command's ``run(config)``: everything it traces uses the run's precision."""
+
+    @functools.wraps(run)
+    def wrapped(config: Any) -> Any:
+        with matmul_precision_scope(run_matmul_precision(config)):
+            return run(config)
+
+    return wrapped

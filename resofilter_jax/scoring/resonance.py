@@ -213,9 +213,9 @@ class ResonanceFn:
         graphdef, theta, rest = nnx.split(model, is_chosen, ...)
         cdt = DTYPES[spec.compute_dtype]
         if cdt != jnp.float32:  # same tree, built with the low-precision compute dtype
-            graphdef = nnx.split(
-                abstract_model(model.config, dtype=cdt, param_dtype=cdt), is_chosen, ...
-            )[0]
+            low = abstract_model(model.config, dtype=cdt, param_dtype=cdt)
+            low.attention = getattr(model, "attention", "reference")  # the resolved backend
+            graphdef = nnx.split(low, is_chosen, ...)[0]
             rest = jax.tree.map(
                 lambda x: _cast(x, cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest
             )
