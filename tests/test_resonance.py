@@ -7,12 +7,13 @@ Parity is checked against the loop run in float64 (a real AdamW step, see
 Tolerances. Float features: 1e-4 relative. Two features depend on single elements whose
 gradient is small: near ``|g| ~ eps`` the update ``lr |g| / (|g| + eps)`` is steep in g, and
 the gradients of both sides carry fp32 rounding (ours, and transformers' fp32 RMSNorm and
-loss even in a float64 model) of ~1e-6 of the typical |g|. ``std_abs`` (the spread of
+loss even in a float64 model) of ~1e-6 of the typical |g| (up to ~3e-5 for single elements,
+``GRAD_ERR_MAX``, depending on the CPU). ``std_abs`` (the spread of
 ``|delta|`` is only ~1e-3 of its mean, and a few small-gradient elements carry much of it)
 gets, on top, the first-order effect of a gradient error of ``GRAD_ERR * median|g|`` per
 element; a count may differ by at most the number of elements whose float64 ``|delta|`` lies
-within ``1e-6 * bound`` plus that gradient effect of the bound, or whose gradient is smaller
-than that error (its sign is uncertain). The allowances are computed
+within ``1e-6 * bound`` plus the effect of a ``GRAD_ERR_MAX`` gradient error at the bound, or
+whose gradient is smaller than that error (its sign is uncertain). The allowances are computed
 from the float64 reference and checked to be small where no gradient is within 100 eps.
 """
 
@@ -60,7 +61,16 @@ from resofilter_jax.scoring.resonance import (
 )
 
 LR, EPS, WD = 1e-5, 1e-8, 0.01
-GRAD_ERR = 3e-6  # fp32 gradient error scale, relative to the median |g| (measured ~1e-6)
+# fp32 gradient errors relative to the median |g|, measured against the float64 loop on the
+# tiny models (llama, gemma2, gpt2) on an AMD EPYC (AVX2, no AVX512), unpacked and packed
+# alike: p99 over elements 0.7-1.1e-5 and max 2.3e-5 for transformers' own fp32 gradients,
+# p99 0.5-1.1e-5 and max 3.2e-5 for ours. (The earlier 3e-6, from ~1e-6 on AVX512 Xeons, made
+# three checks fail on that CPU with the same code.) GRAD_ERR is the typical scale behind
+# std_abs's first-order allowance (a sum over all elements, so below the p99; it must stay
+# < 1e-3 of std_abs, which 1e-5 breaks); GRAD_ERR_MAX decides which single elements a count
+# or the score may place differently. The excused elements stay under 1e-3 of all.
+GRAD_ERR = 5e-6
+GRAD_ERR_MAX = 4e-5
 PROMPTS = (5, 3, 4)  # masked prompt positions of the rows of the tiny batches
 # Per tiny model: a layer type (all layers) and extra parameters (attention, a norm vector).
 TINY = {
@@ -119,6 +129,11 @@ def sensitivity(grad: np.ndarray) -> np.ndarray:
     return LR * EPS / (g + EPS) ** 2 * (GRAD_ERR * np.median(g))
 
 
+def max_sensitivity(grad: np.ndarray) -> np.ndarray:
+    """|d|delta|/dg| times the largest per-element gradient error (GRAD_ERR_MAX), per element."""
+    return sensitivity(grad) * (GRAD_ERR_MAX / GRAD_ERR)
+
+
 def std_abs_allowance(delta: np.ndarray, sens: np.ndarray) -> float:
     """First-order change of std(|delta|) under per-element changes `sens` of |delta|."""
     a = np.abs(delta).ravel()
@@ -130,8 +145,8 @@ def near_bound(delta: np.ndarray, grad: np.ndarray, bound: float) -> int:
     """Elements that may fall on either side of `bound`: float64 |delta| within 1e-6 relative
     plus the gradient effect of the bound, or a gradient so small that its sign is uncertain."""
     g = np.abs(grad).ravel()
-    close = np.abs(np.abs(delta).ravel() - bound) <= 1e-6 * bound + sensitivity(grad)
-    return int(np.sum(close | (g <= GRAD_ERR * np.median(g))))
+    close = np.abs(np.abs(delta).ravel() - bound) <= 1e-6 * bound + max_sensitivity(grad)
+    return int(np.sum(close | (g <= GRAD_ERR_MAX * np.median(g))))
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
@@ -145,7 +160,19 @@ def assert_matches_loop(spec: ResonanceSpec, out: dict[str, Any], ref: list[dict
     np.testing.assert_allclose(out["loss"], [r["loss"] for r in ref], rtol=1e-5)
     np.testing.assert_array_equal(out["n_tokens"], [r["n_tokens"] for r in ref])
     want_score = [np.mean([r["features"][p]["mean_abs"] for p in spec.params]) for r in ref]
-    np.testing.assert_allclose(out["score"], want_score, rtol=1e-5)
+    for i, r in enumerate(ref):
+        # 1e-5 relative plus the first-order effect on mean |delta| of a GRAD_ERR_MAX gradient
+        # error per element (elements with |g| ~ eps are steep); the allowance itself must stay
+        # small (< 1e-3, as for std_abs below; measured up to 1.3e-4 on gemma2, where the
+        # actual difference was 1.0e-5 on an AMD EPYC).
+        extra = np.mean([np.mean(max_sensitivity(r["grad"][p])) for p in spec.params])
+        assert extra < 1e-3 * want_score[i], (i, extra, want_score[i])
+        assert abs(out["score"][i] - want_score[i]) <= 1e-5 * want_score[i] + extra, (
+            i,
+            out["score"][i],
+            want_score[i],
+            extra,
+        )
     excused = n_counted = 0
     for i, r in enumerate(ref):
         for j, p in enumerate(spec.params):
