@@ -91,10 +91,11 @@ def run_project(
     t0 = time.perf_counter()
     lm = load_model(model_path, dtype=dtype, param_dtype=param_dtype, tokenizer=False)
     lm.model.scan_layers = bool(config.model.get("scan_layers", False))
+    attention = common.configure_attention(config, lm.model)
     load_s = time.perf_counter() - t0
     devices = jax.local_devices()[: config.num_devices or None]
     stats, got = [], {}
-    with shared_batch_fn():
+    with shared_batch_fn(), common.precision_scope(config):
         for k in range(calls):
             print(f"[project] in-process {dtype} call {k + 1}/{calls} ...", file=sys.stderr)
             got = {}
@@ -106,7 +107,9 @@ def run_project(
                 template=config.template,
                 token_budget=config.token_budget,
                 min_bucket=config.min_bucket,
+                bucket_step=config.get("bucket_step", 0),
                 chunk=config.chunk,
+                pack=config.get("pack", True),
                 shard_size=config.shard_size,
                 mesh=make_mesh(devices),
                 on_shard=got.__setitem__,
@@ -120,6 +123,7 @@ def run_project(
         "stats": stats,
         "scores": scores,
         "load_s": load_s,
+        "attention": attention,
         "model_config": lm.config,
         "device_mb": common.jax_device_mb(),
         "devices": [str(d) for d in devices],
@@ -254,7 +258,13 @@ def report(
         f"project peak: {peak_note}; real tokens {steady['tokens']}, padded "
         f"{steady['padded_tokens']}, {len(steady['shapes'])} batch shapes"
     )
-    out: dict[str, Any] = {"args": vars(args), "versions": common.versions(), "peak": peak_note}
+    out: dict[str, Any] = {
+        "args": vars(args),
+        "versions": common.versions(),
+        "peak": peak_note,
+        "attention": proj.get("attention"),
+        "matmul_precision": config.model.get("matmul_precision"),
+    }
     scores = {"project": proj["scores"]}
     torch_m = None
     if torch_r is not None:

@@ -151,13 +151,14 @@ def run_project(
     t0 = time.perf_counter()
     lm = load_model(model_path, dtype=dtype, param_dtype=param_dtype, tokenizer=False)
     lm.model.scan_layers = bool(config.model.get("scan_layers", False))
+    attention = common.configure_attention(config, lm.model)
     load_s = time.perf_counter() - t0
     cfg = config.copy_and_resolve_references()
     cfg.model.dtype = dtype
     spec = reso_runner.spec_from_config(cfg, lm.model)
     devices = jax.local_devices()[: config.num_devices or None]
     stats, got = [], {}
-    with shared_resonance_fn():
+    with shared_resonance_fn(), common.precision_scope(config):
         for k in range(calls):
             print(f"[project] in-process {dtype} call {k + 1}/{calls} ...", file=sys.stderr)
             got = {}
@@ -187,6 +188,7 @@ def run_project(
         "stats": stats,
         "scores": scores,
         "load_s": load_s,
+        "attention": attention,
         "model_config": lm.config,
         "params": list(spec.params),
         "chosen_size": int(sum(params[p].size for p in spec.params)),
@@ -359,6 +361,8 @@ def report(
         "args": vars(args),
         "versions": common.versions(),
         "peak": peak_note,
+        "attention": proj.get("attention"),
+        "matmul_precision": config.model.get("matmul_precision"),
         "flops": {"crossed_layers": crossed, "chosen_size": size, "params": proj["params"]},
     }
     scores = {"project": proj["scores"]}

@@ -341,6 +341,24 @@ def steady_measure(
     return Measure(name, stats["rows"], stats["tokens"], stats["seconds"], flops, peak, **kw)
 
 
+def configure_attention(config: Any, model: Any) -> dict[str, str]:
+    """Applies ``config.model.attention`` to ``model`` as ``resofilter_jax.score`` does.
+
+    Returns the run-record entry (requested, backend, reason).
+    """
+    from resofilter_jax.models.attention import configure_attention as configure
+
+    name = config.model.get("attention", "auto")
+    return configure(model, name, packed=bool(config.get("pack", True)))
+
+
+def precision_scope(config: Any) -> Any:
+    """``config.model.matmul_precision`` around the traced work, as the commands apply it."""
+    from resofilter_jax.models.precision import matmul_precision_scope, run_matmul_precision
+
+    return matmul_precision_scope(run_matmul_precision(config))
+
+
 def load_tokenizer(model_path: str) -> Any:
     """The project's tokenizer of a ``.gguf`` file or a HF directory."""
     from resofilter_jax.models.loading import load_tokenizer as load
@@ -463,6 +481,11 @@ def add_common_args(
     add("--work_dir", default="", help="outputs + compilation cache (default: a temp dir)")
     add("--keep_outputs", action="store_true", help="keep --work_dir afterwards")
     add("--json", default="", help="also write all results to this JSON file")
+    add(
+        "--json_scores",
+        action="store_true",
+        help="--json also holds every row's score (project, torch, other dtype) by record index",
+    )
 
 
 def parse_args(
@@ -550,6 +573,10 @@ def finish_report(
         print(f"ranking check: Spearman(bf16 scores, fp32 scores) = {rho:.5f} over {n} samples")
         out["rank_check"] = {"spearman_bf16_vs_fp32": rho, "n": n}
     if args.json:
+        if getattr(args, "json_scores", False):
+            out["scores"] = {
+                k: {str(i): float(v) for i, v in sorted(d.items())} for k, d in scores.items()
+            }
         write_json(args.json, out)
 
 
