@@ -184,6 +184,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.config} is not an IFD config")
     wd = common.work_dir(args.work_dir)
     config.compilation_cache_dir = str(wd / "jax_cache")
+    common.machine_block(args, model_path, config.token_budget)
 
     from resofilter_jax.data import encode_ifd_pairs
     from resofilter_jax.host_memory import tune_allocator

@@ -277,6 +277,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.config} is not a resonance config")
     wd = common.work_dir(args.work_dir)
     config.compilation_cache_dir = str(wd / "jax_cache")
+    common.machine_block(args, model_path, 4096)  # GEMMs at 4096 token rows
 
     from resofilter_jax.host_memory import tune_allocator
     from resofilter_jax.score import read_records

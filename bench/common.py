@@ -482,6 +482,12 @@ def add_common_args(
     add("--keep_outputs", action="store_true", help="keep --work_dir afterwards")
     add("--json", default="", help="also write all results to this JSON file")
     add(
+        "--gemm_repeats",
+        type=int,
+        default=3,
+        help="machine block: GEMM table at the model's shapes, median of N (0: CPU facts only)",
+    )
+    add(
         "--json_scores",
         action="store_true",
         help="--json also holds every row's score (project, torch, other dtype) by record index",
@@ -533,6 +539,16 @@ def overrides_of(args: argparse.Namespace, model_path: str, data_path: str) -> d
     return over
 
 
+def machine_block(args: argparse.Namespace, model_path: str, tokens: int) -> None:
+    """Prints which machine this run is on (``bench/machine.py``: CPU model, ISA flags, a GEMM
+    table at the model's shapes for ``tokens`` rows) and keeps it for ``--json``."""
+    import machine
+
+    shapes = machine.model_gemm_shapes(machine.model_config(model_path), tokens, head_tokens=1024)
+    torch_device = "cuda" if args.device == "gpu" else "cpu"
+    args.machine = machine.machine_report(shapes, args.gemm_repeats, torch_device=torch_device)
+
+
 def finish_report(
     args: argparse.Namespace,
     rows: list[Measure],
@@ -572,6 +588,8 @@ def finish_report(
         rho, n = spearman([ours[i] for i in keys], [scores["other"][i] for i in keys])
         print(f"ranking check: Spearman(bf16 scores, fp32 scores) = {rho:.5f} over {n} samples")
         out["rank_check"] = {"spearman_bf16_vs_fp32": rho, "n": n}
+    if getattr(args, "machine", None) is not None:
+        out["machine"] = out["args"].pop("machine", None) if "args" in out else args.machine
     if args.json:
         if getattr(args, "json_scores", False):
             out["scores"] = {
