@@ -239,7 +239,7 @@ def score_resonance(
     stats.rows = sum(hi - lo for lo, hi in (hosts.rows(*ranges[k]) for k in todo))
     cap = -(-shard_size // hosts.count)  # most examples of one process in a shard
     dup = dedup_queries(records)  # over all records (text only), on every process
-    fn = make_resonance_fn(model, spec, data_shards=hosts.devices)
+    fn = make_resonance_fn(model, spec, data_shards=hosts.devices).place(mesh)  # weights once
     if pack and not fn.packable:
         warnings.warn(
             f"packing is off: the per-example gradients of {fn.unpackable} need one example "

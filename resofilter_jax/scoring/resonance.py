@@ -45,12 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.data.records import Record
 from resofilter_jax.data.templates import user_query
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.registry import abstract_model, param_name
+from resofilter_jax.parallel import replicate
 from resofilter_jax.scoring.losses import chunked_token_ce
 from resofilter_jax.scoring.param_select import layer_index, param_names
 from resofilter_jax.scoring.projection import ProjectionSpec, project
@@ -224,6 +226,13 @@ class ResonanceFn:
         self._rest = rest
         self._graphdef = graphdef
         self._jitted = jax.jit(self._batch, static_argnames="slots")
+
+    def place(self, mesh: Mesh) -> ResonanceFn:
+        """Puts the weights on every device of ``mesh`` once (replicated), so that calls with a
+        batch sharded over the mesh move only the batch. Returns self."""
+        self._theta = replicate(self._theta, mesh)
+        self._rest = replicate(self._rest, mesh)
+        return self
 
     @property
     def packable(self) -> bool:

@@ -1,0 +1,56 @@
+"""Parameters are placed on the mesh once: steady-state calls move only the batch.
+
+On 8 CPU devices (conftest), a second call with a batch already on the mesh runs under
+`jax.transfer_guard("disallow")`: any weight copied between devices or from the host per call
+would raise.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from reso_packing import packed_batch
+from test_model_parity import loaded
+from test_resonance import tiny_batch
+
+from resofilter_jax.parallel import make_mesh, replicate, shard_batch
+from resofilter_jax.scoring.ifd import make_batch_fn
+from resofilter_jax.scoring.param_select import select_params
+from resofilter_jax.scoring.resonance import ResonanceSpec, make_resonance_fn
+
+
+def _steady(call) -> None:
+    jax.block_until_ready(call())  # compiles, places constants
+    with jax.transfer_guard("disallow"):
+        jax.block_until_ready(call())
+
+
+def test_resonance_weights_are_placed_once() -> None:
+    model, _ = loaded("llama")
+    mesh = make_mesh()
+    n = mesh.devices.size
+    spec = ResonanceSpec(params=tuple(select_params(model, param_type="mlp.up_proj.weight")))
+    fn = make_resonance_fn(model, spec, data_shards=n).place(mesh)
+    unpacked = shard_batch(tiny_batch("llama", dummy_rows=n - 3), mesh)  # [n, 24]
+    _steady(lambda: fn(unpacked))
+    arrays, _ = packed_batch(tiny_batch("llama"), [[0, 1], [2]], 48, dummy_rows=n - 2)
+    packed = shard_batch({k: np.asarray(v, np.int32) for k, v in arrays.items()}, mesh)
+    _steady(lambda: fn(packed, slots=2))
+
+
+def test_ifd_batch_fn_with_replicated_state_moves_only_the_batch() -> None:
+    model, _ = loaded("llama")
+    mesh = make_mesh()
+    graphdef, state = nnx.split(model)
+    state = replicate(state, mesh)
+    fn = make_batch_fn(graphdef, chunk=8)
+    n = mesh.devices.size
+    batch = tiny_batch("llama", dummy_rows=n - 3)
+    arrays = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "loss_mask": (batch["labels"] >= 0).astype(np.float32),
+    }
+    on_mesh = shard_batch(arrays, mesh)
+    _steady(lambda: fn(state, on_mesh))
