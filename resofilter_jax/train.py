@@ -195,9 +195,10 @@ def _train_steps(
         )
     kill = multihost.kill_hook()
 
-    def flush(entry: tuple[int, dict[str, Any], int, float]) -> None:
+    def flush(entry: tuple[int, dict[str, Any], int, Any]) -> None:
         step, metrics, n_tokens, lr = entry
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        lr = float(lr)  # read here, one step behind like the metrics: no wait per step
         now = time.perf_counter()
         dt, last[0] = now - last[0], now
         if step % config.log_every == 0 or step == steps.stop:
@@ -231,7 +232,7 @@ def _train_steps(
             flush(pending)
         n_tokens = batch_tokens(rows, plan, step)  # real (non-padding) tokens
         total_tokens += n_tokens
-        pending = (step + 1, metrics, n_tokens, float(lr_at(step)))
+        pending = (step + 1, metrics, n_tokens, lr_at(step))  # not read yet (see flush)
         if ckpt.should_save(step + 1):
             flush(pending)  # metrics up to a checkpoint are on disk before it is
             pending = None
