@@ -57,6 +57,12 @@ def assert_fp32_accumulation(hlo: str) -> int:
     return sum(d[0] == "bf16" for d in dots)
 
 
+@pytest.fixture(autouse=True)
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract as a GPU, a TPU or a CPU with bf16 units runs it (whatever this CPU has)."""
+    monkeypatch.setattr(precision, "native_low_precision_matmul", lambda: True)
+
+
 def bf16_model(name: str):
     case = reference(name)
     model = build_model(case.config, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed=None)
@@ -103,6 +109,21 @@ def test_train_step_accumulates_in_fp32() -> None:
     opt_state = optax.adamw(1e-3).init(params)
     hlo = step.lower(params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()}).as_text()
     assert assert_fp32_accumulation(hlo) > 0
+
+
+def test_cpu_without_bf16_units_widens_the_operands(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "native_low_precision_matmul", lambda: False)
+    model, case = bf16_model("llama")
+    ids, mask = jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask)
+    for fn in (lambda m, i, a: _loss(m, i, a), jax.grad(_loss)):
+        dots = dot_types(jax.jit(fn).lower(model, ids, mask).as_text())
+        assert dots and all(d == ("f32", "f32", "f32") for d in dots), dots
+    with_native = jax.jit(_loss)
+    monkeypatch.setattr(precision, "native_low_precision_matmul", lambda: True)
+    native = float(jax.jit(_loss)(model, ids, mask))
+    monkeypatch.setattr(precision, "native_low_precision_matmul", lambda: False)
+    widened = float(with_native(model, ids, mask))
+    assert widened == pytest.approx(native, rel=1e-4)  # same products, other summation order
 
 
 @pytest.mark.parametrize("value", precision.MATMUL_PRECISIONS)

@@ -15,6 +15,10 @@ The contract, for models/, scoring/ and training/:
   (:func:`einsum` carries a ``custom_vjp`` for this; plain autodiff would pair an fp32
   cotangent with a bf16 operand, which XLA runs as an fp32 GEMM).
 
+* On a CPU without bf16 units (no AVX512_BF16 / AMX-BF16) the bf16 operands are widened to
+  fp32 before the matmul (:func:`native_low_precision_matmul`): bf16 values are exact in fp32,
+  so the products and the fp32 sums are the same, at the speed of the fp32 kernels.
+
 Why it matters: an einsum with bf16 operands and a bf16 *result* runs at fp32 speed on
 XLA:CPU (measured on an AMX Xeon: 120-180 GFLOP/s, against 370-1020 GFLOP/s for the same GEMM
 with fp32 accumulation), and fp32 accumulation is the standard contract on GPUs and TPUs.
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -113,9 +119,35 @@ def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -
     a, b = a.astype(dtype), b.astype(dtype)
     if dtype == jnp.float32:
         y = _f32_acc(spec, a, b)  # plain autodiff is already exact here
-    else:
+    elif native_low_precision_matmul():
         y = _low_precision_einsum(spec, a, b)
+    else:  # the same products (bf16 values are exact in fp32), summed in fp32 by fp32 kernels
+        y = _f32_acc(spec, a.astype(jnp.float32), b.astype(jnp.float32))
     return y.astype(dtype if out_dtype is None else out_dtype)
+
+
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    """Whether this host's CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16)."""
+    override = os.environ.get("RESOFILTER_CPU_BF16", "")
+    if override in ("0", "1"):
+        return override == "1"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in _CPU_BF16_FLAGS)
+
+
+def native_low_precision_matmul() -> bool:
+    """Whether bf16-operand matmuls are fast here: always on GPUs and TPUs; on CPUs only with
+    bf16 units. Elsewhere (e.g. an AVX2-only CPU, where a bf16 x bf16 -> fp32 GEMM ran at
+    0.6-0.8x the fp32 rate: BENCHMARKS.md) the operands are widened to fp32 first: the same
+    products, fp32 sums, fp32 speed (``RESOFILTER_CPU_BF16=0/1`` overrides the detection)."""
+    return jax.default_backend() != "cpu" or _cpu_has_bf16_units()
 
 
 def linear(x: Array, w: Array, *, transposed: bool, dtype: jnp.dtype, out_dtype=None) -> Array:
