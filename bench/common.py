@@ -588,8 +588,9 @@ def finish_report(
         rho, n = spearman([ours[i] for i in keys], [scores["other"][i] for i in keys])
         print(f"ranking check: Spearman(bf16 scores, fp32 scores) = {rho:.5f} over {n} samples")
         out["rank_check"] = {"spearman_bf16_vs_fp32": rho, "n": n}
-    if getattr(args, "machine", None) is not None:
-        out["machine"] = out["args"].pop("machine", None) if "args" in out else args.machine
+    machine = vars(args).pop("machine", None)  # out["args"] is vars(args): listed once
+    if machine is not None:
+        out["machine"] = machine
     if args.json:
         if getattr(args, "json_scores", False):
             out["scores"] = {

@@ -121,7 +121,7 @@ def _probed_bwd(
     dx = precision.einsum("blo,io->bli" if conv else "blo,oi->bli", dy, w, dtype=x.dtype)
     dys = onehot.astype(dy.dtype)[..., None] * dy[:, :, None, :]  # [b, l, S, out]
     spec = "blso,bli->bsio" if conv else "blso,bli->bsoi"
-    dw = jnp.einsum(spec, dys, x, preferred_element_type=jnp.float32)  # [b, S, *w.shape]
+    dw = precision.einsum(spec, dys, x, dtype=x.dtype, out_dtype=jnp.float32)  # [b, S, *w]
     return dx, jnp.zeros_like(w), dw, jnp.zeros_like(onehot)
 
 
