@@ -108,7 +108,7 @@ def run_project(
                 token_budget=config.token_budget,
                 min_bucket=config.min_bucket,
                 bucket_step=config.get("bucket_step", 0),
-                chunk=config.chunk,
+                chunk=config.ce_chunk,
                 pack=config.get("pack", True),
                 shard_size=config.shard_size,
                 mesh=make_mesh(devices),
@@ -187,7 +187,7 @@ def main() -> None:
     common.machine_block(args, model_path, config.token_budget)
 
     from resofilter_jax.data import encode_ifd_pairs
-    from resofilter_jax.host_memory import tune_allocator
+    from resofilter_jax.runtime import tune_allocator
     from resofilter_jax.score import read_records
     from resofilter_jax.scoring.ifd import ifd_sequences
 
@@ -207,7 +207,7 @@ def main() -> None:
             print("warning: the torch loop uses Superfiltering's prompt (template none)")
         torch_r = run_torch(args, tok, records, model_path, config.max_length)
 
-    tune_allocator()  # the project runs as its commands do (resofilter_jax/host_memory.py)
+    tune_allocator()  # the project runs as its commands do (resofilter_jax/runtime.py)
     import jax
 
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
@@ -251,7 +251,7 @@ def report(
         )
     )
     print(
-        f"\nIFD scoring benchmark ({args.config}), {config.limit} rows, max_length "
+        f"\nIFD scoring benchmark ({args.config}), {config.data.limit} rows, max_length "
         f"{config.max_length}, project {args.dtype} (params {args.param_dtype}) on "
         f"{proj['devices']}"
     )

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
 
-    from resofilter_jax.host_memory import tune_allocator
+    from resofilter_jax.runtime import tune_allocator
 
     tune_allocator()  # before JAX and torch allocate: both sides get the same allocator
     import jax

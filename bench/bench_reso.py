@@ -279,7 +279,7 @@ def main() -> None:
     config.compilation_cache_dir = str(wd / "jax_cache")
     common.machine_block(args, model_path, 4096)  # GEMMs at 4096 token rows
 
-    from resofilter_jax.host_memory import tune_allocator
+    from resofilter_jax.runtime import tune_allocator
     from resofilter_jax.score import read_records
 
     tok = common.load_tokenizer(model_path)
@@ -292,7 +292,7 @@ def main() -> None:
     if args.torch_allocator == "tuned":
         tune_allocator()
     torch_r = run_torch(args, config, examples, model_path) if args.torch_samples > 0 else None
-    tune_allocator()  # the project runs as its commands do (resofilter_jax/host_memory.py)
+    tune_allocator()  # the project runs as its commands do (resofilter_jax/runtime.py)
 
     import jax
 
@@ -346,7 +346,7 @@ def report(
         )
     )
     print(
-        f"\nResonance scoring benchmark ({args.config}), {config.limit} rows "
+        f"\nResonance scoring benchmark ({args.config}), {config.data.limit} rows "
         f"({len(lengths)} scorable), max_length {config.max_length}, project {args.dtype} "
         f"(params {args.param_dtype}) on {proj['devices']}"
     )

@@ -49,7 +49,7 @@ process, by default interleaved (project step s, torch step s, project step s+1,
 shared machine, load changes hit both sides alike; ``--order sequential`` runs all project steps
 first). Each step is timed on its own, from before the batch's host->device copy to its loss on
 the host (and a device sync). Both run with the project's allocator settings
-(``resofilter_jax/host_memory.py``, as ``bench/bench_matmul.py``).
+(``resofilter_jax/runtime.py``, as ``bench/bench_matmul.py``).
 
 The lr warmup of the recipe is set to 0 steps (``--set optim.warmup_steps=N`` to change), so
 every step moves the weights and the loss check covers the updates; the schedule runs over the
@@ -358,7 +358,7 @@ def measure(
 def main() -> None:
     args = parse_args()
     setup_env(args.device)
-    from resofilter_jax.host_memory import tune_allocator
+    from resofilter_jax.runtime import tune_allocator
 
     tune_allocator()  # before JAX and torch allocate: both sides run with the same allocator
     import jax

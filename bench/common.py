@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import resource
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from resofilter_jax import rank_stats
+from resofilter_jax.analysis import rank_stats
 
 REPO = Path(__file__).resolve().parents[1]
 _USER_ENV = dict(os.environ)  # before parse_args() adjusts this process's environment
@@ -261,25 +260,10 @@ def asset_path(override: str, name: str) -> str:
 
 
 def load_config(path: str, overrides: dict[str, Any]) -> Any:
-    """``get_config()`` of a config file with dotted-key overrides (values cast to the field)."""
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"error: cannot load config {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        old = node[leaf]
-        if isinstance(value, str) and isinstance(old, bool):
-            value = value.lower() in ("1", "true", "yes")
-        elif isinstance(value, str) and isinstance(old, int | float):
-            value = type(old)(value)
-        node[leaf] = value
-    return config
+    """``get_config()`` of a config file with dotted-key overrides (the project's loader)."""
+    from resofilter_jax.configuration import load_config as load
+
+    return load(path, overrides)
 
 
 def process_runs(
@@ -445,7 +429,7 @@ def add_common_args(
     """Flags shared by bench_ifd.py and bench_reso.py."""
     add = ap.add_argument
     add("--config", default=config, help="recipe config (default: %(default)s)")
-    add("--samples", type=int, default=samples, help="input rows to score (config.limit)")
+    add("--samples", type=int, default=samples, help="input rows to score (config.data.limit)")
     add("--max_length", type=int, default=0, help="0 = the recipe's max_length")
     add("--dtype", choices=DTYPES, default="float32", help="project compute dtype")
     add("--param_dtype", default="", help="project parameter dtype (default: --dtype)")
@@ -463,7 +447,7 @@ def add_common_args(
         choices=("default", "tuned"),
         default="default",
         help="glibc settings for the torch loop: default (as users run it) or tuned (the "
-        "project's resofilter_jax/host_memory.py, applied before torch runs); the project "
+        "project's resofilter_jax/runtime.py, applied before torch runs); the project "
         "phase always runs tuned, as the commands do",
     )
     add("--jax_matmul_precision", default="", help="JAX default matmul precision, e.g. highest")
@@ -522,7 +506,7 @@ def parse_args(
 def overrides_of(args: argparse.Namespace, model_path: str, data_path: str) -> dict[str, Any]:
     """Config overrides from the flags (the same for the subprocess and this process)."""
     over: dict[str, Any] = {
-        "limit": args.samples,
+        "data.limit": args.samples,
         "model.path": model_path,
         "data.path": data_path,
         "model.dtype": args.dtype,
@@ -616,14 +600,14 @@ def write_json(path: str, obj: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    """Package versions and the machine."""
-    import importlib.metadata as md
+    """Package versions (the project's list plus torch) and the machine."""
     import platform
 
-    out = {p: md.version(p) for p in ("jax", "jaxlib", "flax", "torch", "transformers")}
+    from resofilter_jax.runtime import PACKAGES
+    from resofilter_jax.runtime import versions as package_versions
+
     return {
-        **out,
-        "python": platform.python_version(),
+        **package_versions((*PACKAGES, "torch")),
         "node": platform.node(),
         "cpus": str(os.cpu_count()),
     }

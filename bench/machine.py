@@ -378,7 +378,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from resofilter_jax.host_memory import tune_allocator
+    from resofilter_jax.runtime import tune_allocator
 
     tune_allocator()  # before JAX and torch allocate, as the benchmarks run
     shapes: Sequence[Shape] | Mapping[str, Shape]

@@ -25,14 +25,15 @@ def get_config() -> ml_collections.ConfigDict:
     # in eval.json) | reference | xla | cudnn | pallas_gpu | splash (models/attention.py).
     c.model.attention = "auto"
     c.data = ml_collections.ConfigDict()
-    c.data.path = ""
+    c.data.path = ""  # a file, a directory (HF save_to_disk / TFDS) or a dataset name
+    c.data.reader = "auto"  # auto (by suffix) | json | jsonl | parquet | hf | tfds
+    c.data.split = ""  # hf / tfds split ("" = train)
     c.data.format = "auto"  # auto | alpaca | query_response | gsm8k | sharegpt
     c.data.sharegpt_turns = "first"
     c.data.fields = ml_collections.ConfigDict()
     c.data.allow_truncated = False
     c.data.on_error = "status"  # unusable rows are counted, not evaluated | raise
     c.data.limit = 0  # the first N input rows; 0 = all
-    c.limit = 0  # (read_records' default; data.limit is the one used)
     c.template = "chatml"  # must be the template the model was trained with
     c.max_length = 512  # truncation of prompt + response for the loss
     c.min_bucket = 64

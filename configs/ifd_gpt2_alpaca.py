@@ -32,15 +32,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.sharegpt_turns = "first"  # only used by the sharegpt format
     c.data.allow_truncated = False  # a cut-off JSON array is an error
     c.data.on_error = "status"  # status: bad rows become error:<reason> rows | raise
+    c.data.limit = 0  # read the first N input rows; 0 = all
     c.data.fields = ml_collections.ConfigDict()  # source key renames
     c.template = "none"  # Superfiltering's prompt: "{instruction}\n{input}\n"
     c.max_length = 1024
-    c.limit = 0  # first N input rows; 0 = all
     c.token_budget = 16384  # padded tokens per batch (does not change scores)
     c.min_bucket = 64
     c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
     c.pack = True  # several sequences per row (segment masks): far less padding, same scores
-    c.chunk = 128  # CE sequence chunk
+    c.ce_chunk = 128  # CE sequence chunk
     c.num_devices = 0  # 0 = all local devices
     c.shard_size = 2048  # rows per output shard (resume unit)
     c.output_dir = "outputs/ifd_gpt2_alpaca"

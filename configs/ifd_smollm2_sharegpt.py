@@ -1,7 +1,7 @@
 """Superfiltering IFD scores of ShareGPT first turns under SmolLM2-135M-Instruct (embedded).
 
     python -m resofilter_jax.score --config configs/ifd_smollm2_sharegpt.py \
-        --config.limit=256 --config.output_dir=outputs/ifd_smollm2_sharegpt
+        --config.data.limit=256 --config.output_dir=outputs/ifd_smollm2_sharegpt
 """
 
 import ml_collections
@@ -25,21 +25,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"
     # Data: a file or dataset; "" = the embedded ShareGPT V3 file (truncated near its end).
     c.data = ml_collections.ConfigDict()
-    c.data.path = ""
+    c.data.path = ""  # a file, a directory (HF save_to_disk / TFDS) or a dataset name
+    c.data.reader = "auto"  # auto (by suffix) | json | jsonl | parquet | hf | tfds
+    c.data.split = ""  # hf / tfds split ("" = train)
     c.data.format = "sharegpt"  # alpaca | query_response | sharegpt | gsm8k | auto
     c.data.sharegpt_turns = "first"  # first | all (one row per human->gpt pair, with `turn`)
     c.data.allow_truncated = True  # the shipped ShareGPT file is cut off near its end
     c.data.on_error = "status"  # status: bad rows become error:<reason> rows | raise
+    c.data.limit = 0  # read the first N input rows; 0 = all
     c.data.fields = ml_collections.ConfigDict()  # source key renames, e.g. {"output": "answer"}
     c.template = "none"  # prompt template; "none" = Superfiltering's "{instruction}\n{input}\n"
-    c.max_length = 1024  # Superfiltering's max_length (truncation rules of DESIGN 3.1)
-    c.limit = 0  # score the first N input rows; 0 = all
+    c.max_length = 1024  # Superfiltering's max_length (truncation rules: docs/DESIGN.md §3.1)
     # Batching (does not change scores): padded tokens per batch, smallest length bucket.
     c.token_budget = 16384
     c.min_bucket = 64
     c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
     c.pack = True  # several sequences per row (segment masks): far less padding, same scores
-    c.chunk = 128  # sequence chunk of the cross-entropy (bounds [batch, chunk, vocab] logits)
+    c.ce_chunk = 128  # sequence chunk of the cross-entropy (bounds [batch, chunk, vocab] logits)
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
     # Outputs: shards of `shard_size` rows are written as they finish; a re-run with the same
     # settings computes only missing shards. overwrite=True discards a different earlier run.

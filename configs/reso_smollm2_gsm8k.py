@@ -1,7 +1,7 @@
 """ResoFilter resonance scores of the GSM8K test set under SmolLM2-135M-Instruct (embedded).
 
     python -m resofilter_jax.score --config configs/reso_smollm2_gsm8k.py \
-        --config.limit=64 --config.output_dir=outputs/reso_smollm2_gsm8k
+        --config.data.limit=64 --config.output_dir=outputs/reso_smollm2_gsm8k
 """
 
 import ml_collections
@@ -59,15 +59,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"
     # Data: a file or dataset; "" = the embedded GSM8K test set (1319 rows).
     c.data = ml_collections.ConfigDict()
-    c.data.path = ""
+    c.data.path = ""  # a file, a directory (HF save_to_disk / TFDS) or a dataset name
+    c.data.reader = "auto"  # auto (by suffix) | json | jsonl | parquet | hf | tfds
+    c.data.split = ""  # hf / tfds split ("" = train)
     c.data.format = "gsm8k"  # alpaca | query_response | sharegpt | gsm8k | auto
     c.data.sharegpt_turns = "first"
     c.data.allow_truncated = False
     c.data.on_error = "status"  # status: bad rows become error:<reason> rows | raise
+    c.data.limit = 0  # read the first N input rows; 0 = all
     c.data.fields = ml_collections.ConfigDict()
     c.template = "chatml"  # none | alpaca | gemma | chatml | chat
     c.max_length = 768  # right-truncation of prompt + response + EOS
-    c.limit = 0  # score the first N input rows; 0 = all
     c.resonance = resonance_config()
     c.features = features_config()
     # Batching (does not change scores beyond fp32 rounding): padded tokens per batch.
@@ -76,7 +78,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
     # Several examples per row; one backward pass gives each its own gradient (same results).
     c.pack = True
-    c.chunk = 128  # unused by resonance (its CE chunk is fixed); kept for a uniform config
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
     c.shard_size = 512
     c.output_dir = "outputs/reso_smollm2_gsm8k"

@@ -28,7 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"
     # Data.
     c.data = ml_collections.ConfigDict()
-    c.data.path = ""
+    c.data.path = ""  # a file, a directory (HF save_to_disk / TFDS) or a dataset name
+    c.data.reader = "auto"  # auto (by suffix) | json | jsonl | parquet | hf | tfds
+    c.data.split = ""  # hf / tfds split ("" = train)
     c.data.format = "auto"  # auto | alpaca | query_response | gsm8k | sharegpt
     c.data.sharegpt_turns = "first"  # first | all (one example per human->gpt pair)
     c.data.fields = ml_collections.ConfigDict()  # key renames, e.g. {"instruction": "prompt"}

@@ -225,7 +225,7 @@ def dry_run_scoring(config: Any) -> dict[str, Any]:
             },
             bs,
         )
-        fn = make_batch_fn(graphdef, chunk=int(config.chunk))
+        fn = make_batch_fn(graphdef, chunk=int(config.ce_chunk))
         lowered = fn.lower(_abstract(state, replicated(mesh)), batch)
         step = "ifd loss batch"
     compiled = lowered.compile()

@@ -1,377 +1,47 @@
 """Score instruction data (Superfiltering IFD or ResoFilter resonance), resumable and sharded.
 
     python -m resofilter_jax.score --config configs/ifd_smollm2_sharegpt.py \
-        --config.limit=256 --config.output_dir=outputs/ifd
-    python -m resofilter_jax.score --config configs/reso_smollm2_gsm8k.py --config.limit=64
+        --config.data.limit=256 --config.output_dir=outputs/ifd
+    python -m resofilter_jax.score --config configs/reso_smollm2_gsm8k.py --config.data.limit=64
 
-Writes OUTPUT_DIR/shards/*.parquet while running (a re-run with the same configuration
+The command parses the config and calls :func:`resofilter_jax.scoring.pipeline.run`, which
+writes OUTPUT_DIR/shards/*.parquet while running (a re-run with the same configuration
 computes only the missing shards), then OUTPUT_DIR/scores.parquet, scores.jsonl and run.json.
-
-Multi-process jobs (``jax.distributed``; see launch/README.md) run the same command on every
-process: the mesh spans all their devices, each process scores its part of every shard and
-writes ``shards/shard-K.pPofN.parquet``, and process 0 merges after a barrier. OUTPUT_DIR
-must be on a filesystem all processes share.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import itertools
 import json
 import os
-import platform
-import signal
-import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import Any
+import sys
 
-import jax
-import ml_collections
-import pyarrow.parquet as pq
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from resofilter_jax import assets
-from resofilter_jax.data import ReadReport, Record, iter_raw_rows, to_records
-from resofilter_jax.host_memory import tune_allocator
-from resofilter_jax.models.attention import configure_attention
-from resofilter_jax.models.loading import load_model
-from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
-from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
-from resofilter_jax.scoring import outputs, reso_runner
-from resofilter_jax.scoring.distributed_plan import Hosts
-from resofilter_jax.scoring.process_records import ProcessRecords, stream_process_records
-from resofilter_jax.scoring.runner import score_ifd
-
-METHODS = ("ifd", "resonance")
-
-
-def _resolve_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
-    """Model and data paths, with the embedded defaults for empty ones."""
-    model_path = config.model.path or str(assets.smollm2_gguf())
-    default_data = assets.gsm8k_test if config.method == "resonance" else assets.sharegpt_json
-    data_path = config.data.path or str(default_data())
-    return model_path, data_path
-
-
-def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: str) -> dict:
-    """Everything that affects the scores and the shard layout (not batching, not paths out)."""
-    data = config.data
-    fp = {
-        "method": config.method,
-        "model": {
-            **outputs.path_stamp(model_path),
-            "dtype": config.model.dtype,
-            "param_dtype": config.model.param_dtype,
-            "matmul_precision": run_matmul_precision(config),
-        },
-        "data": {
-            **outputs.path_stamp(data_path, mtime=False),
-            "format": data.format,
-            "sharegpt_turns": data.sharegpt_turns,
-            "allow_truncated": data.allow_truncated,
-            "on_error": data.on_error,
-            "fields": dict(data.fields),
-        },
-        "template": config.template,
-        "max_length": config.max_length,
-        "limit": config.limit,
-        "shard_size": config.shard_size,
-    }
-    if config.method == "resonance":
-        fp["resonance"] = reso_runner.fingerprint(config)
-    return fp
-
-
-def iter_records(
-    config: ml_collections.ConfigDict, data_path: str, limit: int | None = None
-) -> tuple[Iterator[Record], ReadReport]:
-    """Streams the records of the first ``limit`` input rows (default ``config.limit``; 0 = all).
-
-    The report is filled as the records are consumed.
-    """
-    d = config.data
-    report = ReadReport()
-    rows = iter_raw_rows(
-        data_path, on_error=d.on_error, allow_truncated=d.allow_truncated, report=report
-    )
-    limit = config.limit if limit is None else limit
-    if limit:
-        rows = itertools.islice(rows, limit)
-    records = to_records(
-        rows,
-        d.format,
-        fields=dict(d.fields) or None,
-        sharegpt_turns=d.sharegpt_turns,
-        on_error=d.on_error,
-    )
-    return records, report
-
-
-def read_records(
-    config: ml_collections.ConfigDict, data_path: str, limit: int | None = None
-) -> tuple[list[Record], ReadReport]:
-    """Reads the records of the first ``limit`` input rows (default ``config.limit``; 0 = all)."""
-    stream, report = iter_records(config, data_path, limit)
-    records = list(stream)
-    if report.truncated:
-        logging.warning("%s", report.message)
-    return records, report
-
-
-def _read_for_process(
-    config: ml_collections.ConfigDict, data_path: str, hosts: Hosts
-) -> tuple[Sequence[Record] | ProcessRecords, ReadReport, bool]:
-    """(records, report, whether any record has an id) as this process's scorer needs them.
-
-    Several processes scoring IFD: only this process's rows are kept (one streaming pass,
-    :mod:`resofilter_jax.scoring.process_records`). Resonance needs every query on every
-    process (duplicates are found over the whole input), and one process needs everything.
-    """
-    if hosts.multi and config.method == "ifd":
-        stream, report = iter_records(config, data_path)
-        records = stream_process_records(
-            stream,
-            shard_size=config.shard_size,
-            process_index=hosts.index,
-            process_count=hosts.count,
-        )
-        if report.truncated:
-            logging.warning("%s", report.message)
-        return records, report, records.has_id
-    records, report = read_records(config, data_path)
-    return records, report, any(r.id is not None for r in records)
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "transformers", "numpy", "tokenizers", "pyarrow"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
-def enable_compilation_cache(path: str) -> None:
-    """Turns on JAX's persistent compilation cache in ``path`` ("" = off)."""
-    if path:
-        cache = Path(path).expanduser()
-        cache.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-
-
-KILL_ENV = "RESOFILTER_TEST_KILL_AFTER_SHARDS"  # test hook: "P:N" = process P dies after N
-
-
-def shard_writer(
-    out_dir: Path, hosts: Hosts, schema: Any = outputs.SHARD_SCHEMA
-) -> Callable[[int, dict[str, Any]], None]:
-    """``on_shard`` callback: this process's part (or, alone, the whole shard) of shard k.
-
-    Test hook: with ``RESOFILTER_TEST_KILL_AFTER_SHARDS=P:N`` in the environment, process P
-    SIGKILLs itself right after writing its N-th shard file (a crash mid-run).
-    """
-    part = (hosts.index, hosts.count)
-    hook = os.environ.get(KILL_ENV, "")
-    victim, after = (int(x) for x in hook.split(":")) if hook else (-1, 0)
-    written = [0]
-
-    def write(k: int, cols: dict[str, Any]) -> None:
-        outputs.write_shard(out_dir, k, cols, schema, part)
-        written[0] += 1
-        if victim == hosts.index and written[0] >= after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return write
-
-
-def _score_ifd(
-    config: ml_collections.ConfigDict,
-    lm: Any,
-    records: Sequence[Record] | ProcessRecords,
-    todo: list[int],
-    mesh: Any,
-    out_dir: Path,
-    hosts: Hosts,
-) -> Any:
-    """Runs the IFD loop over the missing shards, writing each as it finishes."""
-    return score_ifd(
-        lm.model,
-        lm.tokenizer,
-        records,
-        max_length=config.max_length,
-        template=config.template,
-        token_budget=config.token_budget,
-        min_bucket=config.min_bucket,
-        bucket_step=config.get("bucket_step", 0),
-        chunk=config.chunk,
-        pack=config.get("pack", True),
-        shard_size=config.shard_size,
-        shards=todo,
-        mesh=mesh,
-        on_shard=shard_writer(out_dir, hosts),
-        progress=config.progress and hosts.index == 0,
-    )
-
-
-@with_matmul_precision
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Scores ``config.data`` with ``config.model``; writes the outputs; returns the summary.
-
-    Raises:
-        NotImplementedError: For ``method="resonance"`` with a config that has no
-            ``resonance`` section (e.g. an IFD config).
-        ValueError: For an unknown method.
-        outputs.FingerprintMismatchError: If ``output_dir`` holds a different run.
-    """
-    t0 = time.perf_counter()
-    if config.method not in METHODS:
-        raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
-    if config.method == "resonance" and "resonance" not in config:
-        raise NotImplementedError(
-            "method='resonance' needs a config with a `resonance` section "
-            "(see configs/reso_smollm2_gsm8k.py)"
-        )
-    if config.get("dry_run", False):  # compile for a target topology; no data, no weights
-        from resofilter_jax.dry_run import run_dry
-
-        return run_dry(config, "score")
-    if config.get("require_model_path", False) and not config.model.path:
-        raise ValueError(
-            "this config needs --config.model.path=<local Hugging Face model dir or .gguf file> "
-            "(e.g. a GPT-2 directory saved with save_pretrained)"
-        )
-    if config.get("require_data_path", False) and not config.data.path:
-        raise ValueError("this config needs --config.data.path=<local data file or directory>")
-    dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
-    enable_compilation_cache(config.compilation_cache_dir)
-    model_path, data_path = _resolve_paths(config)
-    if dist["process_count"] > 1:
-        devices = global_devices(config.num_devices)
-    else:
-        devices = jax.local_devices()
-        if config.num_devices:
-            devices = devices[: config.num_devices]
-    mesh = make_mesh(devices)
-    hosts = Hosts(mesh)
-    fp = fingerprint(config, model_path, data_path)
-    outputs.check_output_dir(config.output_dir, fp, overwrite=config.overwrite)  # all raise
-    if hosts.index == 0:
-        outputs.prepare_output_dir(config.output_dir, fp, overwrite=config.overwrite)
-    hosts.barrier("resofilter_output_dir")
-    out_dir = Path(config.output_dir)
-    records, report, has_id = _read_for_process(config, data_path, hosts)
-    ranges = outputs.shard_ranges(len(records), config.shard_size)
-    # Every process computes the union of what any of them sees missing (lockstep).
-    todo = hosts.agree_todo(outputs.missing_shards(out_dir, len(ranges)), len(ranges))
-    t_read = time.perf_counter()
-    lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    lm.model.scan_layers = bool(config.model.get("scan_layers", False))
-    attention = configure_attention(
-        lm.model, config.model.get("attention", "auto"), packed=bool(config.get("pack", True))
-    )
-    t_load = time.perf_counter()
-    schema = outputs.SHARD_SCHEMA
-    if config.method == "resonance":
-        spec = reso_runner.spec_from_config(config, lm.model)
-        schema = reso_runner.reso_schema(spec)
-        stats = reso_runner.run_from_config(
-            config,
-            spec,
-            lm.model,
-            lm.tokenizer,
-            records,
-            shards=todo,
-            mesh=mesh,
-            on_shard=shard_writer(out_dir, hosts, schema),
-        )
-    else:
-        stats = _score_ifd(config, lm, records, todo, mesh, out_dir, hosts)
-    hosts.barrier("resofilter_scored")  # every part of every shard is written
-    if hosts.index == 0:
-        table = outputs.merge_shards(
-            out_dir,
-            len(ranges),
-            with_id=has_id,
-            with_turn=config.data.sharegpt_turns == "all",
-            expected_rows=len(records),
-            schema=schema,
-        )
-    hosts.barrier("resofilter_merged")
-    if hosts.index != 0:
-        table = pq.read_table(out_dir / "scores.parquet", columns=["status"])
-    t_end = time.perf_counter()
-    statuses = outputs.status_counts(table.column("status").to_pylist())
-    summary = {
-        "output_dir": str(out_dir),
-        "model": model_path,
-        "data": data_path,
-        "rows": table.num_rows,
-        "statuses": statuses,
-        "shards": {"total": len(ranges), "computed": len(todo), "reused": len(ranges) - len(todo)},
-        "loop": stats.summary(),
-        "seconds": {
-            "read": t_read - t0,
-            "load_model": t_load - t_read,
-            "score": stats.seconds,
-            "total": t_end - t0,
-        },
-        "samples_per_s": stats.samples_per_s,
-        "tokens_per_s": stats.tokens_per_s,
-    }
-    if hosts.multi:  # the loop counters above are this process's
-        summary["processes"] = {"index": hosts.index, "count": hosts.count}
-    if hosts.index != 0:
-        return summary
-    cfg = lm.config
-    outputs.write_json(
-        out_dir / "run.json",
-        {
-            **summary,
-            "config": config.to_dict(),
-            "model_config": {
-                "model_type": cfg.model_type,
-                "vocab_size": cfg.vocab_size,
-                "hidden_size": cfg.hidden_size,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "source": lm.source,
-            },
-            "attention": attention,  # the backend `model.attention` resolved to, and why
-            "versions": _versions(),
-            "devices": [str(d) for d in devices],
-            "distributed": dist,
-            "read_report": {
-                "path": report.path,
-                "rows_read": report.rows_read,
-                "errors": report.errors,
-                "truncated": report.truncated,
-                "bytes_total": report.bytes_total,
-                "bytes_unparsed": report.bytes_unparsed,
-                "message": report.message,
-                "limit": config.limit,
-            },
-        },
-    )
-    logging.info("summary: %s", json.dumps(summary))
-    return summary
+from resofilter_jax.configuration import check_argv
+from resofilter_jax.runtime import tune_allocator
 
 
 def main(argv: list[str]) -> None:
     """absl entry point: runs the config given with --config and prints the summary."""
-    tune_allocator()  # before JAX starts: keep XLA's big buffers (host_memory.py)
-    del argv
+    tune_allocator()  # before JAX starts: keep XLA's big buffers (runtime.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not flags.FLAGS.config.get("dry_run", False):  # a dry run sets up its own devices
-        initialize_distributed(flags.FLAGS.config)  # before any other JAX use
-    summary = run(flags.FLAGS.config)
-    print(json.dumps(summary, indent=2))
+    del argv
+    from resofilter_jax.parallel import initialize_distributed
+    from resofilter_jax.scoring.pipeline import run
+
+    config = flags.FLAGS.config
+    if not config.get("dry_run", False):  # a dry run sets up its own devices
+        initialize_distributed(config)  # before any other JAX use
+    print(json.dumps(run(config), indent=2))
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file")
+    flags.mark_flag_as_required("config")
 
 
 if __name__ == "__main__":
-    # Defined here, not at import: score and train (both with a --config flag) are imported
-    # together by tests and by user code.
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file")
-    flags.mark_flag_as_required("config")
+    check_argv(sys.argv[1:])
+    _define_flags()
     app.run(main)

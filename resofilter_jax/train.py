@@ -3,402 +3,45 @@
     python -m resofilter_jax.train --config configs/sft_smollm2.py \
         --config.data.path=selected.jsonl --config.workdir=runs/x
 
-Writes WORKDIR/checkpoints/<step>/ (orbax; a re-run with the same WORKDIR resumes from the
-newest one, at the same data position), WORKDIR/metrics.jsonl, WORKDIR/hf/ (the trained model
-as a Hugging Face directory, when the run is complete) and WORKDIR/run.json.
-
-The same command runs as a multi-process ``jax.distributed`` job (``config.distributed``, SLURM
-or a TPU pod; see ``launch/README.md``): the mesh spans every process's devices, each process
-collates its own rows of every batch, orbax checkpoints are written by all processes, and
-process 0 writes the other files (see ``resofilter_jax.training.multihost``).
+The command parses the config and calls :func:`resofilter_jax.training.pipeline.run`, which
+writes WORKDIR/checkpoints/<step>/ (a re-run with the same WORKDIR resumes from the newest),
+WORKDIR/metrics.jsonl, WORKDIR/hf/ (the trained model as a Hugging Face directory) and
+WORKDIR/run.json. Multi-process jobs: see ``launch/README.md``.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import sys
 
-import jax
-import ml_collections
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from resofilter_jax import assets
-from resofilter_jax.data import encode_sft_examples
-from resofilter_jax.host_memory import tune_allocator
-from resofilter_jax.models.attention import configure_attention
-from resofilter_jax.models.export import export_hf
-from resofilter_jax.models.loading import as_dtype, load_model
-from resofilter_jax.models.precision import with_matmul_precision
-from resofilter_jax.models.registry import named_params
-from resofilter_jax.parallel import initialize_distributed, make_train_mesh, num_devices
-from resofilter_jax.score import enable_compilation_cache, read_records
-from resofilter_jax.scoring.outputs import status_counts
-from resofilter_jax.training import multihost
-from resofilter_jax.training.checkpoints import Checkpointer
-from resofilter_jax.training.metrics import MetricsLogger
-from resofilter_jax.training.optim import optimizer_from_config
-from resofilter_jax.training.sft_data import (
-    BatchPlan,
-    Row,
-    batch_at,
-    batch_tokens,
-    packed_rows,
-    rows_fingerprint,
-    single_rows,
-)
-from resofilter_jax.training.trainer import Trainer, merge_model
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
-def read_training_rows(
-    config: ml_collections.ConfigDict, tokenizer: Any, data_path: str
-) -> tuple[list[Row], dict[str, Any]]:
-    """Reads, encodes (ResoFilter's SFT encoding) and optionally packs the training data.
-
-    Records with a non-ok status (unreadable rows, no response token left after truncation)
-    are dropped and counted in the returned report.
-    """
-    d = config.data
-    records, report = read_records(config, data_path, limit=d.limit)
-    examples = encode_sft_examples(
-        records, tokenizer, max_length=config.max_length, template=config.template
-    )
-    kept = [ex for ex in examples if ex.status == "ok"]
-    dropped = status_counts([ex.status for ex in examples if ex.status != "ok"])
-    if dropped:
-        logging.warning(
-            "dropped %d of %d examples: %s", len(examples) - len(kept), len(examples), dropped
-        )
-    rows = packed_rows(kept, config.max_length) if d.packing else single_rows(kept)
-    info = {
-        "path": data_path,
-        "records": len(records),
-        "examples": len(kept),
-        "dropped": dropped,
-        "rows": len(rows),
-        "packing": bool(d.packing),
-        "tokens": int(sum(len(r) for r in rows)),
-        "target_tokens": int(sum(int(np.sum(r.labels[1:] != -100)) for r in rows)),
-        "read_truncated": bool(report.truncated),
-    }
-    return rows, info
-
-
-def _plan(config: ml_collections.ConfigDict, num_rows: int) -> tuple[BatchPlan, int]:
-    """The batch plan and the number of optimizer steps of the run."""
-    t = config.train
-    plan = BatchPlan(num_rows, t.batch_size, t.epochs, seed=t.seed, shuffle=t.shuffle)
-    if t.max_steps > 0:  # as HF: max_steps wins over epochs, cycling over the data as needed
-        epochs = -(-t.max_steps // plan.steps_per_epoch)
-        plan = BatchPlan(num_rows, t.batch_size, epochs, seed=t.seed, shuffle=t.shuffle)
-        return plan, int(t.max_steps)
-    return plan, plan.total_steps
-
-
-def _check_config(config: ml_collections.ConfigDict, n_devices: int) -> int:
-    """Validates the batch settings; returns the number of accumulation steps."""
-    t = config.train
-    micro = t.micro_batch_size or t.batch_size
-    if t.batch_size % micro:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={micro}"
-        )
-    if micro % n_devices:
-        raise ValueError(
-            f"train.micro_batch_size={micro} rows do not split over the {n_devices} devices "
-            "of the mesh; use a multiple of the device count (or --config.mesh.data=N)"
-        )
-    if config.get("require_model_path", False) and not config.model.path:
-        raise ValueError("this config needs --config.model.path=<local HF model dir or .gguf>")
-    if config.get("require_data_path", False) and not config.data.path:
-        raise ValueError("this config needs --config.data.path=<local data file>")
-    return t.batch_size // micro
-
-
-def _resume(
-    ckpt: Checkpointer,
-    trainer: Trainer,
-    plan: BatchPlan,
-    data_state: Callable[[int], dict[str, Any]],
-) -> int:
-    """Restores the newest checkpoint into ``trainer``; returns its step (0: none).
-
-    Raises:
-        ValueError: If the checkpoint belongs to other data, batching or schedule.
-    """
-    start = ckpt.latest_step() or 0
-    if not start:
-        return 0
-    state, saved = ckpt.restore(start, trainer.abstract_state())
-    mine = data_state(start)
-    plan.check_resume(saved, mine["rows_fingerprint"])
-    for key in ("total_steps", "warmup_steps"):
-        if saved.get(key) != mine[key]:
-            raise ValueError(
-                f"the checkpoint's {key} is {saved.get(key)}, this run's {mine[key]}: the "
-                "schedule changed (data size, batch size, epochs or warmup); use a fresh workdir"
-            )
-    trainer.load_state(state)
-    logging.info("resumed from step %d (%s)", start, saved)
-    return start
-
-
-def _train_steps(
-    config: ml_collections.ConfigDict,
-    trainer: Trainer,
-    rows: list[Row],
-    plan: BatchPlan,
-    steps: range,
-    *,
-    accum: int,
-    pad_id: int,
-    lr_at: Callable[[int], Any],
-    logger: MetricsLogger,
-    ckpt: Checkpointer,
-    data_state: Callable[[int], dict[str, Any]],
-) -> int:
-    """Runs optimizer steps ``steps`` (0-based), logging and checkpointing; returns the tokens.
-
-    Metrics of a step are fetched after the next step is dispatched, so the host builds the
-    next batch while the device works; before a checkpoint they are flushed, so the metrics
-    file always covers the newest checkpoint. With several processes each collates only its
-    rows of every micro-batch (``Trainer.local_rows``); token counts are the whole batch's.
-    """
-    pending: tuple[int, dict[str, Any], int, float] | None = None
-    last = [time.perf_counter()]
-    total_tokens = 0
-    micro = plan.batch_size // accum  # rows of a micro-batch, all processes
-    local = trainer.local_rows(micro)  # this process's rows of it (None: all)
-    if local is not None:
-        logging.info(
-            "process %d collates rows %s of every %d-row micro-batch",
-            jax.process_index(),
-            local.tolist(),
-            micro,
-        )
-    kill = multihost.kill_hook()
-
-    def flush(entry: tuple[int, dict[str, Any], int, Any]) -> None:
-        step, metrics, n_tokens, lr = entry
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        lr = float(lr)  # read here, one step behind like the metrics: no wait per step
-        now = time.perf_counter()
-        dt, last[0] = now - last[0], now
-        if step % config.log_every == 0 or step == steps.stop:
-            logger.log(
-                step,
-                {
-                    "loss": values["loss"],
-                    "lr": lr,
-                    "grad_norm": values["grad_norm"],
-                    "target_tokens": values["tokens"],
-                    "tokens": n_tokens,
-                    "tokens_per_s": n_tokens / dt,
-                    "step_time_s": dt,
-                    "epoch": step / plan.steps_per_epoch,
-                },
-            )
-
-    for step in steps:
-        batch = batch_at(
-            rows,
-            plan,
-            step,
-            accum=accum,
-            max_length=config.max_length,
-            min_bucket=config.min_bucket,
-            pad_id=pad_id,
-            local=local,
-        )
-        metrics = trainer.step(batch, micro)
-        if pending is not None:
-            flush(pending)
-        n_tokens = batch_tokens(rows, plan, step)  # real (non-padding) tokens
-        total_tokens += n_tokens
-        pending = (step + 1, metrics, n_tokens, lr_at(step))  # not read yet (see flush)
-        if ckpt.should_save(step + 1):
-            flush(pending)  # metrics up to a checkpoint are on disk before it is
-            pending = None
-            ckpt.save(step + 1, trainer.state(), data_state(step + 1))
-        multihost.maybe_kill(step + 1, kill)
-    if pending is not None:
-        flush(pending)
-    return total_tokens
-
-
-@with_matmul_precision
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Trains ``config.model`` on ``config.data``; resumes from WORKDIR's newest checkpoint.
-
-    Returns:
-        A summary: steps done, final metrics, paths (also written to WORKDIR/run.json).
-    """
-    t0 = time.perf_counter()
-    if config.get("dry_run", False):  # compile for a target topology; no data, no weights
-        from resofilter_jax.dry_run import run_dry
-
-        return run_dry(config, "train")
-    dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
-    mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp, multihost.train_devices())
-    multihost.check_mesh(mesh)
-    primary = multihost.is_primary()
-    accum = _check_config(config, num_devices(mesh))
-    workdir = Path(config.workdir).expanduser()
-    workdir.mkdir(parents=True, exist_ok=True)
-    enable_compilation_cache(config.compilation_cache_dir)
-    model_path = config.model.path or str(assets.smollm2_gguf())
-    data_path = config.data.path or str(assets.gsm8k_test())
-    lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    lm.model.scan_layers = bool(config.model.scan_layers)
-    attention = configure_attention(
-        lm.model, config.model.get("attention", "auto"), packed=bool(config.data.packing)
-    )
-    rows, data_info = read_training_rows(config, lm.tokenizer, data_path)
-    plan, total = _plan(config, len(rows))
-    fingerprint = rows_fingerprint(rows)
-    shapes = {n: tuple(v.shape) for n, v in named_params(lm.model).items()}
-    tx, schedule, warmup = optimizer_from_config(config.optim, shapes, total)
-    lr_at = jax.jit(schedule)  # one compiled program instead of one per jnp op
-    trainer = Trainer(lm.model, tx, mesh, ce_chunk=config.ce_chunk)
-    lm.model = None  # the trainer holds the (copied, sharded) parameters now
-    t_setup = time.perf_counter()
-
-    def data_state(step: int) -> dict[str, Any]:
-        return {**plan.state(step, fingerprint), "total_steps": total, "warmup_steps": warmup}
-
-    ckpt = Checkpointer(
-        workdir / "checkpoints",
-        every=config.checkpoint.every,
-        keep=config.checkpoint.keep,
-        use_async=config.checkpoint.use_async,
-    )
-    start = _resume(ckpt, trainer, plan, data_state)
-    stop = min(total, config.train.stop_after_steps) if config.train.stop_after_steps else total
-    logger = MetricsLogger(
-        workdir,
-        total_steps=total,
-        start_step=start,
-        progress=config.progress and primary,
-        tensorboard=config.tensorboard,
-        write=primary,
-    )
-    pad_id = lm.tokenizer.pad_token_id
-    t_loop = time.perf_counter()
-    n_tokens = _train_steps(
-        config,
-        trainer,
-        rows,
-        plan,
-        range(start, stop),
-        accum=accum,
-        pad_id=lm.tokenizer.eos_token_id if pad_id is None else pad_id,
-        lr_at=lr_at,
-        logger=logger,
-        ckpt=ckpt,
-        data_state=data_state,
-    )
-    if stop > start:
-        ckpt.save(stop, trainer.state(), data_state(stop))
-    ckpt.close()
-    logger.close()
-    t_train = time.perf_counter()
-    hf_dir = None
-    if stop == total and config.export.enabled:
-        hf_dir = _export(config, trainer, workdir / "hf", lm.tokenizer)
-    t_end = time.perf_counter()
-    summary = {
-        "workdir": str(workdir),
-        "model": model_path,
-        "data": data_info,
-        "steps": {
-            "total": total,
-            "start": start,
-            "done": stop,
-            "finished": stop == total,
-            "warmup": warmup,
-            "per_epoch": plan.steps_per_epoch,
-            "accumulation": accum,
-        },
-        "final_metrics": logger.last,
-        "hf_dir": hf_dir,
-        "seconds": {
-            "setup": t_setup - t0,
-            "train": t_train - t_loop,
-            "export": t_end - t_train,
-            "total": t_end - t0,
-        },
-        "train_tokens_per_s": n_tokens / max(t_train - t_loop, 1e-9),
-    }
-    if dist["process_count"] > 1:
-        summary["processes"] = {"index": dist["process_index"], "count": dist["process_count"]}
-    multihost.barrier("resofilter_train_done")  # the export is on disk when any process returns
-    if not primary:
-        return summary
-    record = {
-        **summary,
-        "config": config.to_dict(),
-        "versions": _versions(),
-        "devices": [str(d) for d in mesh.devices.flat],
-        "mesh": dict(mesh.shape),
-        "distributed": dist,
-        "attention": attention,  # the backend `model.attention` resolved to, and why
-        "model_config": {
-            "model_type": lm.config.model_type,
-            "num_hidden_layers": lm.config.num_hidden_layers,
-            "hidden_size": lm.config.hidden_size,
-            "vocab_size": lm.config.vocab_size,
-        },
-    }
-    (workdir / "run.json").write_text(json.dumps(record, indent=2, default=str))
-    logging.info("summary: %s", json.dumps(summary, default=str))
-    return summary
-
-
-def _export(config: ml_collections.ConfigDict, trainer: Trainer, out: Path, tokenizer: Any) -> str:
-    """Writes the trained model as a HF directory; returns its path.
-
-    With several processes the parameters are sharded over them: every process gathers them
-    to its host, process 0 writes.
-    """
-    dtype = as_dtype(config.export.dtype) if config.export.dtype else None
-    if jax.process_count() == 1:
-        return str(export_hf(trainer.model(), out, tokenizer=tokenizer, dtype=dtype))
-    model = merge_model(trainer.parts, multihost.gather_to_host(trainer.params))
-    if multihost.is_primary():
-        export_hf(model, out, tokenizer=tokenizer, dtype=dtype)
-    return str(out)
+from resofilter_jax.configuration import check_argv
+from resofilter_jax.runtime import tune_allocator
 
 
 def main(argv: list[str]) -> None:
     """absl entry point: trains with the config given by --config and prints the summary."""
-    tune_allocator()  # before JAX starts: keep XLA's big buffers (host_memory.py)
-    del argv
+    tune_allocator()  # before JAX starts: keep XLA's big buffers (runtime.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not flags.FLAGS.config.get("dry_run", False):  # a dry run sets up its own devices
-        initialize_distributed(flags.FLAGS.config)  # before any other JAX use
-    print(json.dumps(run(flags.FLAGS.config), indent=2, default=str))
+    del argv
+    from resofilter_jax.parallel import initialize_distributed
+    from resofilter_jax.training.pipeline import run
+
+    config = flags.FLAGS.config
+    if not config.get("dry_run", False):  # a dry run sets up its own devices
+        initialize_distributed(config)  # before any other JAX use
+    print(json.dumps(run(config), indent=2, default=str))
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file")
+    flags.mark_flag_as_required("config")
 
 
 if __name__ == "__main__":
-    # Defined here, not at import: score and train (both with a --config flag) are imported
-    # together by tests and by user code.
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file")
-    flags.mark_flag_as_required("config")
+    check_argv(sys.argv[1:])
+    _define_flags()
     app.run(main)

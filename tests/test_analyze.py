@@ -13,18 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resofilter_jax.analyze import (
-    AnalyzeConfig,
-    count_inversions,
-    kendall_tau_b,
-    overlap,
-    rankdata,
-    run,
-    spearman,
-    top_set,
-)
+from resofilter_jax.analysis.pipeline import AnalyzeConfig, run
+from resofilter_jax.analysis.rank_stats import count_inversions, kendall_tau_b, rankdata, spearman
+from resofilter_jax.analysis.report import overlap, top_set
 from resofilter_jax.scoring.outputs import SHARD_SCHEMA
-from resofilter_jax.select import superfiltering_select
+from resofilter_jax.selection.policies import superfiltering_select
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,6 @@ ShareGPT rows, resonance on real GSM8K rows (tiny random models for speed).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -25,9 +24,10 @@ import pytest
 from data_fixtures import build_tokenizer
 from torch_reference import save_tiny_model
 
-from resofilter_jax import score
+from resofilter_jax import configuration
 from resofilter_jax.data import bucket_lengths, plan_batches
 from resofilter_jax.scoring import outputs, projection
+from resofilter_jax.scoring import pipeline as score
 from resofilter_jax.scoring.distributed_plan import plan_global_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def ifd_ref(
 ) -> Path:
     """The single-process (8 devices) IFD output of :func:`ifd_settings`."""
     out = tmp_path_factory.mktemp("ifd_ref") / "out"
-    score.run(load_config("ifd_gpt2_alpaca", ifd_settings(gpt2_dir, sharegpt_path, jax_cache), out))
+    score.run(recipe("ifd_gpt2_alpaca", ifd_settings(gpt2_dir, sharegpt_path, jax_cache), out))
     return out
 
 
@@ -73,7 +73,7 @@ def ifd_settings(model: Path, data: Path, cache: Path) -> dict[str, Any]:
         "data.path": str(data),
         "data.format": "sharegpt",
         "data.allow_truncated": True,
-        "limit": 40,
+        "data.limit": 40,
         "max_length": 64,  # the tiny GPT-2 has 64 positions
         "min_bucket": 16,
         "token_budget": 512,
@@ -88,7 +88,7 @@ def reso_settings(model: Path, data: Path, cache: Path) -> dict[str, Any]:
     return {
         "model.path": str(model),
         "data.path": str(data),
-        "limit": 21,
+        "data.limit": 21,
         "max_length": 192,
         "min_bucket": 32,
         "token_budget": 1024,
@@ -100,19 +100,11 @@ def reso_settings(model: Path, data: Path, cache: Path) -> dict[str, Any]:
     }
 
 
-def load_config(name: str, settings: dict[str, Any], out: Path) -> Any:
+def recipe(name: str, settings: dict[str, Any], out: Path) -> Any:
     """``configs/<name>.py`` with ``settings`` applied (the in-process single-process run)."""
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    for key, value in {**settings, "output_dir": str(out)}.items():
-        node = c
-        *head, last = key.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = value
-    return c
+    return configuration.load_config(
+        ROOT / "configs" / f"{name}.py", {**settings, "output_dir": str(out)}
+    )
 
 
 def launch(
@@ -229,7 +221,7 @@ def test_ifd_two_processes_equal_one_process(
     # The distributed settings are not in the fingerprint: one process resumes the job.
     (out / "shards" / "shard-00003.p1of2.parquet").unlink()
     (out / "scores.parquet").unlink()
-    again = score.run(load_config("ifd_gpt2_alpaca", settings, out))
+    again = score.run(recipe("ifd_gpt2_alpaca", settings, out))
     assert again["shards"] == {"total": 5, "computed": 1, "reused": 4}
     assert (out / "shards" / "shard-00003.parquet").is_file()
     assert_same_scores(out, ifd_ref)
@@ -262,7 +254,7 @@ def test_resonance_killed_process_then_restart_equals_one_process(
     """
     settings = reso_settings(llama_dir, gsm8k_path, jax_cache)
     ref = tmp_path / "ref"
-    score.run(load_config("reso_smollm2_gsm8k", settings, ref))
+    score.run(recipe("reso_smollm2_gsm8k", settings, ref))
     out = tmp_path / "killed"
     job = launch(
         "reso_smollm2_gsm8k", settings, out, tmp_path / "logs",

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resofilter_jax import diversity as dv
-from resofilter_jax import embeddings as em
 from resofilter_jax.data import Record, encode_truncated, iter_raw_rows, to_records
 from resofilter_jax.parallel import make_mesh
+from resofilter_jax.selection import embeddings as em
+from resofilter_jax.selection import facility_location as dv
+from resofilter_jax.selection.diversity import superfiltering_d, superfiltering_d_details
 
 
 def _points(seed: int, n: int = 40, d: int = 8, dups: bool = True) -> np.ndarray:
@@ -205,21 +206,21 @@ def test_superfiltering_d_end_to_end() -> None:
         calls.append(positions.copy())
         return emb[positions]
 
-    got = dv.superfiltering_d(order, embed, ifd_num=120, fla_num=25)
+    got = superfiltering_d(order, embed, ifd_num=120, fla_num=25)
     assert len(calls) == 1 and np.array_equal(calls[0], top)  # only the IFD subset
-    np.testing.assert_array_equal(got, dv.superfiltering_d(order, emb, ifd_num=120, fla_num=25))
+    np.testing.assert_array_equal(got, superfiltering_d(order, emb, ifd_num=120, fla_num=25))
     want = top[dv.facility_location(emb[top], 25)]  # selection order, not file order
     np.testing.assert_array_equal(got, want)
     assert len(set(got.tolist())) == 25 and set(got.tolist()) <= set(top.tolist())
     assert not np.array_equal(got, np.sort(got))
     assert np.all(ifd[got] < 1.0)
     # ifd_num=None keeps the whole order; too large an fla_num is refused.
-    all_rows = dv.superfiltering_d(order, emb, ifd_num=None, fla_num=5)
+    all_rows = superfiltering_d(order, emb, ifd_num=None, fla_num=5)
     assert np.array_equal(all_rows, order[dv.facility_location(emb[order], 5)])
     with pytest.raises(ValueError, match="fla_num"):
-        dv.superfiltering_d(order, emb, ifd_num=10, fla_num=11)
+        superfiltering_d(order, emb, ifd_num=10, fla_num=11)
     # The details: the same picks, their gains summing to f(S) over the IFD subset.
-    res = dv.superfiltering_d_details(order, emb, ifd_num=120, fla_num=25, ties="high")
+    res = superfiltering_d_details(order, emb, ifd_num=120, fla_num=25, ties="high")
     np.testing.assert_array_equal(res.candidates, top)
     np.testing.assert_array_equal(
         res.positions, top[dv.facility_location(emb[top], 25, ties="high")]

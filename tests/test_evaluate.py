@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from resofilter_jax.data import IGNORE_INDEX, encode_sft_examples, iter_raw_rows, to_records
-from resofilter_jax.evaluate import (
+from resofilter_jax.models.generate import cut_at_stop
+from resofilter_jax.training.evaluation import (
     extract_answer,
     generation_prompts,
     gsm8k_accuracy,
@@ -22,7 +23,6 @@ from resofilter_jax.evaluate import (
     normalize_answer,
     run,
 )
-from resofilter_jax.models.generate import cut_at_stop
 
 REPO = Path(__file__).resolve().parents[1]
 

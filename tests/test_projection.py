@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resofilter_jax.analyze import AnalyzeConfig, run
+from resofilter_jax.analysis import gradient_cosine
+from resofilter_jax.analysis.pipeline import AnalyzeConfig, run
 from resofilter_jax.scoring import outputs, projection
 from resofilter_jax.scoring.projection import ProjectionSpec, matrix_rows, project
 
@@ -208,10 +209,10 @@ def test_shards_index_and_loader(tmp_path: Path) -> None:
 
 
 def test_row_specs() -> None:
-    np.testing.assert_array_equal(projection.parse_rows("0:3, 7,2"), [0, 1, 2, 7])
+    np.testing.assert_array_equal(gradient_cosine.parse_rows("0:3, 7,2"), [0, 1, 2, 7])
     for bad in ("", "a", "5:2", "-1", "1:2:3"):
         with pytest.raises(ValueError, match="bad row spec"):
-            projection.parse_rows(bad)
+            gradient_cosine.parse_rows(bad)
 
 
 def less_cosine(x: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -273,10 +274,10 @@ def test_mismatched_projections_are_refused(tmp_path: Path, changed: dict, messa
     a = write_run(tmp_path / "a", vectors(6, 8, seed=1), shard=4)
     b = write_run(tmp_path / "b", vectors(6, 8, seed=2), shard=4, **changed)
     with pytest.raises(ValueError, match=f"not comparable.*{message}"):
-        projection.gradient_cosine(a, str(b))
+        gradient_cosine.gradient_cosine(a, str(b))
     c = write_run(tmp_path / "c", vectors(6, 4, seed=2), shard=4)
     with pytest.raises(ValueError, match="K: 8 vs 4"):
-        projection.gradient_cosine(a, str(c))
+        gradient_cosine.gradient_cosine(a, str(c))
 
 
 def test_cli_gradient_cosine(tmp_path: Path) -> None:

@@ -24,11 +24,13 @@ from data_fixtures import build_tokenizer, write_jsonl
 from test_ifd import alpaca_rows
 from torch_reference import save_tiny_model
 
-from resofilter_jax import score
+from resofilter_jax.configuration import load_config
 from resofilter_jax.data import collate, encode_sft_examples, plan_batches
+from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.parallel import make_mesh, shard_batch
-from resofilter_jax.scoring import projection
+from resofilter_jax.scoring import outputs, projection
+from resofilter_jax.scoring import pipeline as score
 from resofilter_jax.scoring.outputs import shard_path, shard_ranges
 from resofilter_jax.scoring.reso_runner import reso_schema, spec_from_config
 from resofilter_jax.scoring.resonance import feature_names, make_resonance_fn, to_columns
@@ -64,28 +66,23 @@ def data_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_config(model_dir: Path, data_path: Path, out: Path, **over: Any) -> Any:
     """The SmolLM2 / GSM8K resonance config, shrunk for a tiny model and Alpaca rows."""
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs/reso_smollm2_gsm8k.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.model.path = str(model_dir)
-    c.data.path = str(data_path)
-    c.data.format = "alpaca"
-    c.output_dir = str(out)
-    c.max_length = 48
-    c.min_bucket = 16
-    c.token_budget = 256
-    c.shard_size = 8
-    c.progress = False
-    c.compilation_cache_dir = ""
-    c.resonance.last_k = 2
-    for key, value in over.items():
-        node = c
-        *head, last = key.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = value
-    return c
+    return load_config(
+        ROOT / "configs/reso_smollm2_gsm8k.py",
+        {
+            "model.path": str(model_dir),
+            "data.path": str(data_path),
+            "data.format": "alpaca",
+            "output_dir": str(out),
+            "max_length": 48,
+            "min_bucket": 16,
+            "token_budget": 256,
+            "shard_size": 8,
+            "progress": False,
+            "compilation_cache_dir": "",
+            "resonance.last_k": 2,
+            **over,
+        },
+    )
 
 
 def test_rows_statuses_and_parity_with_the_engine(
@@ -121,7 +118,7 @@ def test_rows_statuses_and_parity_with_the_engine(
     assert run["model_config"]["model_type"] == "llama"
 
     # Direct engine call on the same examples, batched the same way (per shard of 8 rows).
-    records, _ = score.read_records(cfg, str(data_path))
+    records, _ = read_records(cfg, str(data_path))
     fn = make_resonance_fn(lm.model, spec, data_shards=8)
     mesh = make_mesh()
     for lo in range(0, len(rows), 8):
@@ -188,9 +185,9 @@ def test_required_paths_and_changed_settings(
     with pytest.raises(ValueError, match=r"data\.path"):
         score.run(c)
     out = tmp_path / "out"
-    score.run(make_config(model_dir, data_path, out, limit=4))
-    with pytest.raises(score.outputs.FingerprintMismatchError, match=r"resonance\.lr"):
-        score.run(make_config(model_dir, data_path, out, limit=4, **{"resonance.lr": 2e-5}))
+    score.run(make_config(model_dir, data_path, out, **{"data.limit": 4}))
+    with pytest.raises(outputs.FingerprintMismatchError, match=r"resonance\.lr"):
+        score.run(make_config(model_dir, data_path, out, **{"data.limit": 4, "resonance.lr": 2e-5}))
 
 
 # Projections on; one example per device per step (other vmapped sizes round the fp32
@@ -271,13 +268,13 @@ def test_projection_files_follow_the_score_shards(
     assert shard_path(out, 1).stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(projection.load_projections(out), before)
     # Turning the projection off or changing it is another run.
-    with pytest.raises(score.outputs.FingerprintMismatchError, match="resonance.projection"):
+    with pytest.raises(outputs.FingerprintMismatchError, match="resonance.projection"):
         score.run(make_config(model_dir, data_path, out, shard_size=4))
     changed = {**PROJ, "shard_size": 4, "features.projection_seed": 4}
-    with pytest.raises(score.outputs.FingerprintMismatchError, match=r"projection\.seed"):
+    with pytest.raises(outputs.FingerprintMismatchError, match=r"projection\.seed"):
         score.run(make_config(model_dir, data_path, out, **changed))
     # An overwrite without projections removes the stale ones.
-    score.run(make_config(model_dir, data_path, out, limit=1, overwrite=True))
+    score.run(make_config(model_dir, data_path, out, overwrite=True, **{"data.limit": 1}))
     assert not (out / "projections").exists()
 
 

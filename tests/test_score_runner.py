@@ -22,7 +22,8 @@ from data_fixtures import build_tokenizer, write_json, write_jsonl
 from test_ifd import alpaca_rows
 from torch_reference import save_tiny_model
 
-from resofilter_jax import score
+from resofilter_jax.configuration import load_config
+from resofilter_jax.scoring import pipeline as score
 from resofilter_jax.scoring.outputs import FingerprintMismatchError, shard_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,28 +64,21 @@ def data_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_config(model_dir: Path, data_path: Path, out: Path, **over: Any):
     """The GPT-2 / Alpaca config, shrunk for a tiny model."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs/ifd_gpt2_alpaca.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.model.path = str(model_dir)
-    c.data.path = str(data_path)
-    c.output_dir = str(out)
-    c.max_length = 48
-    c.min_bucket = 16
-    c.token_budget = 256
-    c.shard_size = 8
-    c.progress = False
-    c.compilation_cache_dir = ""
-    for key, value in over.items():
-        node = c
-        *head, last = key.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = value
-    return c
+    return load_config(
+        ROOT / "configs/ifd_gpt2_alpaca.py",
+        {
+            "model.path": str(model_dir),
+            "data.path": str(data_path),
+            "output_dir": str(out),
+            "max_length": 48,
+            "min_bucket": 16,
+            "token_budget": 256,
+            "shard_size": 8,
+            "progress": False,
+            "compilation_cache_dir": "",
+            **over,
+        },
+    )
 
 
 def assert_same_table(got: Any, want: Any) -> None:

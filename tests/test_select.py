@@ -15,15 +15,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resofilter_jax.select import (
-    SelectConfig,
+from resofilter_jax.selection.pipeline import SelectConfig, run
+from resofilter_jax.selection.policies import (
     detect_policy,
-    read_scores,
     resofilter_select,
-    run,
     superfiltering_select,
 )
-from resofilter_jax.selection_io import embedding_model, kept_label, rate_output_path
+from resofilter_jax.selection.rows import (
+    embedding_model,
+    kept_label,
+    rate_output_path,
+    read_scores,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -465,13 +468,14 @@ def test_real_resonance_scores_from_the_scorer(tmp_path: Path) -> None:
     from test_reso_runner import data_rows, make_config
     from torch_reference import save_tiny_model
 
-    from resofilter_jax import score
+    from resofilter_jax.scoring import pipeline as score
 
     model_dir = tmp_path / "llama"
     save_tiny_model("llama", build_tokenizer("bos"), model_dir)
     data_path = write_jsonl(tmp_path / "rows.jsonl", data_rows())
     out = tmp_path / "scored"
-    config = make_config(model_dir, data_path, out, limit=22)  # rows 7 bad, 21 duplicate of 2
+    # rows 7 bad, 21 duplicate of 2
+    config = make_config(model_dir, data_path, out, **{"data.limit": 22})
     score.run(config)
     cols = read_scores(out / "scores.parquet")
     status = list(cols["status"])
@@ -541,11 +545,12 @@ def test_diversity_flags_are_validated_before_any_model(tmp_path: Path) -> None:
     )
     assert done.returncode != 0 and "--fla_num=3 is more than --ifd_num=2" in done.stderr
     assert not out.exists()
-    # select keeps jax out of its imports with copies of these choices: they must agree.
-    from resofilter_jax import diversity, embeddings, select
+    # the policies keep jax out of their imports with copies of these choices: they must agree.
+    from resofilter_jax.selection import embeddings, policies
+    from resofilter_jax.selection import facility_location as diversity
 
-    assert select.FLA_METRICS == diversity.METRICS and select.FLA_TIES == diversity.TIES
-    assert select.EMBED_TYPES == embeddings.EMB_TYPES
+    assert policies.FLA_METRICS == diversity.METRICS and policies.FLA_TIES == diversity.TIES
+    assert policies.EMBED_TYPES == embeddings.EMB_TYPES
 
 
 def test_embedding_model_resolution(tmp_path: Path) -> None:
@@ -597,9 +602,10 @@ def test_superfiltering_d_end_to_end_on_smollm2(
     """select --fla_num picks what superfiltering_d picks on embed_texts of the same texts."""
     import jax
 
-    from resofilter_jax import diversity as dv
-    from resofilter_jax.embeddings import cached_model, embed_texts
     from resofilter_jax.parallel import make_mesh
+    from resofilter_jax.selection import facility_location as dv
+    from resofilter_jax.selection.diversity import superfiltering_d
+    from resofilter_jax.selection.embeddings import cached_model, embed_texts
 
     n = 24
     data = tmp_path / "share.json"
@@ -657,7 +663,7 @@ def test_superfiltering_d_end_to_end_on_smollm2(
 
     top = superfiltering_select(ifd, rate=0.0, count=8)
     assert len(top) == 8 and list(top).index(5) < list(top).index(17)
-    want = dv.superfiltering_d(top, embed, ifd_num=8, fla_num=4)
+    want = superfiltering_d(top, embed, ifd_num=8, fla_num=4)
     rows = _jsonl(tmp_path / "d.jsonl")
     got = [ids.index(r["id"]) for r in rows]
     assert got == want.tolist()  # greedy order by default
@@ -696,4 +702,4 @@ def test_superfiltering_d_end_to_end_on_smollm2(
     stage = superfiltering_select(ifd, rate=0.25)
     assert summary["ifd_num"] == len(stage) == 6
     got = [ids.index(r["id"]) for r in _jsonl(tmp_path / "d.jsonl")]
-    assert got == dv.superfiltering_d(stage, embed, ifd_num=None, fla_num=3).tolist()
+    assert got == superfiltering_d(stage, embed, ifd_num=None, fla_num=3).tolist()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -39,12 +38,13 @@ from torch_train_reference import (
 )
 from torch_train_reference import train as torch_train
 
-from resofilter_jax import train as train_main
+from resofilter_jax.configuration import load_config
 from resofilter_jax.data import IGNORE_INDEX, SFTExample
 from resofilter_jax.models.config import config_from_hf
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.registry import build_model, load_state_dict, named_params
 from resofilter_jax.parallel import make_train_mesh
+from resofilter_jax.training import pipeline as train_main
 from resofilter_jax.training.optim import make_optimizer, make_schedule
 from resofilter_jax.training.sft_data import BatchPlan, collate_rows, packed_rows, single_rows
 from resofilter_jax.training.trainer import Trainer, loss_sums, split_model
@@ -396,20 +396,9 @@ def test_batch_plan_positions_and_epochs() -> None:
 # --- the command: run(), resume, kill, export -----------------------------------------------
 
 
-def base_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("sft_smollm2", REPO / "configs/sft_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
-def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
-    for key, value in overrides.items():
-        *path, last = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[last] = value
+def sft_config(overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """configs/sft_smollm2.py with dotted ``overrides``."""
+    return load_config(REPO / "configs/sft_smollm2.py", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -464,9 +453,7 @@ def resume_overrides(
 
 
 def run_with(overrides: dict[str, Any]) -> dict[str, Any]:
-    config = base_config()
-    apply(config, overrides)
-    return train_main.run(config)
+    return train_main.run(sft_config(overrides))
 
 
 def exported(workdir: Path) -> dict[str, np.ndarray]:

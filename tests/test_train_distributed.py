@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_train import apply, base_config, char_tokenizer, random_examples, tiny_hf
+from test_train import char_tokenizer, random_examples, sft_config, tiny_hf
 
-from resofilter_jax import train as train_main
+from resofilter_jax.training import pipeline as train_main
 from resofilter_jax.training.sft_data import BatchPlan, batch_at, batch_tokens, single_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,8 +96,7 @@ def settings(tiny_dir: Path, data: Path, data_axis: int, fsdp: int) -> dict[str,
 
 def one_process(overrides: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The reference: ``train.run`` in this process, on the session's 8 CPU devices."""
-    config = base_config()
-    apply(config, {**overrides, "workdir": str(workdir), "compilation_cache_dir": ""})
+    config = sft_config({**overrides, "workdir": str(workdir), "compilation_cache_dir": ""})
     return train_main.run(config)
 
 

@@ -31,15 +31,18 @@ from resofilter_jax.data.packing import (
 )
 from resofilter_jax.data.readers import READERS, detect_reader, iter_raw_rows
 from resofilter_jax.data.records import (
+    DUPLICATE,
     DataError,
     ReadReport,
     Record,
     RowError,
     TruncatedInputError,
+    status_counts,
 )
 from resofilter_jax.data.templates import TEMPLATES, Template, TemplateError, get_template
 
 __all__ = [
+    "DUPLICATE",
     "FORMATS",
     "IGNORE_INDEX",
     "READERS",
@@ -76,6 +79,7 @@ __all__ = [
     "pad_to_multiple",
     "plan_batches",
     "special_layout",
+    "status_counts",
     "to_records",
     "truncate_ids",
 ]

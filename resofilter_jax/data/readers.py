@@ -38,13 +38,16 @@ _SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet":
 
 
 def detect_reader(path: str | os.PathLike[str]) -> str:
-    """Picks a reader from the path: by suffix, or ``hf`` for a ``save_to_disk`` directory.
+    """Picks a reader from the path: by suffix, ``tfds`` for a prepared TFDS dataset directory
+    (``dataset_info.json`` + ``features.json``), ``hf`` for a ``save_to_disk`` directory.
 
     Raises:
         DataError: If the path does not exist or its kind cannot be told from its name.
     """
     p = Path(path)
     if p.is_dir():
+        if (p / "features.json").is_file() and (p / "dataset_info.json").is_file():
+            return "tfds"  # a prepared TFDS dataset version directory (DATA_DIR/NAME/VERSION)
         if any((p / marker).exists() for marker in _HF_MARKERS):
             return "hf"
         raise DataError(
@@ -94,7 +97,8 @@ def iter_raw_rows(
     * ``parquet``: rows of the file's record batches (pyarrow).
     * ``hf``: a ``save_to_disk`` directory (``load_from_disk``) or a dataset name
       (``load_dataset(name, split=split)``); needs ``pip install resofilter_jax[hf]``.
-    * ``tfds``: ``tfds.load(name, split=split)`` as numpy, bytes decoded to ``str``; needs
+    * ``tfds``: a prepared TFDS dataset directory or a registered name, in stored order,
+      bytes decoded to ``str`` (see :func:`_iter_tfds`); needs
       ``pip install resofilter_jax[tfds]``.
 
     Args:
@@ -108,7 +112,7 @@ def iter_raw_rows(
         shard: ``(process_index, process_count)``: yield only rows with
             ``row_number % process_count == process_index``.
         chunk_size: Read size in bytes for the JSON array reader.
-        **kw: Passed to ``datasets.load_dataset`` / ``tfds.load``.
+        **kw: Passed to ``datasets.load_dataset`` / the TFDS call (e.g. ``data_dir=``).
 
     Returns:
         An iterator of ``(row_number, row)`` with ``row_number`` the 0-based row position
@@ -285,12 +289,67 @@ def _to_python(value: Any) -> Any:
 
 
 def _iter_tfds(name: str, split: str | None, kw: dict[str, Any]) -> Iterator[RawRow]:
-    """Reads a TFDS dataset as numpy, decoding bytes to str."""
+    """Reads a TFDS dataset in its stored order (no file shuffling), decoding bytes to str.
+
+    ``name`` is either
+
+    * a prepared dataset directory: the one holding ``dataset_info.json``, ``features.json``
+      and the shard files (``DATA_DIR/NAME/VERSION``), opened with
+      ``tfds.builder_from_directory`` (no builder code needed). ``array_record`` and
+      ``parquet`` datasets are read with ``as_data_source`` (no TensorFlow needed);
+      ``tfrecord`` ones with ``as_dataset`` (needs ``tensorflow``). ``kw`` go to that call.
+    * a registered dataset name: ``tfds.load`` when ``tensorflow`` is installed, else
+      ``tfds.data_source`` (``array_record``/``parquet`` only); ``kw`` go to that call
+      (e.g. ``data_dir=``).
+
+    Nothing is downloaded or prepared: ``download`` defaults to False. A ``Sequence`` of a
+    features dict (e.g. ShareGPT ``conversations: Sequence({"from": Text, "value": Text})``),
+    which TFDS returns as a dict of lists, is turned back into a list of dicts.
+    """
+    import importlib.util
+
     tfds = _import_optional("tensorflow_datasets", "tfds", "tfds")
-    ds = tfds.load(name, split=split or "train", **kw)
-    for row_number, example in enumerate(tfds.as_numpy(ds)):
+    split = split or "train"
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "dataset_info.json").is_file():
+            raise DataError(
+                f"{path}: not a prepared TFDS dataset directory (no dataset_info.json); pass "
+                "the DATA_DIR/NAME/VERSION directory or a registered name with data_dir="
+            )
+        builder = tfds.builder_from_directory(str(path))
+        features = builder.info.features
+        if builder.info.file_format in tfds.core.FileFormat.with_random_access():
+            examples = iter(builder.as_data_source(split=split, **kw))
+        else:
+            kw = {"shuffle_files": False, **kw}
+            examples = tfds.as_numpy(builder.as_dataset(split=split, **kw))
+    elif importlib.util.find_spec("tensorflow") is not None:
+        kw = {"download": False, **kw, "with_info": True}
+        ds, info = tfds.load(name, split=split, **kw)
+        features, examples = info.features, tfds.as_numpy(ds)
+    else:
+        source = tfds.data_source(name, split=split, **{"download": False, **kw})
+        features, examples = source.dataset_info.features, iter(source)
+
+    def lists_of_dicts(value: Any, feature: Any) -> Any:
+        if isinstance(feature, tfds.features.FeaturesDict) and isinstance(value, dict):
+            return {
+                k: lists_of_dicts(v, feature[k]) if k in feature else v for k, v in value.items()
+            }
+        inner = getattr(feature, "feature", None)
+        if (
+            isinstance(feature, tfds.features.Sequence)
+            and isinstance(inner, tfds.features.FeaturesDict)
+            and isinstance(value, dict)
+        ):
+            n = len(next(iter(value.values()), ()))
+            return [lists_of_dicts({k: v[i] for k, v in value.items()}, inner) for i in range(n)]
+        return value
+
+    for row_number, example in enumerate(examples):
         try:
-            row = _check_object(_to_python(example), f"row {row_number}")
+            row = _check_object(_to_python(lists_of_dicts(example, features)), f"row {row_number}")
         except UnicodeDecodeError as e:
             row = RowError("invalid_utf8", f"row {row_number}: invalid UTF-8 ({e.reason})")
         yield row_number, row

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "OK",
@@ -11,11 +14,13 @@ __all__ = [
     "Record",
     "RowError",
     "TruncatedInputError",
+    "DUPLICATE",
     "error_status",
-    "is_error_status",
+    "status_counts",
 ]
 
 OK = "ok"
+DUPLICATE = "duplicate_of:"  # status prefix of a row scored as a copy: "duplicate_of:<index>"
 LOGGER_NAME = "resofilter_jax.data"
 
 
@@ -119,6 +124,9 @@ def error_status(reason: str) -> str:
     return f"error:{reason}"
 
 
-def is_error_status(status: str) -> bool:
-    """Whether ``status`` marks an error record."""
-    return status.startswith("error:")
+def status_counts(statuses: Iterable[Any]) -> dict[str, int]:
+    """Rows per status, sorted by status; every ``duplicate_of:<i>`` counts as ``duplicate_of``."""
+    counts = collections.Counter(
+        DUPLICATE[:-1] if str(s).startswith(DUPLICATE) else str(s) for s in statuses
+    )
+    return dict(sorted(counts.items()))

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ def path_stamp(path: str | os.PathLike[str], *, mtime: bool = True) -> dict[str,
     return stamp
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temporary file in the same directory + os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -83,11 +83,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
+def atomic_write_table(path: Path, table: pa.Table) -> None:
     """Writes a Parquet file atomically."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -147,7 +147,7 @@ def prepare_output_dir(
         shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
         for name in ("scores.parquet", "scores.jsonl", "run.json"):
             (out / name).unlink(missing_ok=True)
-    _atomic_write_bytes(cfg, json.dumps(fp, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(cfg, json.dumps(fp, indent=2, sort_keys=True).encode())
     return out
 
 
@@ -212,7 +212,7 @@ def write_shard(
     arrays = [pa.array(list(columns[f.name]), type=f.type) for f in schema]
     table = pa.Table.from_arrays(arrays, schema=schema)
     path = shard_path(out_dir, k, part)
-    _atomic_write_table(path, table)
+    atomic_write_table(path, table)
     return path
 
 
@@ -250,12 +250,12 @@ def merge_shards(
         raise ValueError(f"merged {table.num_rows} rows but the input has {expected_rows}")
     drop = [c for c, keep in (("id", with_id), ("turn", with_turn)) if not keep]
     table = table.drop_columns(drop)
-    _atomic_write_table(out / "scores.parquet", table)
+    atomic_write_table(out / "scores.parquet", table)
     lines = [
         json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False)
         for row in table.to_pylist()
     ]
-    _atomic_write_bytes(out / "scores.jsonl", "".join(x + "\n" for x in lines).encode())
+    atomic_write_bytes(out / "scores.jsonl", "".join(x + "\n" for x in lines).encode())
     return table
 
 
@@ -275,12 +275,4 @@ def write_json(path: str | os.PathLike[str], value: Any) -> None:
             return v
         return str(v)
 
-    _atomic_write_bytes(Path(path), json.dumps(clean(value), indent=2).encode())
-
-
-def status_counts(statuses: Sequence[str]) -> dict[str, int]:
-    """Number of rows per status, sorted by status."""
-    values, counts = np.unique(
-        np.asarray(list(statuses), dtype=object).astype(str), return_counts=True
-    )
-    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+    atomic_write_bytes(Path(path), json.dumps(clean(value), indent=2).encode())

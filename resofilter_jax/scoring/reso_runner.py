@@ -33,6 +33,7 @@ import pyarrow as pa
 from jax.sharding import Mesh
 
 from resofilter_jax.data import (
+    DUPLICATE,
     BatchPlan,
     Record,
     collate,
@@ -67,8 +68,6 @@ from resofilter_jax.scoring.runner import (
     run_pipelined,
     shard_plans,
 )
-
-DUPLICATE = "duplicate_of:"
 
 
 def is_count(name: str) -> bool:
@@ -474,7 +473,6 @@ def _model_stamp(out_dir: Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "DUPLICATE",
     "fingerprint",
     "projection_from_config",
     "reso_schema",

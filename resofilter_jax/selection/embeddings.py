@@ -6,7 +6,7 @@ there whenever the row has an ``input`` key, so an empty Alpaca input gives ``".
 with all-MiniLM-L6-v2 and L2-normalises the result. Here the embedding is the masked mean of
 the scoring model's final hidden states, L2-normalised, computed in length-bucketed,
 token-budget batches over the mesh's ``data`` axis. The selection itself lives in
-:mod:`resofilter_jax.diversity`.
+:mod:`resofilter_jax.selection.diversity`.
 """
 
 from __future__ import annotations

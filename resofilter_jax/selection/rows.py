@@ -1,6 +1,6 @@
-"""File side of ``resofilter_jax.select``: score files, scored data, output rows and names.
+"""Scored rows: score files, the scored data as the scorer read it, output rows and names.
 
-Package-private helpers; the selection policies live in :mod:`resofilter_jax.select`.
+The selection policies live in :mod:`resofilter_jax.selection.policies`.
 """
 
 from __future__ import annotations

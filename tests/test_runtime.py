@@ -1,4 +1,4 @@
-"""The allocator settings of the command-line entry points (glibc mallopt)."""
+"""Process set-up: the allocator settings of the commands (glibc mallopt), versions, cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 CODE = (
-    "from resofilter_jax.host_memory import tune_allocator; "
+    "from resofilter_jax.runtime import tune_allocator; "
     "a = tune_allocator(); b = tune_allocator(); print(a, b)"
 )
 

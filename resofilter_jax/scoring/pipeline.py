@@ -1,0 +1,301 @@
+"""The score command's library entry: ``run(config)`` scores a dataset, resumable and sharded.
+
+Writes OUTPUT_DIR/shards/*.parquet while running (a re-run with the same configuration
+computes only the missing shards), then OUTPUT_DIR/scores.parquet, scores.jsonl and run.json.
+
+Multi-process jobs (``jax.distributed``; see launch/README.md) run the same command on every
+process: the mesh spans all their devices, each process scores its part of every shard and
+writes ``shards/shard-K.pPofN.parquet``, and process 0 merges after a barrier. OUTPUT_DIR
+must be on a filesystem all processes share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import pyarrow.parquet as pq
+from absl import logging
+
+from resofilter_jax import assets
+from resofilter_jax.configuration import check_config
+from resofilter_jax.data import ReadReport, Record, status_counts
+from resofilter_jax.data.sources import iter_records, read_records
+from resofilter_jax.models.attention import configure_attention
+from resofilter_jax.models.loading import load_model
+from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
+from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
+from resofilter_jax.runtime import enable_compilation_cache, versions
+from resofilter_jax.scoring import outputs, reso_runner
+from resofilter_jax.scoring.distributed_plan import Hosts
+from resofilter_jax.scoring.process_records import ProcessRecords, stream_process_records
+from resofilter_jax.scoring.runner import score_ifd
+
+METHODS = ("ifd", "resonance")
+
+
+def _resolve_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """Model and data paths, with the embedded defaults for empty ones."""
+    model_path = config.model.path or str(assets.smollm2_gguf())
+    default_data = assets.gsm8k_test if config.method == "resonance" else assets.sharegpt_json
+    data_path = config.data.path or str(default_data())
+    return model_path, data_path
+
+
+def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: str) -> dict:
+    """Everything that affects the scores and the shard layout (not batching, not paths out)."""
+    data = config.data
+    fp = {
+        "method": config.method,
+        "model": {
+            **outputs.path_stamp(model_path),
+            "dtype": config.model.dtype,
+            "param_dtype": config.model.param_dtype,
+            "matmul_precision": run_matmul_precision(config),
+        },
+        "data": {
+            **outputs.path_stamp(data_path, mtime=False),
+            "format": data.format,
+            "sharegpt_turns": data.sharegpt_turns,
+            "allow_truncated": data.allow_truncated,
+            "on_error": data.on_error,
+            "fields": dict(data.fields),
+            # Only when set, so fingerprints of runs from before these fields still match.
+            **{k: data[k] for k in ("reader", "split") if data.get(k, "") not in ("", "auto")},
+        },
+        "template": config.template,
+        "max_length": config.max_length,
+        "limit": config.data.limit,
+        "shard_size": config.shard_size,
+    }
+    if config.method == "resonance":
+        fp["resonance"] = reso_runner.fingerprint(config)
+    return fp
+
+
+def _read_for_process(
+    config: ml_collections.ConfigDict, data_path: str, hosts: Hosts
+) -> tuple[Sequence[Record] | ProcessRecords, ReadReport, bool]:
+    """(records, report, whether any record has an id) as this process's scorer needs them.
+
+    Several processes scoring IFD: only this process's rows are kept (one streaming pass,
+    :mod:`resofilter_jax.scoring.process_records`). Resonance needs every query on every
+    process (duplicates are found over the whole input), and one process needs everything.
+    """
+    if hosts.multi and config.method == "ifd":
+        stream, report = iter_records(config, data_path)
+        records = stream_process_records(
+            stream,
+            shard_size=config.shard_size,
+            process_index=hosts.index,
+            process_count=hosts.count,
+        )
+        if report.truncated:
+            logging.warning("%s", report.message)
+        return records, report, records.has_id
+    records, report = read_records(config, data_path)
+    return records, report, any(r.id is not None for r in records)
+
+
+KILL_ENV = "RESOFILTER_TEST_KILL_AFTER_SHARDS"  # test hook: "P:N" = process P dies after N
+
+
+def shard_writer(
+    out_dir: Path, hosts: Hosts, schema: Any = outputs.SHARD_SCHEMA
+) -> Callable[[int, dict[str, Any]], None]:
+    """``on_shard`` callback: this process's part (or, alone, the whole shard) of shard k.
+
+    Test hook: with ``RESOFILTER_TEST_KILL_AFTER_SHARDS=P:N`` in the environment, process P
+    SIGKILLs itself right after writing its N-th shard file (a crash mid-run).
+    """
+    part = (hosts.index, hosts.count)
+    hook = os.environ.get(KILL_ENV, "")
+    victim, after = (int(x) for x in hook.split(":")) if hook else (-1, 0)
+    written = [0]
+
+    def write(k: int, cols: dict[str, Any]) -> None:
+        outputs.write_shard(out_dir, k, cols, schema, part)
+        written[0] += 1
+        if victim == hosts.index and written[0] >= after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return write
+
+
+def _score_ifd(
+    config: ml_collections.ConfigDict,
+    lm: Any,
+    records: Sequence[Record] | ProcessRecords,
+    todo: list[int],
+    mesh: Any,
+    out_dir: Path,
+    hosts: Hosts,
+) -> Any:
+    """Runs the IFD loop over the missing shards, writing each as it finishes."""
+    return score_ifd(
+        lm.model,
+        lm.tokenizer,
+        records,
+        max_length=config.max_length,
+        template=config.template,
+        token_budget=config.token_budget,
+        min_bucket=config.min_bucket,
+        bucket_step=config.get("bucket_step", 0),
+        chunk=config.ce_chunk,
+        pack=config.get("pack", True),
+        shard_size=config.shard_size,
+        shards=todo,
+        mesh=mesh,
+        on_shard=shard_writer(out_dir, hosts),
+        progress=config.progress and hosts.index == 0,
+    )
+
+
+@with_matmul_precision
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Scores ``config.data`` with ``config.model``; writes the outputs; returns the summary.
+
+    Raises:
+        NotImplementedError: For ``method="resonance"`` with a config that has no
+            ``resonance`` section (e.g. an IFD config).
+        ValueError: For an unknown method.
+        outputs.FingerprintMismatchError: If ``output_dir`` holds a different run.
+    """
+    t0 = time.perf_counter()
+    check_config(config)
+    if config.method not in METHODS:
+        raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
+    if config.method == "resonance" and "resonance" not in config:
+        raise NotImplementedError(
+            "method='resonance' needs a config with a `resonance` section "
+            "(see configs/reso_smollm2_gsm8k.py)"
+        )
+    if config.get("dry_run", False):  # compile for a target topology; no data, no weights
+        from resofilter_jax.dry_run import run_dry
+
+        return run_dry(config, "score")
+    if config.get("require_model_path", False) and not config.model.path:
+        raise ValueError(
+            "this config needs --config.model.path=<local Hugging Face model dir or .gguf file> "
+            "(e.g. a GPT-2 directory saved with save_pretrained)"
+        )
+    if config.get("require_data_path", False) and not config.data.path:
+        raise ValueError("this config needs --config.data.path=<local data file or directory>")
+    dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
+    enable_compilation_cache(config.compilation_cache_dir)
+    model_path, data_path = _resolve_paths(config)
+    if dist["process_count"] > 1:
+        devices = global_devices(config.num_devices)
+    else:
+        devices = jax.local_devices()
+        if config.num_devices:
+            devices = devices[: config.num_devices]
+    mesh = make_mesh(devices)
+    hosts = Hosts(mesh)
+    fp = fingerprint(config, model_path, data_path)
+    outputs.check_output_dir(config.output_dir, fp, overwrite=config.overwrite)  # all raise
+    if hosts.index == 0:
+        outputs.prepare_output_dir(config.output_dir, fp, overwrite=config.overwrite)
+    hosts.barrier("resofilter_output_dir")
+    out_dir = Path(config.output_dir)
+    records, report, has_id = _read_for_process(config, data_path, hosts)
+    ranges = outputs.shard_ranges(len(records), config.shard_size)
+    # Every process computes the union of what any of them sees missing (lockstep).
+    todo = hosts.agree_todo(outputs.missing_shards(out_dir, len(ranges)), len(ranges))
+    t_read = time.perf_counter()
+    lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    lm.model.scan_layers = bool(config.model.get("scan_layers", False))
+    attention = configure_attention(
+        lm.model, config.model.get("attention", "auto"), packed=bool(config.get("pack", True))
+    )
+    t_load = time.perf_counter()
+    schema = outputs.SHARD_SCHEMA
+    if config.method == "resonance":
+        spec = reso_runner.spec_from_config(config, lm.model)
+        schema = reso_runner.reso_schema(spec)
+        stats = reso_runner.run_from_config(
+            config,
+            spec,
+            lm.model,
+            lm.tokenizer,
+            records,
+            shards=todo,
+            mesh=mesh,
+            on_shard=shard_writer(out_dir, hosts, schema),
+        )
+    else:
+        stats = _score_ifd(config, lm, records, todo, mesh, out_dir, hosts)
+    hosts.barrier("resofilter_scored")  # every part of every shard is written
+    if hosts.index == 0:
+        table = outputs.merge_shards(
+            out_dir,
+            len(ranges),
+            with_id=has_id,
+            with_turn=config.data.sharegpt_turns == "all",
+            expected_rows=len(records),
+            schema=schema,
+        )
+    hosts.barrier("resofilter_merged")
+    if hosts.index != 0:
+        table = pq.read_table(out_dir / "scores.parquet", columns=["status"])
+    t_end = time.perf_counter()
+    statuses = status_counts(table.column("status").to_pylist())
+    summary = {
+        "output_dir": str(out_dir),
+        "model": model_path,
+        "data": data_path,
+        "rows": table.num_rows,
+        "statuses": statuses,
+        "shards": {"total": len(ranges), "computed": len(todo), "reused": len(ranges) - len(todo)},
+        "loop": stats.summary(),
+        "seconds": {
+            "read": t_read - t0,
+            "load_model": t_load - t_read,
+            "score": stats.seconds,
+            "total": t_end - t0,
+        },
+        "samples_per_s": stats.samples_per_s,
+        "tokens_per_s": stats.tokens_per_s,
+    }
+    if hosts.multi:  # the loop counters above are this process's
+        summary["processes"] = {"index": hosts.index, "count": hosts.count}
+    if hosts.index != 0:
+        return summary
+    cfg = lm.config
+    outputs.write_json(
+        out_dir / "run.json",
+        {
+            **summary,
+            "config": config.to_dict(),
+            "model_config": {
+                "model_type": cfg.model_type,
+                "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.hidden_size,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "source": lm.source,
+            },
+            "attention": attention,  # the backend `model.attention` resolved to, and why
+            "versions": versions(),
+            "devices": [str(d) for d in devices],
+            "distributed": dist,
+            "read_report": {
+                "path": report.path,
+                "rows_read": report.rows_read,
+                "errors": report.errors,
+                "truncated": report.truncated,
+                "bytes_total": report.bytes_total,
+                "bytes_unparsed": report.bytes_unparsed,
+                "message": report.message,
+                "limit": config.data.limit,
+            },
+        },
+    )
+    logging.info("summary: %s", json.dumps(summary))
+    return summary

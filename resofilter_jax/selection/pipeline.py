@@ -1,0 +1,305 @@
+"""Select rows from a score file and write them: ``run(SelectConfig(...))``.
+
+The behaviour (policies, Superfiltering.D, ResoFilter's drop rates, output formats and
+orders) is documented with the command, :mod:`resofilter_jax.select`. Superfiltering.D's
+modules import jax: they are imported only when ``fla_num`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from resofilter_jax.data import Record, status_counts
+from resofilter_jax.selection.policies import (
+    EMBED_TYPES,
+    FEATURE_PREFIX,
+    FLA_METRICS,
+    FLA_TIES,
+    FORMATS,
+    KEEPS,
+    POLICIES,
+    RESO_KEYS,
+    SCORE_KEYS,
+    check_drop_rate,
+    detect_policy,
+    resofilter_select,
+    superfiltering_select,
+)
+from resofilter_jax.selection.rows import (
+    RowKey,
+    ScoredData,
+    as_float,
+    embedding_model,
+    kept_label,
+    rate_output_path,
+    read_scores,
+    row_keys,
+    row_maker,
+    write_rows,
+)
+
+__all__ = ["SelectConfig", "run"]
+
+
+@dataclasses.dataclass
+class SelectConfig:
+    """What to select and where to write it."""
+
+    scores: str
+    output: str
+    data: str = ""  # the scored input; "" = write only the score rows
+    policy: str = "auto"  # auto | superfiltering | resofilter
+    # Superfiltering.
+    rate: float = 0.1
+    count: int = 0  # an absolute number of rows; overrides rate when > 0
+    threshold: float = 1.0
+    # Superfiltering.D: facility location over embeddings of the IFD stage's rows.
+    fla_num: int = 0  # rows picked by facility location; 0 = off
+    ifd_num: int = 0  # rows of the IFD stage; 0 = the rows rate / count keep
+    fla_metric: str = "euclidean"  # euclidean (the reference's) | cosine
+    fla_ties: str = "low"  # equal gains: lowest | highest IFD-stage position
+    embed_type: str = "whole"  # whole | instruction | response
+    embed_input_line: bool = True  # "{instruction}\n{input}\n" even for an empty input
+    model: str = ""  # "" = the scorer's model (run_config.json), else the embedded SmolLM2
+    dtype: str = ""  # "" = the scorer's dtype, else float32
+    max_length: int = 0  # embedding truncation; 0 = the scorer's max_length, else 1024
+    token_budget: int = 16384  # padded tokens per embedding batch
+    num_devices: int = 0  # 0 = all local devices
+    progress: bool = False
+    # ResoFilter: drop the first int(N x p) of the ranking; several rates -> one file each.
+    drop_rate: float = 0.5
+    drop_rates: tuple[float, ...] = ()  # non-empty: overrides drop_rate, files sel.pXX.jsonl
+    keep: str = "low"  # low: drop the largest scores | high: drop the smallest
+    # Output.
+    order: str = "auto"  # auto (IFD: score, IFD + FL: greedy, reso: original) | score | original
+    format: str = "rows"  # rows (input rows + scores) | reference (ResoFilter training rows)
+    with_features: bool = False  # rows format: also attach every reso/<param>/<feature> column
+    # Reading --data (format / sharegpt_turns: "" = as in the scorer's run_config.json).
+    data_format: str = ""
+    sharegpt_turns: str = ""
+    allow_truncated: bool = True
+    reader: str = "auto"
+
+
+def _source(config: SelectConfig) -> ScoredData:
+    """The ``--data`` file as the scorer read it."""
+    return ScoredData(
+        config.scores,
+        config.data,
+        data_format=config.data_format,
+        sharegpt_turns=config.sharegpt_turns,
+        reader=config.reader,
+        allow_truncated=config.allow_truncated,
+    )
+
+
+def _order(config: SelectConfig, policy: str) -> str:
+    """``score`` or ``original`` (``auto`` with Superfiltering.D: greedy order, as ``score``)."""
+    if config.order == "auto":
+        return "score" if policy == "superfiltering" else "original"
+    if config.order not in ("score", "original"):
+        raise ValueError(f"order must be 'auto', 'score' or 'original', got {config.order!r}")
+    return config.order
+
+
+def _check_diversity(config: SelectConfig, policy: str) -> None:
+    """Refuses Superfiltering.D options that do not fit together (before any heavy work)."""
+    if policy != "superfiltering":
+        if config.fla_num or config.ifd_num:
+            raise ValueError("--fla_num / --ifd_num apply to the superfiltering policy only")
+        return
+    if config.fla_num < 0 or config.ifd_num < 0:
+        raise ValueError(
+            f"--fla_num and --ifd_num must be >= 0, got {config.fla_num}, {config.ifd_num}"
+        )
+    if config.fla_num == 0:
+        if config.ifd_num:
+            raise ValueError("--ifd_num is the IFD stage of Superfiltering.D: set --fla_num too")
+        return
+    if config.ifd_num and config.fla_num > config.ifd_num:
+        raise ValueError(f"--fla_num={config.fla_num} is more than --ifd_num={config.ifd_num}")
+    if config.ifd_num and config.count:
+        raise ValueError("--ifd_num and --count both size the IFD stage: pass one")
+    for name, value, choices in (
+        ("fla_metric", config.fla_metric, FLA_METRICS),
+        ("fla_ties", config.fla_ties, FLA_TIES),
+        ("embed_type", config.embed_type, EMBED_TYPES),
+    ):
+        if value not in choices:
+            raise ValueError(f"--{name} must be one of {choices}, got {value!r}")
+    if config.max_length < 0 or config.token_budget <= 0 or config.num_devices < 0:
+        raise ValueError("--max_length / --num_devices must be >= 0, --token_budget > 0")
+    if not config.data:
+        raise ValueError("--fla_num needs --data (the texts of the scored rows are embedded)")
+
+
+def _diversity(
+    config: SelectConfig, cols: Mapping[str, np.ndarray], candidates: np.ndarray
+) -> tuple[np.ndarray, dict[RowKey, Record], dict[str, Any]]:
+    """Superfiltering.D over the IFD stage ``candidates``.
+
+    Returns:
+        The picks in greedy order, the candidates' records and the summary entries.
+    """
+    from resofilter_jax.selection.diversity import superfiltering_d_details
+    from resofilter_jax.selection.embeddings import diversity_texts, load_embedder
+
+    if config.fla_num > len(candidates):
+        raise ValueError(
+            f"--fla_num={config.fla_num} is more than the {len(candidates)} rows of the IFD stage"
+        )
+    key = row_keys(cols)
+    records = _source(config).records({key[i] for i in candidates})
+    texts = diversity_texts(
+        [records[key[i]] for i in candidates],
+        config.embed_type,  # type: ignore[arg-type]
+        input_line=config.embed_input_line,
+    )
+    text_of = dict(zip(candidates.tolist(), texts, strict=True))
+    spec = embedding_model(config.scores, config.model, config.dtype, config.max_length)
+    t0 = time.perf_counter()
+    embed = load_embedder(
+        **spec,
+        token_budget=config.token_budget,
+        num_devices=config.num_devices,
+        progress=config.progress,
+    )
+    load_s = time.perf_counter() - t0
+    res = superfiltering_d_details(
+        candidates,
+        lambda pos: embed([text_of[int(i)] for i in pos]),
+        ifd_num=None,
+        fla_num=config.fla_num,
+        metric=config.fla_metric,  # type: ignore[arg-type]
+        ties=config.fla_ties,  # type: ignore[arg-type]
+        progress=config.progress,
+    )
+    info = {
+        "ifd_num": len(candidates),
+        **{k: getattr(config, k) for k in ("fla_num", "fla_metric", "fla_ties", "embed_type")},
+        "model": spec["model_path"],
+        "max_length": spec["max_length"],
+        "objective": res.objective,
+        "seconds": {
+            "load_model": load_s,
+            "embedding": res.embed_seconds,
+            "greedy": res.greedy_seconds,
+        },
+    }
+    return res.positions, records, info
+
+
+def _superfiltering(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The IFD ranking, then optionally Superfiltering.D's facility location, then the rows."""
+    picked = superfiltering_select(
+        cols["ifd"],
+        rate=config.rate,
+        count=config.ifd_num or config.count,
+        threshold=config.threshold,
+    )
+    records: dict[RowKey, Record] | None = None
+    info: dict[str, Any] = {}
+    fla_rank: dict[int, int] = {}
+    if config.fla_num:
+        candidates = picked
+        picked, records, info = _diversity(config, cols, candidates)  # greedy order
+        fla_rank = {int(i): r for r, i in enumerate(picked)}
+        if config.order == "score":  # IFD order, as the candidates are
+            picked = candidates[np.isin(candidates, picked)]
+    if _order(config, "superfiltering") == "original":
+        picked = np.sort(picked)
+    make = row_maker(_source(config), config.format, cols, picked, SCORE_KEYS, records)
+    rows = [make(i) for i in picked]
+    if fla_rank and config.format == "rows":
+        for row, i in zip(rows, picked, strict=True):
+            row["fla_rank"] = fla_rank[int(i)]
+    out = write_rows(config.output, rows)
+    ifd = as_float(cols["ifd"])
+    eligible = int(np.sum(np.isfinite(ifd) & (ifd < config.threshold)))
+    summary = {"rows": len(ifd), "eligible": eligible, "selected": len(picked), "output": str(out)}
+    return {**summary, **info}
+
+
+def _resofilter(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Drops the first int(N x p) of the resonance ranking for each rate; one file per rate."""
+    if config.keep not in KEEPS:
+        raise ValueError(f"keep must be one of {KEEPS}, got {config.keep!r}")
+    if config.with_features and config.format != "rows":
+        raise ValueError("--with_features applies to --format rows only")
+    rates = tuple(config.drop_rates) or (config.drop_rate,)
+    for p in rates:
+        check_drop_rate(p)
+    labels = [kept_label(p) for p in rates]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"drop rates must differ, got {list(rates)} (files {labels})")
+    n = len(cols["index"])
+    status = cols["status"] if "status" in cols else np.full(n, "ok", dtype=object)
+    ok = np.asarray([s == "ok" for s in status], bool)  # [n]
+    score = np.where(ok, as_float(cols["score"]), np.nan)  # [n] NaN = not a candidate
+    scored = int(np.isfinite(score).sum())  # N
+    if scored < int(ok.sum()):
+        logging.warning("%d ok rows have no finite score: not selected", int(ok.sum()) - scored)
+    turn = cols["turn"] if "turn" in cols else np.zeros(n, np.int64)
+    by_input = np.lexsort((np.asarray(turn, np.int64), np.asarray(cols["index"], np.int64)))
+    rank = np.empty(n, np.int64)
+    rank[by_input] = np.arange(n)  # [n] position of each row in input order
+    order = _order(config, "resofilter")
+    kept = [resofilter_select(score, p, keep=config.keep, rank=rank, order=order) for p in rates]
+    keys = list(RESO_KEYS)
+    if config.with_features:
+        keys += [c for c in cols if c.startswith(FEATURE_PREFIX)]
+    union = np.unique(np.concatenate(kept))
+    make = row_maker(_source(config), config.format, cols, union, keys)
+    outputs = []
+    for p, label, picked in zip(rates, labels, kept, strict=True):
+        path = rate_output_path(config.output, p) if config.drop_rates else config.output
+        out = write_rows(path, [make(i) for i in picked])
+        outputs.append(
+            {
+                "drop_rate": p,
+                "kept": label,
+                "dropped": scored - len(picked),
+                "selected": len(picked),
+                "output": str(out),
+            }
+        )
+    return {
+        "policy": "resofilter",
+        "keep": config.keep,
+        "rows": n,
+        "statuses": status_counts(status),
+        "scored": scored,
+        "outputs": outputs,
+    }
+
+
+def run(config: SelectConfig) -> dict[str, Any]:
+    """Selects rows and writes them (``.json`` -> JSON array, else JSONL); returns a summary.
+
+    Raises:
+        ValueError: For a score file that does not fit the policy, a bad option, or a
+            ``--data`` file that does not hold the selected rows.
+    """
+    if config.format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {config.format!r}")
+    cols = read_scores(config.scores)
+    if "index" not in cols:
+        raise ValueError(f"{config.scores} has no `index` column (is it a score file?)")
+    policy = detect_policy(list(cols)) if config.policy == "auto" else config.policy
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be 'auto' or one of {POLICIES}, got {config.policy!r}")
+    _order(config, policy)  # a bad --order fails here, not after the embedding
+    _check_diversity(config, policy)
+    if policy == "superfiltering":
+        if "ifd" not in cols:
+            raise ValueError(f"{config.scores} has no `ifd` column (is it an IFD score file?)")
+        return _superfiltering(config, cols)
+    if "score" not in cols:
+        raise ValueError(f"{config.scores} has no `score` column (is it a resonance score file?)")
+    return _resofilter(config, cols)
