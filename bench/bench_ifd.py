@@ -54,6 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import common  # noqa: E402
 import numpy as np  # noqa: E402
+import results  # noqa: E402
+import torch_loop  # noqa: E402
 
 DEFAULT_CONFIG = "configs/ifd_smollm2_sharegpt.py"
 
@@ -139,12 +141,12 @@ def run_torch(
     import torch
     from torch_reference import ifd_one
 
-    device, sync = common.torch_setup(args)
+    device, sync = torch_loop.torch_setup(args)
     t0 = time.perf_counter()
-    model = common.load_torch_model(model_path, args.torch_dtype, device)
+    model = torch_loop.load_torch_model(model_path, args.torch_dtype, device)
     load_s = time.perf_counter() - t0
     lengths: list[int] = []
-    common.attach_input_hook(model, device, lengths)
+    torch_loop.attach_input_hook(model, device, lengths)
     recs = [r for r in records if r.ok][: args.torch_samples]
     if not recs:
         raise SystemExit("error: no usable record for the torch loop")
@@ -166,7 +168,7 @@ def run_torch(
         "lengths": list(lengths),
         "scores": scores,
         "load_s": load_s,
-        **common.torch_stats(device),
+        **torch_loop.torch_stats(device),
     }
     del model
     if device == "cuda":
@@ -242,11 +244,11 @@ def report(
         cpu_gflops=args.cpu_peak_gflops,
         tflops=args.peak_tflops,
     )
-    rows = [common.process_measure(r, flops, peak) for r in procs]
+    rows = [results.process_measure(r, flops, peak) for r in procs]
     first, steady = proj["stats"]
-    rows.append(common.steady_measure("project in-process, 1st call", first, flops, peak))
+    rows.append(results.steady_measure("project in-process, 1st call", first, flops, peak))
     rows.append(
-        common.steady_measure(
+        results.steady_measure(
             "project steady state", steady, flops, peak, device_mb=proj["device_mb"]
         )
     )
@@ -277,7 +279,7 @@ def report(
             tflops=args.peak_tflops,
         )
         tflops = float(sum(fm.forward(n) for n in torch_r["lengths"]))
-        torch_m = common.Measure(
+        torch_m = results.Measure(
             "torch batch-of-one",
             torch_r["samples"],
             int(sum(torch_r["lengths"])),
@@ -301,7 +303,7 @@ def report(
         "both sides; RSS: peak host RSS of the scoring process (whole-process rows) / of this "
         "process up to the end of the torch phase; dev MB: peak device memory where reported)"
     )
-    common.finish_report(args, rows, torch_m, scores, out, notes)
+    results.finish_report(args, rows, torch_m, scores, out, notes)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import common  # noqa: E402
 import numpy as np  # noqa: E402
+import results  # noqa: E402
+import torch_loop  # noqa: E402
 
 DEFAULT_CONFIG = "configs/reso_smollm2_gsm8k.py"
 AGGREGATE = {"mean": np.mean, "sum": np.sum, "max": np.max}
@@ -206,13 +208,13 @@ def run_torch(
     import torch
     from torch_resonance_reference import resonance_loop
 
-    device, sync = common.torch_setup(args)
+    device, sync = torch_loop.torch_setup(args)
     t0 = time.perf_counter()
-    model = common.load_torch_model(model_path, args.torch_dtype, device)
+    model = torch_loop.load_torch_model(model_path, args.torch_dtype, device)
     load_s = time.perf_counter() - t0
     names = chosen_names(config, [n for n, _ in model.named_parameters()])
     lengths: list[int] = []
-    common.attach_input_hook(model, device, lengths)
+    torch_loop.attach_input_hook(model, device, lengths)
     todo = examples[: args.torch_samples]
     if not todo:
         raise SystemExit("error: no scorable example for the torch loop")
@@ -248,7 +250,7 @@ def run_torch(
         "scores": scores,
         "names": names,
         "load_s": load_s,
-        **common.torch_stats(device),
+        **torch_loop.torch_stats(device),
     }
     del model
     if device == "cuda":
@@ -337,11 +339,11 @@ def report(
         cpu_gflops=args.cpu_peak_gflops,
         tflops=args.peak_tflops,
     )
-    rows = [common.process_measure(r, flops, peak) for r in procs]
+    rows = [results.process_measure(r, flops, peak) for r in procs]
     first, steady = proj["stats"]
-    rows.append(common.steady_measure("project in-process, 1st call", first, flops, peak))
+    rows.append(results.steady_measure("project in-process, 1st call", first, flops, peak))
     rows.append(
-        common.steady_measure(
+        results.steady_measure(
             "project steady state", steady, flops, peak, device_mb=proj["device_mb"]
         )
     )
@@ -380,7 +382,7 @@ def report(
         )
         tl = torch_r["lengths"]
         executed = sum(useful(n) if args.torch_chosen_only else fm.train_step(n) for n in tl)
-        torch_m = common.Measure(
+        torch_m = results.Measure(
             "torch batch-of-one",
             torch_r["samples"],
             int(sum(tl)),
@@ -409,7 +411,7 @@ def report(
         "RSS of the scoring process (whole-process rows) / of this process up to the end of the "
         "torch phase; dev MB: peak device memory where reported)"
     )
-    common.finish_report(args, rows, torch_m, scores, out, notes)
+    results.finish_report(args, rows, torch_m, scores, out, notes)
 
 
 if __name__ == "__main__":

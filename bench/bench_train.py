@@ -80,6 +80,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402
 import machine  # noqa: E402
 import numpy as np  # noqa: E402
+import results  # noqa: E402
+import torch_loop  # noqa: E402
 
 DEFAULT_CONFIG = "configs/sft_smollm2.py"
 DATA_ASSETS = {"gsm8k": "gsm8k", "sharegpt": "sharegpt"}
@@ -249,9 +251,9 @@ def torch_side(
     import torch
     from torch_train_reference import warmup_cosine
 
-    device, sync = common.torch_setup(args)
+    device, sync = torch_loop.torch_setup(args)
     t0 = time.perf_counter()
-    model = common.load_torch_model(config.model.path, "float32", device)
+    model = torch_loop.load_torch_model(config.model.path, "float32", device)
     model.train()
     o = config.optim
     if o.schedule != "cosine" or o.end_lr != 0.0 or o.decay != "matrices":
@@ -323,7 +325,7 @@ def measure(
     batches: list[dict[str, np.ndarray]],
     lengths: list[list[int]],
     peak: float,
-) -> common.Measure:
+) -> results.Measure:
     """The timed steps (after ``--warmup_steps``) of one side as a Measure."""
     w = args.warmup_steps
     timed = range(w, len(batches))
@@ -333,7 +335,7 @@ def measure(
     useful = sum(fm.train_step(n) for s in timed for n in lengths[s])
     executed = len(timed) * args.batch * fm.train_step(args.seq_len)
     steady = [r["per_step_s"][s] for s in timed]
-    return common.Measure(
+    return results.Measure(
         name,
         len(timed) * args.batch,
         int(real),
@@ -397,7 +399,7 @@ def main() -> None:
     res = run_steps(sides, batches, args.order)
     proj = {**sides["project"][1], **res["project"], "device_mb": common.jax_device_mb()}
     tinfo = {k: v for k, v in sides["torch"][1].items() if k != "sync"}
-    tr = {**tinfo, **res["torch"], **common.torch_stats(torch_device)}
+    tr = {**tinfo, **res["torch"], **torch_loop.torch_stats(torch_device)}
     proj["host_rss_mb"] = tr["host_rss_mb"]  # one process: the peak of both
     report(args, config, mach, data_info, batches, lengths, proj, tr)
 
@@ -457,7 +459,7 @@ def report(
         f"{len(batches)} steps, lr warmup {proj['lr_warmup_steps']}"
     )
     print()
-    common.print_table([mp, mt])
+    results.print_table([mp, mt])
     print(
         "(samples = rows; tokens/s = real non-padding tokens; GFLOP/s, MFU: 3 x forward FLOPs "
         "of the real tokens; exec GF/s: the same at the padded seq_len)"
@@ -486,8 +488,8 @@ def report(
     )
     k = min(LOSS_STEPS, len(batches))
     pl, tl = proj["losses"][:k], tr["losses"][:k]
-    rel = common.max_rel_diff(pl, tl)
-    grel = common.max_rel_diff(proj["grad_norms"][:k], tr["grad_norms"][:k])
+    rel = results.max_rel_diff(pl, tl)
+    grel = results.max_rel_diff(proj["grad_norms"][:k], tr["grad_norms"][:k])
     fp32 = args.dtype == "float32" and args.torch_dtype == "float32"
     verdict = ""
     if fp32:

@@ -26,13 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-
-from resofilter_jax.analysis import rank_stats
 
 REPO = Path(__file__).resolve().parents[1]
 _USER_ENV = dict(os.environ)  # before parse_args() adjusts this process's environment
@@ -132,103 +127,6 @@ def model_flops_per_token(cfg: Any, seq: int) -> float:
     return fm.layers * fm.layer_token(seq) + fm.head_token()
 
 
-@dataclasses.dataclass
-class Measure:
-    """One timed run: counts, seconds and the FLOPs to rate it by."""
-
-    name: str
-    samples: int
-    tokens: int
-    seconds: float
-    useful_flops: float
-    peak: float
-    executed_flops: float | None = None
-    host_rss_mb: float | None = None
-    device_mb: float | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def rate(self, x: float) -> float:
-        return x / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def gflops(self) -> float:
-        """Useful model GFLOP/s."""
-        return self.rate(self.useful_flops) / 1e9
-
-    @property
-    def mfu(self) -> float:
-        """Useful model FLOP/s over the peak."""
-        return self.rate(self.useful_flops) / self.peak
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.update(
-            samples_per_s=self.rate(self.samples),
-            tokens_per_s=self.rate(self.tokens),
-            useful_gflop_s=self.gflops,
-            mfu=self.mfu,
-        )
-        if self.executed_flops is not None:
-            d["executed_gflop_s"] = self.rate(self.executed_flops) / 1e9
-        return d
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    """``format(x, spec)``, or a right-aligned ``-`` for None / NaN."""
-    width = int(spec.split(".")[0] or 0)
-    return "-".rjust(width) if x is None or x != x else format(x, spec)
-
-
-def print_table(rows: Sequence[Measure]) -> None:
-    """The result table (useful GFLOP/s and MFU; executed GFLOP/s where it differs)."""
-    head = (
-        f"{'run':<34}{'samples':>8}{'seconds':>9}{'samples/s':>10}{'tokens/s':>10}"
-        f"{'GFLOP/s':>9}{'MFU':>8}{'exec GF/s':>10}{'RSS MB':>8}{'dev MB':>8}"
-    )
-    print(head)
-    print("-" * len(head))
-    for m in rows:
-        ex = m.rate(m.executed_flops) / 1e9 if m.executed_flops is not None else None
-        print(
-            f"{m.name:<34}{m.samples:>8}{m.seconds:>9.2f}{_fmt(m.rate(m.samples), '10.3f')}"
-            f"{_fmt(m.rate(m.tokens), '10.0f')}{_fmt(m.gflops, '9.1f')}{_fmt(m.mfu * 100, '7.2f')}%"
-            f"{_fmt(ex, '10.1f')}{_fmt(m.host_rss_mb, '8.0f')}{_fmt(m.device_mb, '8.0f')}"
-        )
-
-
-def print_ratios(rows: Sequence[Measure], torch_m: Measure, subset_note: str) -> dict:
-    """Prints and returns project / torch of the per-sample, per-token and FLOP rates."""
-    out = {}
-    print(f"\nratio project / torch batch-of-one ({subset_note}):")
-    for m in rows:
-        r = out[m.name] = {
-            "samples_per_s": m.rate(m.samples) / torch_m.rate(torch_m.samples),
-            "tokens_per_s": m.rate(m.tokens) / torch_m.rate(torch_m.tokens),
-            "useful_gflop_s": m.gflops / torch_m.gflops,
-        }
-        print(
-            f"  {m.name:<34} samples/s {r['samples_per_s']:6.2f}x   tokens/s "
-            f"{r['tokens_per_s']:6.2f}x   useful GFLOP/s {r['useful_gflop_s']:6.2f}x"
-        )
-    return out
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> tuple[float, int]:
-    """(Spearman rho, n) over the positions where both are finite (NaN when n < 2)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 2:
-        return float("nan"), int(ok.sum())
-    return rank_stats.spearman(a[ok], b[ok]), int(ok.sum())
-
-
-def max_rel_diff(a: Sequence[float], b: Sequence[float]) -> float:
-    """max |a - b| / |b| over the positions where both are finite."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ok = np.isfinite(a) & np.isfinite(b) & (b != 0)
-    return float(np.max(np.abs(a[ok] - b[ok]) / np.abs(b[ok]))) if ok.any() else float("nan")
-
-
 def rss_mb(children: bool = False) -> float:
     """Peak resident set size (MB) of this process, or of its finished children."""
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
@@ -298,33 +196,6 @@ def process_runs(
     return results
 
 
-def process_measure(r: dict[str, Any], flops: float, peak: float) -> Measure:
-    """A whole-process run as a :class:`Measure` (wall time of the process)."""
-    run = r["run"]
-    return Measure(
-        f"project whole process, {r['kind']} cache",
-        run["rows"],
-        run["loop"]["tokens"],
-        r["wall_s"],
-        flops,
-        peak,
-        host_rss_mb=r["rss_mb"],
-        extra={
-            "seconds_in_run": run["seconds"],
-            "first_result_s": run["loop"]["first_result_s"],
-            "outside_run_s": r["wall_s"] - run["seconds"]["total"],
-            "command": " ".join(r["command"]),
-        },
-    )
-
-
-def steady_measure(
-    name: str, stats: dict[str, Any], flops: float, peak: float, **kw: Any
-) -> Measure:
-    """An in-process loop (``RunStats.summary()``) as a :class:`Measure`."""
-    return Measure(name, stats["rows"], stats["tokens"], stats["seconds"], flops, peak, **kw)
-
-
 def configure_attention(config: Any, model: Any) -> dict[str, str]:
     """Applies ``config.model.attention`` to ``model`` as ``resofilter_jax.score`` does.
 
@@ -358,69 +229,6 @@ def child_env(matmul_precision: str) -> dict[str, str]:
     if matmul_precision:
         env["JAX_DEFAULT_MATMUL_PRECISION"] = matmul_precision
     return env
-
-
-def torch_setup(args: argparse.Namespace) -> tuple[str, Callable[[], None]]:
-    """(torch device, a device-sync function) from ``--device`` and ``--torch_tf32``."""
-    import torch
-
-    name = args.device
-    if name == "auto":
-        name = "gpu" if torch.cuda.is_available() else "cpu"
-    if name == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("error: --device gpu but torch sees no CUDA device")
-    torch.backends.cuda.matmul.allow_tf32 = args.torch_tf32
-    if name == "gpu":
-        torch.cuda.reset_peak_memory_stats()
-        return "cuda", torch.cuda.synchronize
-    return "cpu", lambda: None
-
-
-def torch_stats(device: str) -> dict[str, Any]:
-    """Device name, threads, TF32, peak CUDA memory (MB) and peak host RSS of the torch phase."""
-    import torch
-
-    cuda = device == "cuda"
-    return {
-        "device": device,
-        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
-        "threads": torch.get_num_threads(),
-        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-        "device_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "host_rss_mb": rss_mb(),
-    }
-
-
-def load_torch_model(path: str, dtype: str, device: str) -> Any:
-    """transformers' causal LM from a ``.gguf`` file or a HF directory, on ``device``."""
-    import torch
-    import transformers
-
-    p = Path(path)
-    kw: dict[str, Any] = {"dtype": getattr(torch, dtype)}
-    if p.suffix == ".gguf":
-        kw["gguf_file"] = p.name
-        p = p.parent
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(p), **kw)
-    return model.to(device).eval()
-
-
-def attach_input_hook(model: Any, device: str, lengths: list[int]) -> Any:
-    """Moves the model's tensor inputs to ``device`` and records every call's sequence length.
-
-    The reference loops build CPU tensors; this forward pre-hook lets them run unchanged on
-    a GPU and counts exactly the tokens the model processed. It survives ``copy.deepcopy``.
-    """
-    import torch
-
-    def hook(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        args = tuple(a.to(device) if torch.is_tensor(a) else a for a in args)
-        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        ids = args[0] if args else kwargs["input_ids"]
-        lengths.append(int(ids.shape[-1]))
-        return args, kwargs
-
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def add_common_args(
@@ -531,56 +339,6 @@ def machine_block(args: argparse.Namespace, model_path: str, tokens: int) -> Non
     shapes = machine.model_gemm_shapes(machine.model_config(model_path), tokens, head_tokens=1024)
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     args.machine = machine.machine_report(shapes, args.gemm_repeats, torch_device=torch_device)
-
-
-def finish_report(
-    args: argparse.Namespace,
-    rows: list[Measure],
-    torch_m: Measure | None,
-    scores: dict[str, dict[int, float]],
-    out: dict[str, Any],
-    notes: str,
-) -> None:
-    """Prints the table, the ratios and the score agreement checks; writes ``--json``.
-
-    ``scores`` holds ``project`` and, where run, ``torch`` and ``other`` (the project in the
-    other dtype) scores by record index.
-    """
-    print()
-    print_table(rows + ([torch_m] if torch_m else []))
-    print(notes)
-    out["measures"] = [m.to_dict() for m in rows]
-    ours = scores["project"]
-    if torch_m is not None:
-        note = (
-            f"torch ran the first {torch_m.samples} of the {rows[-1].samples} rows: per-sample "
-            "rates; tokens/s and GFLOP/s are the fair comparison"
-        )
-        out["torch"] = torch_m.to_dict()
-        out["ratios"] = print_ratios(rows, torch_m, note)
-        keys = sorted(scores["torch"])
-        a, b = [ours[i] for i in keys], [scores["torch"][i] for i in keys]
-        rho, n = spearman(a, b)
-        rel = max_rel_diff(a, b)
-        print(
-            f"score agreement, project {args.dtype} vs torch {args.torch_dtype} on those {n} "
-            f"samples: max rel diff {rel:.2e}, Spearman {rho:.4f}"
-        )
-        out["torch_agreement"] = {"max_rel_diff": rel, "spearman": rho, "n": n}
-    if "other" in scores:
-        keys = sorted(ours)
-        rho, n = spearman([ours[i] for i in keys], [scores["other"][i] for i in keys])
-        print(f"ranking check: Spearman(bf16 scores, fp32 scores) = {rho:.5f} over {n} samples")
-        out["rank_check"] = {"spearman_bf16_vs_fp32": rho, "n": n}
-    machine = vars(args).pop("machine", None)  # out["args"] is vars(args): listed once
-    if machine is not None:
-        out["machine"] = machine
-    if args.json:
-        if getattr(args, "json_scores", False):
-            out["scores"] = {
-                k: {str(i): float(v) for i, v in sorted(d.items())} for k, d in scores.items()
-            }
-        write_json(args.json, out)
 
 
 def work_dir(path: str) -> Path:

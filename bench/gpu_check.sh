@@ -19,7 +19,7 @@
 #             the converted tokenizer unpacked into .gpu/run
 #   install   ml-collections + gguf wheels (--no-deps) into /tmp/site, PYTHONPATH=/tmp/site:.
 #   env       nvidia-smi, python/jax/torch versions, jax.devices(), GPU seen by JAX and torch,
-#             import resofilter_jax.score, which config keys exist, the tokenizer loads
+#             import resofilter_jax.scoring.pipeline, which config keys exist, the tokenizer loads
 #   ifd_bf16  bench_ifd.py bf16, IFD_ROWS rows + the torch fp32 loop over IFD_TORCH rows
 #   reso_bf16 bench_reso.py bf16, RESO_ROWS rows + the torch fp32 loop over RESO_TORCH rows
 #   ifd_fp32  bench_ifd.py fp32, matmul precision highest, IFD_FP32_ROWS rows
@@ -169,10 +169,10 @@ keys = {}
 try:  # the project and the recipes import (ml_collections, gguf from /tmp/site)
     t = time.perf_counter()
     import gguf, ml_collections
-    import resofilter_jax.score  # noqa: F401
+    import resofilter_jax.scoring.pipeline  # noqa: F401
     sys.path.insert(0, "bench")
     import common
-    print(f"import resofilter_jax.score + bench/common: {time.perf_counter() - t:.1f} s")
+    print(f"import resofilter_jax.scoring.pipeline + bench/common: {time.perf_counter() - t:.1f} s")
     print("ml_collections", ml_collections.__file__, "gguf", gguf.__file__)
     for name, path in (("ifd", "configs/ifd_smollm2_sharegpt.py"),
                        ("reso", "configs/reso_smollm2_gsm8k.py")):

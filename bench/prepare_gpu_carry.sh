@@ -130,7 +130,7 @@ s.loader.exec_module(m); sys.exit(0 if 'matmul_precision' in m.get_config().mode
     fi
     local t0=$SECONDS
     TQDM_DISABLE=1 PYTHONPATH=$REPO nice -n 10 "$PY" -m resofilter_jax.score --config "$2" \
-      --config.limit="$4" --config.data.path="$REPO/$3" --config.model.path="$GGUF" \
+      --config.data.limit="$4" --config.data.path="$REPO/$3" --config.model.path="$GGUF" \
       --config.model.dtype=float32 --config.model.param_dtype=float32 "${prec[@]}" \
       --config.progress=False --config.output_dir="$out" --config.compilation_cache_dir="" \
       >"$REPO/$W/ref/$1.log" 2>&1 || { tail -20 "$REPO/$W/ref/$1.log"; exit 1; }

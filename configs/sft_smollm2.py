@@ -50,6 +50,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.stop_after_steps = 0  # > 0: end this invocation after that step (resume later)
     c.train.seed = 0  # row order of epoch e = permutation from (seed, e)
     c.train.shuffle = True
+    # Held-out loss every N optimizer steps and at the last step (0 = off); needs eval.path.
+    # Logged to metrics.jsonl as records {"step", "eval_loss", "eval_ppl", "eval_tokens",
+    # "eval_time_s"} after the step's train record, TensorBoard eval/*, run.json "eval".
+    # eval_time_s: how long the host waited for it (the device may overlap it with a step).
+    c.train.eval_every = 0
+    # The held-out file: read with data's reader settings (reader, split, format, fields,
+    # on_error) and encoded like the training data (template, max_length; prompt masked, EOS
+    # appended), one example per row even with data.packing. Loss = token-mean CE over the
+    # response tokens (as the evaluate command's `loss` task), ppl = exp(loss).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.path = ""  # required when train.eval_every > 0
+    c.eval.limit = 0  # evaluate on the records of the first N input rows; 0 = all
+    c.eval.batch_rows = 8  # rows per forward (rounded up to a multiple of the devices)
     # Optimizer: AdamW, torch-style global-norm clipping, linear warmup then decay.
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5

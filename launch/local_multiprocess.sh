@@ -2,7 +2,7 @@
 # N local processes x M virtual CPU devices each, joined by jax.distributed (gloo collectives).
 #
 #   launch/local_multiprocess.sh [-n N] [-d M] [-p PORT] [-l LOG_DIR] [-m MODULE] -- \
-#       --config configs/ifd_smollm2_sharegpt.py --config.limit=64 --config.output_dir=out
+#       --config configs/ifd_smollm2_sharegpt.py --config.data.limit=64 --config.output_dir=out
 #
 # Everything after `--` is passed to `python -m MODULE` (default resofilter_jax.score; e.g.
 # resofilter_jax.train) on every process, plus

@@ -349,11 +349,6 @@ def _report(
     return report
 
 
-def dry_run_fields() -> dict[str, Any]:
-    """The config fields of the dry run (added to every score and train config)."""
-    return {"dry_run": False, "dry_run_topology": "2x8xh100"}
-
-
 def run_dry(config: Any, kind: str) -> dict[str, Any]:
     """The dry run of a ``score`` (kind="score") or ``train`` (kind="train") config.
 

@@ -10,7 +10,7 @@
 ``--policy`` (default ``auto``: an ``ifd`` column means superfiltering, a ``score`` column
 resofilter; a file with both or neither is refused).
 
-Superfiltering policy (DESIGN 3.1): keep rows whose IFD is a number strictly below
+Superfiltering policy (docs/DESIGN.md §3.3): keep rows whose IFD is a number strictly below
 `--threshold` (1.0), order them by IFD descending (ties: lower index first) and keep the first
 k = floor(rate x rows in THIS score file) (the reference hard-codes Alpaca's 52002), or
 `--count` rows. `--order original` restores input order. Rows with a non-ok status are never
@@ -26,7 +26,7 @@ picks N of them greedily. The rows come out in greedy order, as the reference wr
 (``--order score``: IFD order, ``original``: input order), with a ``fla_rank`` column (the
 0-based greedy position; rows format only).
 
-ResoFilter policy (DESIGN 3.2, the reference's ``reso_filter.py``):
+ResoFilter policy (docs/DESIGN.md §3.3, the reference's ``reso_filter.py``):
 
 * The candidates are the *scored* rows: ``status == "ok"`` with a finite ``score``; N is their
   number. The reference removes exact-duplicate queries before scoring and takes N as the

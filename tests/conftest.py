@@ -1,14 +1,24 @@
-"""Test configuration: 8 virtual CPU devices (set before jax is imported) and shared fixtures."""
+"""Test configuration: 8 virtual CPU devices and one persistent compilation cache for the
+whole session (both set before jax is imported), and shared fixtures."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # One cache for the session, inherited by every subprocess the tests start (commands,
+    # multi-process jobs, kill-and-resume runs): a program compiled once is read back.
+    _CACHE = tempfile.mkdtemp(prefix="resofilter_test_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 
@@ -73,3 +83,17 @@ def smollm2_hf_dir(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_hf(
         smollm2.model, tmp_path_factory.mktemp("smollm2_hf"), tokenizer=smollm2.tokenizer
     )
+
+
+# Fixtures that load the real SmolLM2 weights or read the shipped datasets: a test that uses
+# one is a real-weight test and belongs to the slow tier (`pytest -m "not slow"` skips it).
+REAL_WEIGHT_FIXTURES = frozenset(
+    {"smollm2_gguf", "smollm2", "smollm2_torch", "smollm2_hf_dir", "sharegpt_path", "gsm8k_path"}
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks every test that uses a real-weight fixture ``slow``."""
+    for item in items:
+        if REAL_WEIGHT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -21,14 +21,16 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import build_tokenizer
-from torch_reference import save_tiny_model
+from support.data import build_tokenizer
+from support.models import save_tiny_model
 
 from resofilter_jax import configuration
 from resofilter_jax.data import bucket_lengths, plan_batches
 from resofilter_jax.scoring import outputs, projection
 from resofilter_jax.scoring import pipeline as score
 from resofilter_jax.scoring.distributed_plan import plan_global_batches
+
+pytestmark = pytest.mark.slow  # multi-process jax.distributed jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"

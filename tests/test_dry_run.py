@@ -11,6 +11,8 @@ import pytest
 
 from resofilter_jax.dry_run import GIB, parse_topology
 
+pytestmark = pytest.mark.slow  # dry runs: compiles for pod topologies
+
 REPO = Path(__file__).resolve().parents[1]
 
 # gemma-2-2b's published config.json (architecture only; no weights are needed).

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_train import char_tokenizer, random_examples, sft_config, tiny_hf
+from support.training import char_tokenizer, random_examples, sft_config, tiny_hf
 
 from resofilter_jax.training import pipeline as train_main
 from resofilter_jax.training.sft_data import BatchPlan, batch_at, batch_tokens, single_rows
+
+pytestmark = pytest.mark.slow  # multi-process jax.distributed jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"

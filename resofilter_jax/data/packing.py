@@ -8,7 +8,8 @@ puts whole sequences end to end in rows whose length is a bucket:
   bucket, and every shorter sequence goes into the open row with the least free space that
   still holds it (or opens a row of its own bucket). Short sequences fill the tails of long
   rows; rows never grow past the bucket their first sequence chose, so attention cost per
-  token stays near that of unpacked buckets.
+  token stays near that of unpacked buckets. Training packs with it too, with the one
+  bucket ``max_length`` (:func:`resofilter_jax.training.sft_data.packed_rows`).
 * :func:`collate_packed` writes a batch of packed rows: ``attention_mask`` holds each token's
   segment id (1, 2, ... within the row; 0 = padding), which the models' attention masks
   turn into a block-diagonal causal mask, and ``positions`` restart at 0 in every segment,
@@ -61,7 +62,10 @@ def pack_sequences(
         return [[i] for i in range(len(lens))]
     edges = sorted(set(int(b) for b in buckets))
     if lens and max(lens) > edges[-1]:
-        raise ValueError(f"a sequence of {max(lens)} tokens exceeds the largest bucket {edges[-1]}")
+        i = lens.index(max(lens))
+        raise ValueError(
+            f"sequence {i} has {lens[i]} tokens, more than the largest bucket {edges[-1]}"
+        )
     rows: list[list[int]] = []
     open_rows: list[tuple[int, int]] = []  # sorted (free tokens, row id)
     for i in sorted(range(len(lens)), key=lambda j: (-lens[j], j)):

@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer from a HF directory, a hub id, or a GGUF file.
 
-Tensors are read one at a time and placed straight into an abstract (shape-only) model, so a
-checkpoint is never held twice in host memory.
+Tensors are read one at a time and placed straight into an abstract (shape-only) model by
+:func:`resofilter_jax.models.registry.load_state_dict`, so a checkpoint is never held twice in
+host memory.
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.config import ModelConfig, config_from_hf
-from resofilter_jax.models.registry import (
-    CheckpointMismatchError,
-    abstract_model,
-    param_name,
-)
+from resofilter_jax.models.registry import abstract_model, load_state_dict
 
 log = logging.getLogger("resofilter_jax.models")
 
@@ -60,54 +56,30 @@ class LoadedModel:
     source: str
 
 
-def _ignored(name: str, config: ModelConfig) -> bool:
-    if name.endswith(IGNORED_SUFFIXES):
-        return True
-    return config.tie_word_embeddings and name == "lm_head.weight"
+def checkpoint_ignores(config: ModelConfig) -> tuple[str, ...]:
+    """Suffixes of the checkpoint keys of `config` that are not parameters (skipped on load).
+
+    Buffers (GPT-2's causal-mask `attn.bias`/`attn.masked_bias`, rotary `inv_freq`) and, for a
+    model with tied embeddings, HF's `lm_head.weight` alias of the input embedding.
+    """
+    return IGNORED_SUFFIXES + (("lm_head.weight",) if config.tie_word_embeddings else ())
 
 
-def model_from_tensors(
+def _filled(
     config: ModelConfig,
     tensors: Iterable[tuple[str, Any]],
     *,
-    dtype: jnp.dtype = jnp.float32,
-    param_dtype: jnp.dtype = jnp.float32,
-    source: str = "checkpoint",
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    source: str,
 ) -> CausalLM:
-    """Builds a model from an iterable of (HF name, array), filling an abstract model.
-
-    Raises:
-        CheckpointMismatchError: unexpected or missing tensors, or a shape mismatch (named).
-    """
-    abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    flat = dict(nnx.to_flat_state(params))
-    by_name = {param_name(p): p for p in flat}
-    filled: set[str] = set()
-    unexpected: list[str] = []
-    for name, value in tensors:
-        if name not in by_name:
-            if not _ignored(name, config):
-                unexpected.append(name)
-            continue
-        var = flat[by_name[name]]
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointMismatchError(
-                f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the "
-                f"{config.model_type} model expects {tuple(var.shape)}"
-            )
-        var.set_value(jnp.asarray(value, dtype=var.dtype))
-        filled.add(name)
-    missing = sorted(set(by_name) - filled)
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{source} does not match the {config.model_type} model: missing tensors "
-            f"{missing[:6]}{' ...' if len(missing) > 6 else ''} ({len(missing)} in all), "
-            f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} "
-            f"({len(unexpected)} in all)"
-        )
-    params = nnx.from_flat_state(flat)
-    return nnx.merge(graphdef, params, rest)
+    """An abstract (shape-only) model of `config` filled from streamed (HF name, array) pairs."""
+    return load_state_dict(
+        abstract_model(config, dtype=dtype, param_dtype=param_dtype),
+        tensors,
+        ignore=checkpoint_ignores(config),
+        source=source,
+    )
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -252,9 +224,7 @@ def load_model(
 
         g = GGUFFile(path)
         config = config_from_hf(g.hf_config())
-        model = model_from_tensors(
-            config, g.tensors(), dtype=dtype, param_dtype=param_dtype, source=str(path)
-        )
+        model = _filled(config, g.tensors(), dtype=dtype, param_dtype=param_dtype, source=str(path))
         tok = load_tokenizer(path.parent, gguf_file=path.name) if tokenizer else None
         return LoadedModel(model, tok, config, str(path))
     if not path.exists():
@@ -271,8 +241,6 @@ def load_model(
     tensors = iter_safetensors(files)
     if "text_config" in raw_config:  # multimodal checkpoint: load its text model
         tensors = text_model_tensors(tensors)
-    model = model_from_tensors(
-        config, tensors, dtype=dtype, param_dtype=param_dtype, source=str(path)
-    )
+    model = _filled(config, tensors, dtype=dtype, param_dtype=param_dtype, source=str(path))
     tok = load_tokenizer(path) if tokenizer else None
     return LoadedModel(model, tok, config, str(path))

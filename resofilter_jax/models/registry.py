@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from resofilter_jax.models.base import CausalLM
@@ -14,7 +14,10 @@ from resofilter_jax.models.config import ModelConfig, UnsupportedArchitectureErr
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint tensor is missing, unexpected, or has the wrong shape."""
+    """A checkpoint tensor is missing, unexpected, or has the wrong shape or dtype."""
+
+
+ModelT = TypeVar("ModelT", bound=nnx.Module)
 
 
 def model_class(config: ModelConfig) -> type[CausalLM]:
@@ -66,42 +69,86 @@ def named_params(model: nnx.Module) -> dict[str, jax.Array]:
 
 
 def load_state_dict(
-    model: nnx.Module,
-    tensors: Mapping[str, np.ndarray],
+    model: ModelT,
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
     *,
     ignore: tuple[str, ...] = (),
     strict: bool = True,
-) -> None:
-    """Copies HF-named tensors into `model` in place, cast to each parameter's dtype.
+    source: str = "checkpoint",
+) -> ModelT:
+    """Fills the parameters of `model` from HF-named tensors, cast to each parameter's dtype.
+
+    The one way a model's state is filled from named tensors: :func:`load_model` fills an
+    :func:`abstract_model` (its `jax.ShapeDtypeStruct` leaves are replaced) from tensors
+    streamed one at a time, so a checkpoint is never held twice in host memory; tests fill a
+    built model from a state dict. Every tensor is checked before the model changes: on any
+    mismatch the model is left as it was.
 
     Args:
-        tensors: HF state-dict keys -> arrays (numpy or jax).
-        ignore: suffixes of checkpoint keys that are buffers, not parameters (e.g. `attn.bias`).
-        strict: raise when a model parameter has no tensor or a tensor has no parameter.
+        model: a concrete or abstract NNX model, filled in place.
+        tensors: HF state-dict keys -> arrays (numpy or jax), as a mapping or as an iterable
+            of (name, array) pairs consumed once.
+        ignore: suffixes of checkpoint keys that are buffers or tied aliases, not parameters
+            (e.g. `.attn.bias`, `lm_head.weight`).
+        strict: raise when a model parameter has no tensor or a tensor has no parameter
+            (shape and dtype mismatches always raise).
+        source: what the tensors came from, for error messages (a path).
+
+    Returns:
+        `model`.
 
     Raises:
-        CheckpointMismatchError: naming the tensor and both shapes, or the missing keys.
+        CheckpointMismatchError: naming every tensor with the wrong shape (both shapes) or a
+            non-floating dtype, and (strict) the missing and unexpected keys.
     """
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
     by_name = {param_name(p): p for p in flat}
-    unexpected = [k for k in tensors if k not in by_name and not k.endswith(ignore)]
-    missing = [k for k in by_name if k not in tensors]
-    if strict and (missing or unexpected):
-        raise CheckpointMismatchError(
-            f"checkpoint does not match the model: missing {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
-        )
-    for name, path in by_name.items():
-        if name not in tensors:
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    values: dict[str, jax.Array] = {}
+    seen: set[str] = set()
+    wrong: list[str] = []
+    unexpected: list[str] = []
+    for name, value in pairs:
+        if name not in by_name:
+            if not name.endswith(ignore):
+                unexpected.append(name)
             continue
-        var = flat[path]
-        value = tensors[name]
+        seen.add(name)
+        var = flat[by_name[name]]
         if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointMismatchError(
-                f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint but the model "
-                f"expects {tuple(var.shape)}"
+            wrong.append(
+                f"tensor {name!r} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(var.shape)}"
             )
-        var[...] = jnp.asarray(value, dtype=var.dtype)
+        elif jnp.issubdtype(var.dtype, jnp.floating) and not jnp.issubdtype(
+            value.dtype, jnp.floating
+        ):
+            wrong.append(
+                f"tensor {name!r} has dtype {value.dtype} but the model expects floating point "
+                f"({jnp.dtype(var.dtype).name})"
+            )
+        elif not wrong:  # after a mismatch only the checks go on
+            values[name] = jnp.asarray(value, dtype=var.dtype)
+    missing = sorted(set(by_name) - seen)
+    problems = wrong[:6] + (
+        [f"... ({len(wrong)} mismatched tensors in all)"] if len(wrong) > 6 else []
+    )
+    if strict and missing:
+        problems.append(f"missing tensors {_some(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected tensors {_some(unexpected)}")
+    if problems:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        raise CheckpointMismatchError(
+            f"{source} does not match the {kind + ' ' if kind else ''}model: " + "; ".join(problems)
+        )
+    for name, value in values.items():
+        flat[by_name[name]].set_value(value)
     nnx.update(model, state)
+    return model
+
+
+def _some(names: list[str], n: int = 6) -> str:
+    """The first `n` names and the count, for error messages."""
+    return f"{names[:n]}{' ...' if len(names) > n else ''} ({len(names)} in all)"

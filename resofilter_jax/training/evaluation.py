@@ -19,7 +19,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ from tqdm import tqdm
 
 from resofilter_jax import assets
 from resofilter_jax.configuration import check_config
-from resofilter_jax.data import Record, encode_sft_examples, encode_texts
+from resofilter_jax.data import (
+    Record,
+    SFTExample,
+    encode_sft_examples,
+    encode_texts,
+    status_counts,
+)
 from resofilter_jax.data.encoding import special_layout, without_added_bos
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.data.templates import get_template
@@ -43,7 +49,7 @@ from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
 from resofilter_jax.runtime import enable_compilation_cache, versions
-from resofilter_jax.training.sft_data import collate_rows, row_length, single_rows
+from resofilter_jax.training.sft_data import Row, collate_rows, row_length, single_rows
 from resofilter_jax.training.trainer import row_loss_sums
 
 TASKS = ("loss", "gsm8k")
@@ -109,6 +115,34 @@ def generation_prompts(
     return [[*s, *opening] for s in sources], sorted(s for s in stops if s is not None)
 
 
+def heldout_examples(
+    records: Sequence[Record], tokenizer: Any, *, template: str, max_length: int
+) -> tuple[list[SFTExample], dict[str, int]]:
+    """The training encoding of ``records``: the examples with a target token, and the number
+    of the others per status."""
+    examples = encode_sft_examples(records, tokenizer, max_length=max_length, template=template)
+    kept = [ex for ex in examples if ex.status == "ok"]
+    return kept, status_counts(ex.status for ex in examples if ex.status != "ok")
+
+
+def loss_batches(
+    rows: Sequence[Row], *, batch_rows: int, max_length: int, min_bucket: int, pad_id: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """The held-out batches: rows by length, ``batch_rows`` at a time, each padded to its
+    length bucket (a handful of compiled shapes), collated as they are consumed.
+
+    Yields:
+        (picks [batch_rows]: row indices, -1 for an all-padding dummy row; host arrays
+        [1, batch_rows, length] of :func:`collate_rows`) per batch.
+    """
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    for start in range(0, len(order), batch_rows):
+        picks = order[start : start + batch_rows]
+        picks = np.concatenate([picks, -np.ones(batch_rows - picks.size, np.int64)])  # [rows]
+        length = row_length(max(len(rows[i]) for i in picks if i >= 0), max_length, min_bucket)
+        yield picks, collate_rows(rows, picks, accum=1, length=length, pad_id=pad_id)
+
+
 def heldout_loss(
     model: CausalLM,
     tokenizer: Any,
@@ -128,12 +162,7 @@ def heldout_loss(
         ``tokens``, ``skipped`` (statuses of examples without a target token), and
         ``per_example`` (index -> mean loss).
     """
-    examples = encode_sft_examples(records, tokenizer, max_length=max_length, template=template)
-    kept = [ex for ex in examples if ex.status == "ok"]
-    skipped: dict[str, int] = {}
-    for ex in examples:
-        if ex.status != "ok":
-            skipped[ex.status] = skipped.get(ex.status, 0) + 1
+    kept, skipped = heldout_examples(records, tokenizer, template=template, max_length=max_length)
     rows = single_rows(kept)
     mesh = make_mesh()
     n_dev = num_devices(mesh)
@@ -145,16 +174,14 @@ def heldout_loss(
     def row_sums(state: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         return row_loss_sums(nnx.merge(graphdef, state), batch, ce_chunk=ce_chunk)  # [rows] x2
 
-    order = np.argsort([len(r) for r in rows], kind="stable")
     sums = np.zeros(len(rows))
     counts = np.zeros(len(rows), np.int64)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=len(rows), unit="example", desc="loss", disable=not progress)
-    for start in range(0, len(order), batch_rows):
-        picks = order[start : start + batch_rows]
-        picks = np.concatenate([picks, -np.ones(batch_rows - picks.size, np.int64)])  # [rows]
-        length = row_length(max(len(rows[i]) for i in picks if i >= 0), max_length, min_bucket)
-        batch = collate_rows(rows, picks, accum=1, length=length, pad_id=pad_id)
+    batches = loss_batches(
+        rows, batch_rows=batch_rows, max_length=max_length, min_bucket=min_bucket, pad_id=pad_id
+    )
+    for picks, batch in batches:
         batch = shard_batch({k: v[0] for k, v in batch.items()}, mesh)
         s, c = (np.asarray(x) for x in row_sums(state, batch))
         real = picks >= 0

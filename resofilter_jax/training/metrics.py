@@ -1,5 +1,9 @@
 """Training metrics to the console (tqdm), ``WORKDIR/metrics.jsonl`` and, if installed, TensorBoard.
 
+Training records are ``{"step", "loss", "lr", ...}`` (TensorBoard ``train/<name>``); held-out
+records (``train.eval_every``) are records of their own, ``{"step", "eval_loss", "eval_ppl",
+"eval_tokens", "eval_time_s"}`` (TensorBoard ``eval/<name>``), after the step's training one.
+
 TensorBoard logging is used only when ``tensorboardX`` or ``flax.metrics.tensorboard`` (which
 needs TensorFlow) is importable; nothing is installed for it.
 """
@@ -86,14 +90,17 @@ class MetricsLogger:
         self._file = None
         self._tb = None
         self._bar = None
-        self.last: dict[str, Any] = {}  # the newest record
+        self.last: dict[str, Any] = {}  # the newest training record
+        self.last_eval: dict[str, Any] = {}  # the newest held-out record (:meth:`log_eval`)
+        self._eval_postfix = ""
         if not write:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = truncate_jsonl(self.path, start_step)
         self._file = self.path.open("a")
         self._tb = _tensorboard_writer(Path(workdir) / "tensorboard") if tensorboard else None
-        self.last = kept[-1] if kept else {}
+        self.last = next((r for r in reversed(kept) if not _is_eval(r)), {})
+        self.last_eval = next((r for r in reversed(kept) if _is_eval(r)), {})
         if progress:
             from tqdm.auto import tqdm
 
@@ -117,9 +124,29 @@ class MetricsLogger:
                 loss=f"{record.get('loss', math.nan):.4f}",
                 lr=f"{record.get('lr', math.nan):.2e}",
                 tok_s=f"{record.get('tokens_per_s', math.nan):.0f}",
+                **({"eval": self._eval_postfix} if self._eval_postfix else {}),
             )
         else:
             logging.info("step %d: %s", step, json.dumps(record))
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Records held-out ``metrics`` of step ``step``: a record of its own,
+        ``{"step", "eval_<name>": ...}`` (TensorBoard: ``eval/<name>``), written after the
+        step's training record."""
+        record = {"step": int(step), **{f"eval_{k}": _plain(v) for k, v in metrics.items()}}
+        self.last_eval = record
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, float | int):
+                    self._tb.add_scalar(f"eval/{k}", v, step)
+        if self._bar is not None:
+            self._eval_postfix = f"{record.get('eval_loss', math.nan):.4f}"
+        else:
+            logging.info("step %d eval: %s", step, json.dumps(record))
 
     def close(self) -> None:
         """Closes the file, the bar and the TensorBoard writer."""
@@ -129,6 +156,11 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _is_eval(record: dict[str, Any]) -> bool:
+    """Whether a metrics.jsonl record is a held-out one (:meth:`MetricsLogger.log_eval`)."""
+    return any(k.startswith("eval_") for k in record)
 
 
 def _plain(value: Any) -> Any:

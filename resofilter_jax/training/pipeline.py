@@ -1,8 +1,9 @@
 """The train command's library entry: ``run(config)`` fine-tunes a causal LM on instruction data.
 
 Writes WORKDIR/checkpoints/<step>/ (orbax; a re-run with the same WORKDIR resumes from the
-newest one, at the same data position), WORKDIR/metrics.jsonl, WORKDIR/hf/ (the trained model
-as a Hugging Face directory, when the run is complete) and WORKDIR/run.json.
+newest one, at the same data position), WORKDIR/metrics.jsonl (with the held-out loss every
+``train.eval_every`` steps, ``training.periodic_eval``), WORKDIR/hf/ (the trained model as a
+Hugging Face directory, when the run is complete) and WORKDIR/run.json.
 
 The same function runs as a multi-process ``jax.distributed`` job (``config.distributed``,
 SLURM or a TPU pod; see ``launch/README.md``): the mesh spans every process's devices, each
@@ -38,6 +39,7 @@ from resofilter_jax.training import multihost
 from resofilter_jax.training.checkpoints import Checkpointer
 from resofilter_jax.training.metrics import MetricsLogger
 from resofilter_jax.training.optim import optimizer_from_config
+from resofilter_jax.training.periodic_eval import HeldoutEval, check_eval_config
 from resofilter_jax.training.sft_data import (
     BatchPlan,
     Row,
@@ -112,6 +114,7 @@ def _check_config(config: ml_collections.ConfigDict, n_devices: int) -> int:
         raise ValueError("this config needs --config.model.path=<local HF model dir or .gguf>")
     if config.get("require_data_path", False) and not config.data.path:
         raise ValueError("this config needs --config.data.path=<local data file>")
+    check_eval_config(config)
     return t.batch_size // micro
 
 
@@ -156,6 +159,7 @@ def _train_steps(
     logger: MetricsLogger,
     ckpt: Checkpointer,
     data_state: Callable[[int], dict[str, Any]],
+    evaluator: HeldoutEval | None = None,
 ) -> int:
     """Runs optimizer steps ``steps`` (0-based), logging and checkpointing; returns the tokens.
 
@@ -163,8 +167,11 @@ def _train_steps(
     next batch while the device works; before a checkpoint they are flushed, so the metrics
     file always covers the newest checkpoint. With several processes each collates only its
     rows of every micro-batch (``Trainer.local_rows``); token counts are the whole batch's.
+    A held-out evaluation (``evaluator``) is dispatched after its step and read, like the
+    step's metrics, after the next step is dispatched; its record follows the step's.
     """
     pending: tuple[int, dict[str, Any], int, float] | None = None
+    pending_eval: tuple[int, Any] | None = None
     last = [time.perf_counter()]
     total_tokens = 0
     micro = plan.batch_size // accum  # rows of a micro-batch, all processes
@@ -199,6 +206,19 @@ def _train_steps(
                 },
             )
 
+    def flush_all() -> None:
+        nonlocal pending, pending_eval
+        if pending is not None:
+            flush(pending)
+            pending = None
+        if pending_eval is not None:
+            step, sums = pending_eval
+            values = HeldoutEval.result(sums)  # waits for the evaluation (queued after step)
+            now = time.perf_counter()
+            values["time_s"], last[0] = now - last[0], now  # not counted in the next step's time
+            logger.log_eval(step, values)
+            pending_eval = None
+
     for step in steps:
         batch = batch_at(
             rows,
@@ -211,18 +231,17 @@ def _train_steps(
             local=local,
         )
         metrics = trainer.step(batch, micro)
-        if pending is not None:
-            flush(pending)
+        flush_all()
         n_tokens = batch_tokens(rows, plan, step)  # real (non-padding) tokens
         total_tokens += n_tokens
         pending = (step + 1, metrics, n_tokens, lr_at(step))  # not read yet (see flush)
+        if evaluator is not None and evaluator.due(step + 1, steps.stop):
+            pending_eval = (step + 1, evaluator.dispatch(trainer.params))  # not read yet
         if ckpt.should_save(step + 1):
-            flush(pending)  # metrics up to a checkpoint are on disk before it is
-            pending = None
+            flush_all()  # metrics up to a checkpoint are on disk before it is
             ckpt.save(step + 1, trainer.state(), data_state(step + 1))
         multihost.maybe_kill(step + 1, kill)
-    if pending is not None:
-        flush(pending)
+    flush_all()
     return total_tokens
 
 
@@ -262,6 +281,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     lr_at = jax.jit(schedule)  # one compiled program instead of one per jnp op
     trainer = Trainer(lm.model, tx, mesh, ce_chunk=config.ce_chunk)
     lm.model = None  # the trainer holds the (copied, sharded) parameters now
+    pad_id = lm.tokenizer.pad_token_id
+    pad_id = lm.tokenizer.eos_token_id if pad_id is None else pad_id
+    evaluator = None  # the held-out file is read, put on the mesh and compiled for once
+    if config.train.get("eval_every", 0):
+        evaluator = HeldoutEval(config, lm.tokenizer, trainer, pad_id=pad_id)
     t_setup = time.perf_counter()
 
     def data_state(step: int) -> dict[str, Any]:
@@ -283,7 +307,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         tensorboard=config.tensorboard,
         write=primary,
     )
-    pad_id = lm.tokenizer.pad_token_id
     t_loop = time.perf_counter()
     n_tokens = _train_steps(
         config,
@@ -292,11 +315,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         plan,
         range(start, stop),
         accum=accum,
-        pad_id=lm.tokenizer.eos_token_id if pad_id is None else pad_id,
+        pad_id=pad_id,
         lr_at=lr_at,
         logger=logger,
         ckpt=ckpt,
         data_state=data_state,
+        evaluator=evaluator,
     )
     if stop > start:
         ckpt.save(stop, trainer.state(), data_state(stop))
@@ -321,6 +345,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "accumulation": accum,
         },
         "final_metrics": logger.last,
+        # held-out loss (train.eval_every): the data and the newest record, None when off
+        "eval": None
+        if evaluator is None
+        else {**evaluator.info, "every": evaluator.every, "final": logger.last_eval or None},
         "hf_dir": hf_dir,
         "seconds": {
             "setup": t_setup - t0,

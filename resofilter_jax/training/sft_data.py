@@ -12,7 +12,6 @@ batches an uninterrupted one would have seen.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import hashlib
 import math
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from resofilter_jax.data import IGNORE_INDEX, SFTExample, bucket_lengths
+from resofilter_jax.data import IGNORE_INDEX, SFTExample, bucket_lengths, pack_sequences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,37 +60,20 @@ def single_rows(examples: Sequence[SFTExample]) -> list[Row]:
     ]
 
 
-def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing bin packing: item indices per bin, each bin's total <= capacity.
+def packed_rows(examples: Sequence[SFTExample], max_length: int) -> list[Row]:
+    """Packs examples into rows of at most ``max_length`` tokens.
 
-    Items go in decreasing length (ties: lower index first) into the fullest bin that still
-    has room, else a new bin. Each bin lists its items in index order. Deterministic.
+    Rows come from :func:`resofilter_jax.data.pack_sequences` with the one capacity
+    ``max_length`` (best-fit decreasing, ties by index), in the order they were opened; each
+    row lists its examples in index order. The layout is part of :func:`rows_fingerprint`, so
+    changing it invalidates the resume check of existing checkpoints.
 
     Raises:
-        ValueError: If an item is longer than ``capacity``.
+        ValueError: If an example is longer than ``max_length``.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    free: list[tuple[int, int]] = []  # sorted (room left, bin id)
-    bins: list[list[int]] = []
-    for i in order:
-        n = int(lengths[i])
-        if n > capacity:
-            raise ValueError(f"item {i} has {n} tokens, more than the row length {capacity}")
-        at = bisect.bisect_left(free, (n, -1))
-        if at == len(free):
-            bins.append([i])
-            bisect.insort(free, (capacity - n, len(bins) - 1))
-            continue
-        room, b = free.pop(at)
-        bins[b].append(i)
-        bisect.insort(free, (room - n, b))
-    return [sorted(b) for b in bins]
-
-
-def packed_rows(examples: Sequence[SFTExample], max_length: int) -> list[Row]:
-    """Packs examples into rows of at most ``max_length`` tokens (see :func:`pack_bins`)."""
     rows = []
-    for members in pack_bins([ex.ids.size for ex in examples], max_length):
+    for placed in pack_sequences([ex.ids.size for ex in examples], [max_length]):
+        members = sorted(placed)
         parts = [examples[i] for i in members]
         labels = []
         for ex in parts:
