@@ -1,10 +1,12 @@
-"""The resonance scoring loop: shards of rows -> SFT examples -> bucketed batches -> columns.
+"""Resonance scoring: shards of rows -> SFT examples -> bucketed batches -> columns.
 
-Same structure as :func:`resofilter_jax.scoring.runner.score_ifd`: rows are processed in
-fixed-size shards (input order); each shard's scorable examples are cut into length-bucketed,
-token-budgeted batches that are split over the mesh ``data`` axis (per-example gradients stay
-on their device), and batch n is pulled to host only after batch n + 1 was dispatched. A
-finished shard's columns go to ``on_shard``.
+The loop over shards and batches is :func:`resofilter_jax.scoring.shard_loop.run_shards`
+(the only module that loops over data, shared with IFD in
+:mod:`resofilter_jax.scoring.runner`); this module supplies the resonance parts: each shard's
+scorable examples are packed and cut into length-bucketed, token-budgeted batches that are
+split over the mesh ``data`` axis (per-example gradients stay on their device), each batch's
+per-example features are written into the shard's columns, and a finished shard's columns go
+to ``on_shard``.
 
 Exact-duplicate queries are found over ALL records before sharding (first occurrence kept):
 later copies are not scored and get ``status=duplicate_of:<index>`` with NaN scores.
@@ -17,16 +19,15 @@ just before its score shard, and ``projections/index.json`` once all shards exis
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import json
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import pyarrow as pa
@@ -59,13 +60,13 @@ from resofilter_jax.scoring.resonance import (
     param_shapes,
     to_columns,
 )
-from resofilter_jax.scoring.runner import (
+from resofilter_jax.scoring.shard_loop import (
+    Batch,
     RunStats,
     ShardCallback,
-    _buckets,
-    _Progress,
-    print_summary,
-    run_pipelined,
+    ShardWork,
+    length_buckets,
+    run_shards,
     shard_plans,
 )
 
@@ -149,14 +150,11 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class _Shard:
-    """A shard in flight: its records, statuses and result columns."""
+    """Resonance state of a shard in flight: its statuses and result columns."""
 
-    k: int
-    records: Sequence[Record]
     status: list[str]
     cols: dict[str, np.ndarray]
     proj: np.ndarray | None = None  # [rows, K] fp32, NaN where nothing was scored
-    remaining: int = 0
 
 
 def _collate_sft(
@@ -181,6 +179,36 @@ def _agreed_slots(hosts: Hosts, local: Sequence[int], limit: int) -> list[int]:
     every = hosts.allgather_lengths(local, len(local)) if hosts.multi else [np.asarray(local)]
     most = np.max(np.stack(every), axis=0) if local else np.zeros(0, np.int64)
     return [min(1 << max(int(n) - 1, 0).bit_length(), max(limit, int(n))) for n in most]
+
+
+def _scatter(spec: ResonanceSpec, shard: _Shard, batch: Batch, out: dict[str, Any]) -> int:
+    """Writes a batch's host results into the shard's columns; returns the examples done."""
+    if "slots" in batch:  # packed: results [B, S, ...] -> one per segment
+        slots, segments = batch["slots"], batch["segments"]
+        out = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in out.items()}
+        seg_ids = batch["attention_mask"]
+        at = np.asarray([g.row * slots + seg_ids[g.row, g.offset] - 1 for g in segments])
+        where = batch["rows"][[g.seq for g in segments]]  # row within the shard
+        done = len(segments)
+    else:
+        where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
+        at = np.nonzero(where >= 0)[0]
+        where = where[at]
+        done = len(at)
+    host = to_columns(out, spec)  # [B] or [B * S] each
+    for n, col in shard.cols.items():
+        col[where] = host[n][at]
+    if shard.proj is not None:
+        shard.proj[where] = np.asarray(out["projection"])[at]  # [b, K]
+    return done
+
+
+def _columns(shard: _Shard) -> dict[str, Any]:
+    """``status`` + the feature columns (+ ``projection``) of a finished shard."""
+    cols: dict[str, Any] = {"status": shard.status, **shard.cols}
+    if shard.proj is not None:
+        cols["projection"] = shard.proj
+    return cols
 
 
 def score_resonance(
@@ -228,14 +256,12 @@ def score_resonance(
         progress: Show a tqdm bar.
 
     Returns:
-        The loop's :class:`RunStats` (``sequences``: examples scored).
+        The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats` (``sequences``:
+        examples scored).
     """
     mesh = mesh if mesh is not None else make_mesh()
     hosts = Hosts(mesh)
     ranges = outputs.shard_ranges(len(records), shard_size)
-    todo = list(range(len(ranges))) if shards is None else sorted(shards)
-    stats = RunStats(shards_skipped=len(ranges) - len(todo))
-    stats.rows = sum(hi - lo for lo, hi in (hosts.rows(*ranges[k]) for k in todo))
     cap = -(-shard_size // hosts.count)  # most examples of one process in a shard
     dup = dedup_queries(records)  # over all records (text only), on every process
     fn = make_resonance_fn(model, spec, data_shards=hosts.devices).place(mesh)  # weights once
@@ -251,131 +277,80 @@ def score_resonance(
         pack = max_segments > 1
     names = feature_names(spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    shapes: set[tuple[int, int]] = set()
-    statuses: collections.Counter[str] = collections.Counter()
 
-    def batches() -> Iterator[tuple[_Shard, BatchPlan | None, dict[str, np.ndarray] | None]]:
-        for k in todo:
-            lo, hi = hosts.rows(*ranges[k])  # this process's rows of the shard
-            recs = records[lo:hi]
-            keep = [i for i in range(hi - lo) if dup[lo + i] is None]
-            examples = encode_sft_examples(
-                [recs[i] for i in keep], tokenizer, max_length=max_length, template=template
-            )
-            status = [f"{DUPLICATE}{records[j].index}" if j is not None else "" for j in dup[lo:hi]]
-            for i, ex in zip(keep, examples, strict=True):
-                status[i] = ex.status
-            cols = {
-                n: np.full(hi - lo, _missing(n), np.int64 if is_count(n) else np.float64)
-                for n in names
-            }
-            shard = _Shard(k, recs, status, cols)
-            if spec.projection is not None:
-                shard.proj = np.full((hi - lo, spec.projection.dim), np.nan, np.float32)
-            ok = [(i, ex) for i, ex in zip(keep, examples, strict=True) if ex.status == "ok"]
-            rows = np.asarray([i for i, _ in ok], np.int64)  # item -> row within the shard
-            seqs = [ex.ids for _, ex in ok]
-            labels = [ex.labels for _, ex in ok]
-            lengths = [len(s) for s in seqs]
-            packed = pack_sequences(
-                lengths,
-                _buckets(lengths, max_length, min_bucket, bucket_step),
-                pack=pack,
-                max_per_row=max_segments,
-            )  # rows of example indices
-            plans = shard_plans(
-                hosts,
-                packed_lengths(packed, lengths) if pack else lengths,
-                cap=cap,
-                max_length=max_length,
-                min_bucket=min_bucket,
-                bucket_step=bucket_step,
-                token_budget=token_budget,
-            )
-            shard.remaining = len(plans)
-            if not plans:
-                yield shard, None, None
-            if not pack:
-                for plan in plans:
-                    batch = _collate_sft(plan, seqs, labels, pad_id)
-                    batch["shard_rows"] = np.where(
-                        plan.rows >= 0, rows[np.maximum(plan.rows, 0)], -1
-                    )
-                    yield shard, plan, batch
-                continue
-            starts = [1] * len(seqs)  # labels mark what is trained on
-            got = [collate_packed(p, packed, seqs, starts, pad_id, labels) for p in plans]
-            for plan, (arrays, segments), slots in zip(
-                plans,
-                got,
-                _agreed_slots(hosts, [segment_slots(a) for a, _ in got], max_segments),
-                strict=True,
-            ):
-                yield shard, plan, {**arrays, "segments": segments, "slots": slots, "rows": rows}
-
-    bar = _Progress(stats.rows, enabled=progress)
-    bar.bar.set_description("resonance")
-
-    def finish(shard: _Shard) -> None:
+    def prepare(lo: int, hi: int) -> ShardWork:
+        recs = records[lo:hi]
+        keep = [i for i in range(hi - lo) if dup[lo + i] is None]
+        examples = encode_sft_examples(
+            [recs[i] for i in keep], tokenizer, max_length=max_length, template=template
+        )
+        status = [f"{DUPLICATE}{records[j].index}" if j is not None else "" for j in dup[lo:hi]]
+        for i, ex in zip(keep, examples, strict=True):
+            status[i] = ex.status
         cols = {
-            "index": [r.index for r in shard.records],
-            "id": [r.id for r in shard.records],
-            "turn": [r.turn for r in shard.records],
-            "status": shard.status,
-            **shard.cols,
+            n: np.full(hi - lo, _missing(n), np.int64 if is_count(n) else np.float64) for n in names
         }
-        if shard.proj is not None:
-            cols["projection"] = shard.proj
-        statuses.update(shard.status)
-        if on_shard is not None:
-            on_shard(shard.k, cols)
-        stats.shards_computed += 1
-        bar.add(sum(s != "ok" for s in shard.status), 0)
+        shard = _Shard(status, cols)
+        if spec.projection is not None:
+            shard.proj = np.full((hi - lo, spec.projection.dim), np.nan, np.float32)
+        ok = [(i, ex) for i, ex in zip(keep, examples, strict=True) if ex.status == "ok"]
+        rows = np.asarray([i for i, _ in ok], np.int64)  # item -> row within the shard
+        seqs = [ex.ids for _, ex in ok]
+        labels = [ex.labels for _, ex in ok]
+        lengths = [len(s) for s in seqs]
+        packed = pack_sequences(
+            lengths,
+            length_buckets(lengths, max_length, min_bucket, bucket_step),
+            pack=pack,
+            max_per_row=max_segments,
+        )  # rows of example indices
+        plans = shard_plans(
+            hosts,
+            packed_lengths(packed, lengths) if pack else lengths,
+            cap=cap,
+            max_length=max_length,
+            min_bucket=min_bucket,
+            bucket_step=bucket_step,
+            token_budget=token_budget,
+        )
+        unscored = sum(s != "ok" for s in status)
+        if not pack:  # collated lazily, one batch ahead of the device
+            batches: Iterable[Batch] = (
+                {
+                    **_collate_sft(plan, seqs, labels, pad_id),
+                    "shard_rows": np.where(plan.rows >= 0, rows[np.maximum(plan.rows, 0)], -1),
+                }
+                for plan in plans
+            )
+            return ShardWork(recs, shard, plans, batches, unscored)
+        starts = [1] * len(seqs)  # labels mark what is trained on
+        got = [collate_packed(p, packed, seqs, starts, pad_id, labels) for p in plans]
+        slots = _agreed_slots(hosts, [segment_slots(a) for a, _ in got], max_segments)
+        batches = [
+            {**arrays, "segments": segments, "slots": n, "rows": rows}
+            for (arrays, segments), n in zip(got, slots, strict=True)
+        ]
+        return ShardWork(recs, shard, plans, batches, unscored)
 
-    def collect(shard: _Shard, plan: BatchPlan, batch: dict, n_tokens: int, out: Any) -> None:
-        # Blocks until the batch is done; several processes: this process's rows only.
-        out = hosts.local_tree(out) if hosts.multi else jax.device_get(out)
-        if stats.first_result_s == 0.0:
-            stats.first_result_s = bar.elapsed()
-        if "slots" in batch:  # packed: results [B, S, ...] -> one per segment
-            slots, segments = batch["slots"], batch["segments"]
-            out = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in out.items()}
-            seg_ids = batch["attention_mask"]
-            at = np.asarray([g.row * slots + seg_ids[g.row, g.offset] - 1 for g in segments])
-            where = batch["rows"][[g.seq for g in segments]]  # row within the shard
-            done = len(segments)
-        else:
-            where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
-            at = np.nonzero(where >= 0)[0]
-            where = where[at]
-            done = len(at)
-        host = to_columns(out, spec)  # [B] or [B * S] each
-        for n in names:
-            shard.cols[n][where] = host[n][at]
-        if shard.proj is not None:
-            shard.proj[where] = np.asarray(out["projection"])[at]  # [b, K]
-        shard.remaining -= 1
-        bar.add(done, n_tokens)
-        if shard.remaining == 0:
-            finish(shard)
-
-    def dispatch(batch: dict[str, np.ndarray]) -> Any:
+    def dispatch(batch: Batch) -> Any:
         if "slots" in batch:
             keys = ("input_ids", "attention_mask", "positions", "labels")
             return fn(hosts.to_global({k: batch[k] for k in keys}), slots=batch["slots"])
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         return fn(hosts.to_global(arrays))  # [P * B, L] global batch
 
-    run_pipelined(
-        batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
+    return run_shards(
+        hosts,
+        ranges,
+        shards,
+        prepare=prepare,
+        dispatch=dispatch,
+        scatter=functools.partial(_scatter, spec),
+        columns=_columns,
+        on_shard=on_shard,
+        desc="resonance",
+        progress=progress,
     )
-    bar.close()
-    stats.seconds = bar.elapsed()
-    stats.shapes = sorted(shapes)
-    stats.statuses = dict(sorted(statuses.items()))
-    if progress:
-        print_summary(stats)
-    return stats
 
 
 def run_from_config(

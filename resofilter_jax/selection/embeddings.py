@@ -122,7 +122,7 @@ def embed_texts(
         mesh: Device mesh with a ``data`` axis (default: all local devices).
         progress: Show a tqdm bar over texts.
     """
-    from resofilter_jax.scoring.runner import RunStats, run_pipelined
+    from resofilter_jax.scoring.shard_loop import RunStats, run_pipelined
 
     n, width = len(texts), int(model.config.hidden_size)
     out = np.zeros((n, width), np.float32)  # [n, hidden]

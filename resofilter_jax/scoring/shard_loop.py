@@ -1,0 +1,338 @@
+"""The shard loop shared by the scoring methods: the only module that loops over data.
+
+Rows are processed in fixed-size shards (in input order). :func:`run_shards` owns the loop:
+for every shard to compute it asks the method to encode and plan this process's rows of the
+shard (:class:`ShardWork`: length-bucketed, token-budgeted batch plans from
+:func:`shard_plans` and their collated batches), dispatches the batches one ahead of the host
+(:func:`run_pipelined`: batch n + 1, and the encoding of the next shard, are prepared and
+dispatched before the results of batch n are pulled to host, so host work overlaps device
+work through JAX's asynchronous dispatch), hands every batch's results to the method to
+scatter into the shard's columns, and finishes a shard once all of its batches are back:
+statuses counted, ``on_shard(k, columns)`` called (e.g. a Parquet writer), progress bar
+advanced. Counters and timings go to one :class:`RunStats`.
+
+A method supplies only what differs: how a shard's rows are encoded and planned, the batch
+function, how a batch's results land in the shard's columns, and the shard's final columns
+(:mod:`resofilter_jax.scoring.runner` for IFD, :mod:`resofilter_jax.scoring.reso_runner` for
+resonance; :mod:`resofilter_jax.selection.embeddings` reuses :func:`run_pipelined`).
+
+With several processes (``jax.distributed``) the mesh spans all of their devices and each
+process encodes only its part of every shard; the batch plan is agreed through an all-gather
+of sequence lengths (:mod:`resofilter_jax.scoring.distributed_plan`), so every process
+dispatches the same steps with the same shapes, and ``on_shard`` gets this process's rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from resofilter_jax.data import BatchPlan, Record, bucket_lengths, plan_batches
+from resofilter_jax.scoring.distributed_plan import Hosts, plan_global_batches
+
+ShardCallback = Callable[[int, dict[str, Any]], None]
+Batch = dict[str, Any]  # collated arrays (+ the method's bookkeeping, e.g. ``segments``)
+
+
+@dataclasses.dataclass
+class RunStats:
+    """Counters and timings of one scoring loop.
+
+    Attributes:
+        rows: Rows (records) in the shards that were computed.
+        shards_computed, shards_skipped: Shards run now / left out (already done).
+        sequences: Sequences scored (IFD: two per ``ok`` sample; resonance: examples).
+        batches: Batches dispatched.
+        tokens: Real (non-padding) tokens scored.
+        padded_tokens: Tokens including padding (batch rows x bucket length).
+        shapes: Distinct (rows, length) batch shapes (each compiles once).
+        seconds: Wall time of the loop; first_result_s: until the first batch came back
+            (includes compilation).
+        statuses: Rows per status.
+    """
+
+    rows: int = 0
+    shards_computed: int = 0
+    shards_skipped: int = 0
+    sequences: int = 0
+    batches: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    first_result_s: float = 0.0
+    statuses: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Computed rows per second of loop time."""
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Real tokens per second of loop time."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready dict of the counters, timings and rates."""
+        d = dataclasses.asdict(self)
+        d["shapes"] = [list(s) for s in self.shapes]
+        d["samples_per_s"] = self.samples_per_s
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+def print_summary(stats: RunStats) -> None:
+    """Prints rows, statuses, timings and rates of a loop to stderr."""
+    lines = [
+        f"scored {stats.rows} rows in {stats.shards_computed} shards "
+        f"({stats.shards_skipped} already done)",
+        f"statuses: {stats.statuses}",
+        f"{stats.batches} batches, {len(stats.shapes)} shapes, {stats.sequences} sequences, "
+        f"{stats.tokens} tokens ({stats.padded_tokens} padded)",
+        f"time {stats.seconds:.1f}s (first result {stats.first_result_s:.1f}s): "
+        f"{stats.samples_per_s:.2f} samples/s, {stats.tokens_per_s:.0f} tokens/s",
+    ]
+    print("\n".join(lines), file=sys.stderr)
+
+
+class ShardProgress:
+    """A tqdm bar over samples with samples/s and tokens/s of the finished work."""
+
+    def __init__(self, total: int, *, desc: str, enabled: bool) -> None:
+        self.bar = tqdm(total=total, unit="sample", desc=desc, disable=not enabled)
+        self.t0 = time.perf_counter()
+        self.samples = 0.0
+        self.tokens = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, samples: float, tokens: int) -> None:
+        before = int(self.samples)
+        self.samples += float(samples)
+        self.tokens += tokens
+        self.bar.update(int(self.samples) - before)
+        t = max(self.elapsed(), 1e-9)
+        self.bar.set_postfix(samples_s=f"{self.samples / t:.1f}", tok_s=f"{self.tokens / t:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def length_buckets(
+    lengths: Sequence[int], max_length: int, min_bucket: int, step: int = 0
+) -> list[int]:
+    """Bucket lengths, plus one for sequences longer than ``max_length`` (a reference quirk)."""
+    buckets = bucket_lengths(max_length, min(min_bucket, max_length), step)
+    longest = max(lengths, default=0)
+    if longest > max_length:
+        buckets.append(-(-longest // min_bucket) * min_bucket)
+    return buckets
+
+
+def shard_plans(
+    hosts: Hosts,
+    lengths: Sequence[int],
+    *,
+    cap: int,
+    max_length: int,
+    min_bucket: int,
+    bucket_step: int,
+    token_budget: int,
+) -> list[BatchPlan]:
+    """This process's batch plans of a shard (rows: its own item indices, -1 = dummy).
+
+    One process: ``plan_batches`` over the mesh. Several: the lengths of all processes are
+    all-gathered (``cap``: most items any process can have in a shard) and every process
+    takes its rows of the same :func:`plan_global_batches`.
+    """
+    if not hosts.multi:
+        return plan_batches(
+            lengths,
+            buckets=length_buckets(lengths, max_length, min_bucket, bucket_step),
+            token_budget=token_budget,
+            batch_multiple=hosts.devices,
+            pow2_tail=True,
+        )
+    every = hosts.allgather_lengths(lengths, cap)  # [P] x [n_p]
+    flat = [int(x) for lens in every for x in lens]
+    plans = plan_global_batches(
+        every,
+        buckets=length_buckets(flat, max_length, min_bucket, bucket_step),
+        token_budget=token_budget,
+        devices_per_process=hosts.local,
+    )
+    return [BatchPlan(g.length, g.rows[hosts.index]) for g in plans]
+
+
+def run_pipelined(
+    batches: Iterator[tuple[Any, BatchPlan | None, Batch | None]],
+    *,
+    dispatch: Callable[[Batch], Any],
+    collect: Callable[[Any, BatchPlan, Batch, int, Any], None],
+    finish: Callable[[Any], None],
+    stats: RunStats,
+    shapes: set[tuple[int, int]],
+) -> None:
+    """Dispatches every batch and collects batch n only after batch n + 1 is dispatched.
+
+    `batches` yields (shard, plan, batch), or (shard, None, None) for a shard with nothing to
+    run (handed straight to `finish`). `dispatch` returns device results (async);
+    `collect(shard, plan, batch, n_tokens, out)` pulls them to host. Counters go to `stats`;
+    a batch of packed rows lists its sequences under ``batch["segments"]``.
+    """
+    pending: collections.deque = collections.deque()
+    for shard, plan, batch in batches:
+        if plan is None or batch is None:
+            finish(shard)
+            continue
+        rows = int(plan.rows.size)
+        n_tokens = int((batch["attention_mask"] > 0).sum())  # segment ids: > 0 is real
+        shapes.add((rows, plan.length))
+        stats.batches += 1
+        packed = batch.get("segments")
+        stats.sequences += len(packed) if packed is not None else int((plan.rows >= 0).sum())
+        stats.tokens += n_tokens
+        stats.padded_tokens += rows * plan.length
+        pending.append((shard, plan, batch, n_tokens, dispatch(batch)))  # async dispatch
+        while len(pending) > 1:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
+
+
+@dataclasses.dataclass
+class ShardWork:
+    """What a method prepared for this process's rows of one shard.
+
+    Attributes:
+        records: This process's rows of the shard.
+        state: The method's per-shard state (encodings, result buffers), handed back to its
+            ``scatter`` and ``columns``.
+        plans: The shard's batch plans (the same steps and shapes on every process).
+        batches: One batch per plan, in order; may be lazy (then each is collated only when
+            the loop reaches it, while the previous batch runs on the device).
+        unscored: Rows with nothing to run (the progress bar counts them at the shard's end).
+    """
+
+    records: Sequence[Record]
+    state: Any
+    plans: Sequence[BatchPlan]
+    batches: Iterable[Batch]
+    unscored: int
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A shard whose batches are not all back yet."""
+
+    k: int
+    work: ShardWork
+    remaining: int
+
+
+def run_shards(
+    hosts: Hosts,
+    ranges: Sequence[tuple[int, int]],
+    shards: Sequence[int] | None,
+    *,
+    prepare: Callable[[int, int], ShardWork],
+    dispatch: Callable[[Batch], Any],
+    scatter: Callable[[Any, Batch, Any], float],
+    columns: Callable[[Any], dict[str, Any]],
+    on_shard: ShardCallback | None,
+    desc: str,
+    progress: bool,
+) -> RunStats:
+    """Runs a scoring method over the shards ``shards`` of ``ranges``; returns its stats.
+
+    Args:
+        hosts: This process's place in the job (its rows of a shard: ``hosts.rows``).
+        ranges: ``[lo, hi)`` rows of every shard.
+        shards: Shard numbers to compute (None: all; with several processes the same list
+            on every process).
+        prepare: ``prepare(lo, hi)``: encodes and plans this process's rows ``[lo, hi)`` of
+            a shard (:class:`ShardWork`); called shard by shard, in order, on every process.
+        dispatch: Starts one batch on the device (async); returns its device results.
+        scatter: ``scatter(state, batch, results)``: writes a batch's host results (this
+            process's rows) into the shard state; returns the samples it finished.
+        columns: ``columns(state)``: the finished shard's columns, ``status`` first (one
+            value per row); ``index, id, turn`` are put in front of them.
+        on_shard: Called as ``on_shard(k, columns)`` for every finished shard.
+        desc, progress: The progress bar's label / whether it is shown (then the summary
+            is printed at the end too).
+    """
+    todo = list(range(len(ranges))) if shards is None else sorted(shards)
+    stats = RunStats(shards_skipped=len(ranges) - len(todo))
+    stats.rows = sum(hi - lo for lo, hi in (hosts.rows(*ranges[k]) for k in todo))
+    shapes: set[tuple[int, int]] = set()
+    statuses: collections.Counter[str] = collections.Counter()
+
+    def batches() -> Iterator[tuple[_InFlight, BatchPlan | None, Batch | None]]:
+        for k in todo:
+            work = prepare(*hosts.rows(*ranges[k]))  # this process's rows of the shard
+            shard = _InFlight(k, work, remaining=len(work.plans))
+            if not work.plans:
+                yield shard, None, None
+            for plan, batch in zip(work.plans, work.batches, strict=True):
+                yield shard, plan, batch
+
+    bar = ShardProgress(stats.rows, desc=desc, enabled=progress)
+
+    def finish(shard: _InFlight) -> None:
+        recs = shard.work.records
+        cols = {
+            "index": [r.index for r in recs],
+            "id": [r.id for r in recs],
+            "turn": [r.turn for r in recs],
+            **columns(shard.work.state),
+        }
+        statuses.update(cols["status"])
+        if on_shard is not None:
+            on_shard(shard.k, cols)
+        stats.shards_computed += 1
+        bar.add(shard.work.unscored, 0)
+
+    def collect(shard: _InFlight, plan: BatchPlan, batch: Batch, n_tokens: int, out: Any) -> None:
+        # Blocks until the batch is done; several processes: this process's rows only.
+        out = hosts.local_tree(out) if hosts.multi else jax.device_get(out)
+        if stats.first_result_s == 0.0:
+            stats.first_result_s = bar.elapsed()
+        done = scatter(shard.work.state, batch, out)
+        shard.remaining -= 1
+        bar.add(done, n_tokens)
+        if shard.remaining == 0:
+            finish(shard)
+
+    run_pipelined(
+        batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
+    )
+    bar.close()
+    stats.seconds = bar.elapsed()
+    stats.shapes = sorted(shapes)
+    stats.statuses = dict(sorted(statuses.items()))
+    if progress:
+        print_summary(stats)
+    return stats
+
+
+__all__ = [
+    "Batch",
+    "RunStats",
+    "ShardCallback",
+    "ShardProgress",
+    "ShardWork",
+    "length_buckets",
+    "print_summary",
+    "run_pipelined",
+    "run_shards",
+    "shard_plans",
+]
