@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_fixtures import build_tokenizer, random_texts
+from support.data import build_tokenizer, random_texts
 
 from resofilter_jax.data import (
     IGNORE_INDEX,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_fixtures import (
+from support.data import (
     GSM8K_DEFAULT,
     LAYOUTS,
     asset_path,

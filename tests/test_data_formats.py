@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from data_fixtures import (
+from support.data import (
     GSM8K_DEFAULT,
     asset_path,
     build_tokenizer,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import (
+from support.data import (
     GSM8K_DEFAULT,
     SHAREGPT_DEFAULT,
     asset_path,

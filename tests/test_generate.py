@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_model_parity import HF_CONFIGS, VOCAB, WINDOW, loaded, reference
+from support.models import HF_CONFIGS, VOCAB, WINDOW, loaded, reference
 
 from resofilter_jax.models.generate import (
     cut_at_stop,

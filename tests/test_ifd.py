@@ -8,90 +8,33 @@ device count and the token budget.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 import pytest
-from data_fixtures import build_tokenizer, random_texts
-from torch_reference import ifd_reference, save_tiny_model
+from support.scoring import (
+    KEYS,
+    MAX_LENGTH,
+    alpaca_rows,
+    assert_matches_reference,
+    records_of,
+    tiny,
+)
+from torch_reference import ifd_reference
 
 from resofilter_jax.data import Record, iter_raw_rows, to_records
-from resofilter_jax.models.loading import load_model
 from resofilter_jax.parallel import make_mesh
 from resofilter_jax.scoring.ifd import ifd_scores, ifd_sequences
 from resofilter_jax.scoring.runner import score_records
-
-MAX_LENGTH = 48
-KEYS = ("loss_direct", "loss_condition", "ppl_direct", "ppl_condition", "ifd")
-
-
-def alpaca_rows(n: int = 24, seed: int = 0) -> list[dict[str, str]]:
-    """Alpaca rows of mixed lengths, incl. truncation cases, empty and 1-token outputs."""
-    rng = np.random.default_rng(seed)
-    words = iter(random_texts(4 * n + 16, seed=seed + 7, max_words=14))
-    longs = iter(random_texts(n // 3 + 4, seed=seed + 8, max_words=90))
-    rows = []
-    for i in range(n):
-        inp = next(words) if rng.random() < 0.4 else ""
-        rows.append({"instruction": next(words) or "x", "input": inp, "output": next(words)})
-        if i % 6 == 1:
-            rows[-1]["output"] = next(longs)  # long output: both sequences truncated
-        if i % 8 == 3:
-            rows[-1]["instruction"] = next(longs)  # long prompt: few/no response tokens
-    rows += [
-        {"instruction": "say hello world", "input": "", "output": "hello world"},
-        {"instruction": "empty", "input": "", "output": ""},
-        {"instruction": "one token", "input": "", "output": "a"},
-        {"instruction": " ".join(["the"] * 40), "input": "data", "output": "model score"},
-        {"instruction": " ".join(["of and"] * 30), "input": "", "output": "answer " * 12},
-    ]
-    return rows
-
-
-def records_of(rows: list[dict[str, str]]) -> list[Record]:
-    """Alpaca dicts -> records (as the alpaca format reader makes them)."""
-    return list(to_records(enumerate(rows), "alpaca"))
-
-
-@functools.cache
-def tiny(name: str, layout: str, root: str) -> tuple[Any, Any, Path]:
-    """(JAX LoadedModel, torch model, dir) of a tiny random model saved to ``root``."""
-    tok = build_tokenizer(layout)
-    path = Path(root) / f"{name}-{layout}"
-    hf = save_tiny_model(name, tok, path)
-    return load_model(path), hf, path
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("tiny_models"))
-
-
-def assert_matches_reference(
-    cols: dict[str, Any], ref: list[dict[str, float] | None], rtol: float
-) -> int:
-    """Checks every loss/ppl/ifd against the torch loop; returns the number of ok rows."""
-    n_ok = 0
-    for i, want in enumerate(ref):
-        status = cols["status"][i]
-        if want is None:
-            assert status == "empty_output", (i, status)
-            continue
-        if math.isnan(want["loss_direct"]) or math.isnan(want["loss_condition"]):
-            assert status == "no_response_tokens", (i, status, want)
-            assert all(math.isnan(cols[k][i]) for k in KEYS)
-            continue
-        assert status == "ok", (i, status, want)
-        n_ok += 1
-        for k in KEYS:
-            np.testing.assert_allclose(cols[k][i], want[k], rtol=rtol, err_msg=f"row {i} {k}")
-    return n_ok
 
 
 @pytest.mark.parametrize(("name", "layout"), [("gpt2", "none"), ("llama", "bos")])

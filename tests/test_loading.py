@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_model_parity import HF_CONFIGS, reference
+from support.models import HF_CONFIGS, reference
 
 from resofilter_jax.models.config import UnsupportedArchitectureError
 from resofilter_jax.models.export import export_hf

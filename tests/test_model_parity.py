@@ -7,9 +7,7 @@ every non-padded position of a right-padded batch.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,137 +15,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from support.models import GEMMA_KWARGS, GPT2_KWARGS, HF_CONFIGS, SEQ, loaded, reference
 
 from resofilter_jax.models import layers
-from resofilter_jax.models.base import CausalLM
-from resofilter_jax.models.config import ModelConfig, config_from_hf
+from resofilter_jax.models.config import config_from_hf
 from resofilter_jax.models.gpt2 import GPT2_IGNORED_KEYS
 from resofilter_jax.models.registry import (
     CheckpointMismatchError,
     build_model,
     load_state_dict,
 )
-
-VOCAB, SEQ, WINDOW = 128, 24, 8
-LENGTHS = (SEQ, 17, 11)  # rows 1 and 2 are right-padded
-INIT_STD = 0.15  # large enough that logits are O(1..10), not trivially tiny
-
-_TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=INIT_STD,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-_GEMMA = dict(_TINY, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW)
-_GPT2 = dict(
-    vocab_size=VOCAB,
-    n_positions=64,
-    n_embd=64,
-    n_layer=2,
-    n_head=4,
-    initializer_range=INIT_STD,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# name -> HF config factory. Every case has a sequence longer than any sliding window.
-HF_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
-    "gpt2": lambda: transformers.GPT2Config(**_GPT2),
-    "gpt2_unscaled": lambda: transformers.GPT2Config(**_GPT2, scale_attn_weights=False),
-    "llama": lambda: transformers.LlamaConfig(**_TINY),
-    "llama3_rope": lambda: transformers.LlamaConfig(
-        **_TINY,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,  # wavelengths hit all three branches
-        },
-    ),
-    "llama_tied": lambda: transformers.LlamaConfig(**_TINY, tie_word_embeddings=True),
-    "mistral": lambda: transformers.MistralConfig(**_TINY, sliding_window=WINDOW),
-    "qwen2": lambda: transformers.Qwen2Config(**_TINY),
-    "qwen2_sliding": lambda: transformers.Qwen2Config(
-        **_TINY, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
-    ),
-    "gemma2": lambda: transformers.Gemma2Config(
-        **_GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=8.0
-    ),
-    "gemma3": lambda: transformers.Gemma3TextConfig(
-        **dict(_GEMMA, num_hidden_layers=4),
-        sliding_window_pattern=2,  # sliding, full, sliding, full
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-        },
-    ),
-}
-
-
-class Case(NamedTuple):
-    """A tiny HF model's weights, inputs and reference outputs."""
-
-    config: ModelConfig
-    state_dict: dict[str, np.ndarray]
-    ignore: tuple[str, ...]
-    input_ids: np.ndarray  # [batch, seq]
-    attention_mask: np.ndarray  # [batch, seq]
-    logits: np.ndarray  # [batch, seq, vocab]
-    hidden: np.ndarray  # [batch, seq, hidden]
-    hf: Any  # the transformers model
-
-
-def _inputs(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, VOCAB, size=(len(LENGTHS), SEQ))
-    mask = (np.arange(SEQ)[None, :] < np.array(LENGTHS)[:, None]).astype(np.int64)
-    return np.where(mask > 0, ids, 0), mask
-
-
-def _ignored(config: ModelConfig) -> tuple[str, ...]:
-    if config.arch == "gpt2":
-        return GPT2_IGNORED_KEYS
-    return ("lm_head.weight",) if config.tie_word_embeddings else ()
-
-
-@functools.cache
-def reference(name: str) -> Case:
-    """Builds the HF model of case `name` once and runs it on a padded batch."""
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(
-        HF_CONFIGS[name](), attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    with torch.no_grad():  # non-trivial norm weights and biases (HF initialises them to 0/1)
-        for p in hf.parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn_like(p))
-    ids, mask = _inputs(seed=len(name))
-    with torch.no_grad():
-        t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
-        logits = hf(input_ids=t_ids, attention_mask=t_mask).logits.numpy()
-        hidden = hf.base_model(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.numpy()
-    config = config_from_hf(hf.config.to_dict())
-    state = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
-    return Case(config, state, _ignored(config), ids, mask, logits, hidden, hf)
-
-
-@functools.cache
-def loaded(name: str, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
-    """The NNX model of case `name` with the HF weights, and its output on the batch."""
-    case = reference(name)
-    model = build_model(case.config, dtype=dtype, param_dtype=dtype, seed=None)
-    load_state_dict(model, case.state_dict, ignore=case.ignore, strict=True)
-    out = model(jnp.asarray(case.input_ids), jnp.asarray(case.attention_mask))
-    return model, out
 
 
 def _assert_parity(actual: Any, expected: np.ndarray, mask: np.ndarray) -> None:
@@ -253,7 +130,7 @@ def test_gpt2_legacy_checkpoint_buffers_are_ignored() -> None:
 
 def test_gpt2_rejects_unsupported_attention_options() -> None:
     for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        hf = transformers.GPT2Config(**_GPT2, **{option: True}).to_dict()
+        hf = transformers.GPT2Config(**GPT2_KWARGS, **{option: True}).to_dict()
         with pytest.raises(NotImplementedError, match=option):
             build_model(config_from_hf(hf), seed=None)
 
@@ -274,11 +151,11 @@ def test_load_state_dict_names_shape_mismatch_and_missing_keys() -> None:
 
 def test_gemma_configs_use_hf_defaults_for_absent_keys() -> None:
     """Legacy/minimal config.json files parse to what transformers itself would run."""
-    gemma2 = dict(_GEMMA, model_type="gemma2")
+    gemma2 = dict(GEMMA_KWARGS, model_type="gemma2")
     for key in ("query_pre_attn_scalar", "head_dim", "sliding_window"):
         del gemma2[key]
     gemma3 = dict(
-        _GEMMA,
+        GEMMA_KWARGS,
         model_type="gemma3_text",
         num_hidden_layers=6,
         rope_scaling={"rope_type": "linear", "factor": 8.0},

@@ -12,11 +12,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from reso_packing import packed_batch, per_example
-from test_model_parity import loaded
-from test_resonance import (
+from support.models import loaded
+from support.scoring import (
     TINY,
     assert_matches_loop,
+    packed_batch,
+    per_example,
+    tiny,
     tiny_batch,
     tiny_run,
 )
@@ -134,8 +136,6 @@ def test_padding_rows_and_unused_slots_cost_no_examples() -> None:
 
 def test_gemma3_head_norm_vectors_pack_like_unpacked(tmp_path) -> None:
     """q_norm / k_norm act on [b, s, heads, d]: per-token copies take the input's rank."""
-    from test_ifd import tiny
-
     lm, _, _ = tiny("gemma3", "bos", str(tmp_path))
     names = ["model.layers.1.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"]
     names += [

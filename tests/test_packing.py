@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ifd import MAX_LENGTH, alpaca_rows, assert_matches_reference, records_of, tiny
+from support.scoring import MAX_LENGTH, alpaca_rows, assert_matches_reference, records_of, tiny
 from torch_reference import ifd_reference
 
 from resofilter_jax.data import (
     BatchPlan,
+    SFTExample,
     collate_packed,
     pack_sequences,
     packed_lengths,
@@ -23,6 +24,7 @@ from resofilter_jax.data import (
 )
 from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.scoring.runner import score_records
+from resofilter_jax.training.sft_data import packed_rows, rows_fingerprint
 
 
 def test_pack_sequences_places_every_sequence_once_within_its_row() -> None:
@@ -58,6 +60,38 @@ def test_pack_sequences_best_fit_example() -> None:
     assert pack_sequences([10, 3, 3], [16], max_per_row=1) == [[0], [1], [2]]
     with pytest.raises(ValueError, match="max_per_row"):
         pack_sequences([1], [16], max_per_row=0)
+
+
+def test_training_rows_pack_with_pack_sequences() -> None:
+    """SFT rows come from the same packer (one bucket: max_length), examples in index order.
+
+    The layout and the rows fingerprint are pinned: a resumed run checks the fingerprint
+    recorded in its checkpoint, so a change here would refuse to resume older runs.
+    """
+
+    def example(i: int, n: int) -> SFTExample:
+        ids = np.arange(3, 3 + n, dtype=np.int32) + i
+        labels = np.where(np.arange(n) < 2, IGNORE_INDEX, ids).astype(np.int32)
+        return SFTExample(index=i, ids=ids, labels=labels, status="ok")
+
+    lengths = [10, 9, 6, 5, 3, 7, 7, 2, 16]
+    examples = [example(i, n) for i, n in enumerate(lengths)]
+    rows = packed_rows(examples, max_length=16)
+    placed = pack_sequences(lengths, [16])
+    assert [r.examples for r in rows] == [tuple(sorted(r)) for r in placed]
+    # Placed 6, 3, 4 (decreasing length); the row keeps them in index order.
+    assert placed[3] == [6, 3, 4]
+    assert [r.examples for r in rows] == [(8,), (0, 2), (1, 5), (3, 4, 6), (7,)]
+    row = rows[3]
+    np.testing.assert_array_equal(row.segments, [1] * 5 + [2] * 3 + [3] * 7)
+    np.testing.assert_array_equal(row.positions, [*range(5), *range(3), *range(7)])
+    x = IGNORE_INDEX  # each segment's first token is never a target
+    np.testing.assert_array_equal(row.labels, [x, x, 8, 9, 10, x, x, 9, x, x, 11, 12, 13, 14, 15])
+    assert rows_fingerprint(rows) == (
+        "68c0d857998aaa7d66b2985b8281f8faca81809ff9a16bceb4dfec36713eb661"
+    )
+    with pytest.raises(ValueError, match=r"sequence 1 has 17 tokens.*largest bucket 16"):
+        packed_rows([example(0, 3), example(1, 17)], max_length=16)
 
 
 def test_collate_packed_arrays() -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from reso_packing import packed_batch
-from test_model_parity import loaded
-from test_resonance import tiny_batch
+from support.models import loaded
+from support.scoring import packed_batch, tiny_batch
 
 from resofilter_jax.parallel import make_mesh, replicate, shard_batch
 from resofilter_jax.scoring.ifd import make_batch_fn

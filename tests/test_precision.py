@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reso_packing import packed_batch
-from test_model_parity import reference
-from test_resonance import tiny_batch
+from support.models import reference
+from support.scoring import packed_batch, tiny_batch
 
 from resofilter_jax.data import SFTExample
 from resofilter_jax.models import precision

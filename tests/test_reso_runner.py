@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import build_tokenizer, write_jsonl
-from test_ifd import alpaca_rows
-from torch_reference import save_tiny_model
+from support.data import build_tokenizer, write_jsonl
+from support.models import save_tiny_model
+from support.scoring import data_rows, make_config
 
-from resofilter_jax.configuration import load_config
 from resofilter_jax.data import collate, encode_sft_examples, plan_batches
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.loading import load_model
@@ -34,7 +33,7 @@ from resofilter_jax.scoring import pipeline as score
 from resofilter_jax.scoring.outputs import shard_path, shard_ranges
 from resofilter_jax.scoring.reso_runner import reso_schema, spec_from_config
 from resofilter_jax.scoring.resonance import feature_names, make_resonance_fn, to_columns
-from resofilter_jax.scoring.runner import _buckets
+from resofilter_jax.scoring.shard_loop import length_buckets
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SHARDS = 4  # 31 rows in shards of 8
@@ -47,42 +46,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def data_rows() -> list[Any]:
-    """Alpaca rows + a duplicate query (row 21 repeats row 2), a bad row (row 7)."""
-    rows: list[Any] = [dict(r, id=f"r{i}") for i, r in enumerate(alpaca_rows(20, seed=3))]
-    rows = rows[:20]
-    rows.insert(7, '{"instruction": "cut off", ')  # bad_json
-    rows.append(dict(rows[2], output="another answer", id="dup"))  # same query as row 2
-    rows.append({"instruction": "empty", "input": "", "output": "", "id": "empty"})
-    rows.append({"instruction": " ".join(["the"] * 60), "input": "", "output": "x", "id": "long"})
-    rows += [dict(r, id=f"t{i}") for i, r in enumerate(alpaca_rows(2, seed=9))]
-    return rows
-
-
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", data_rows())
-
-
-def make_config(model_dir: Path, data_path: Path, out: Path, **over: Any) -> Any:
-    """The SmolLM2 / GSM8K resonance config, shrunk for a tiny model and Alpaca rows."""
-    return load_config(
-        ROOT / "configs/reso_smollm2_gsm8k.py",
-        {
-            "model.path": str(model_dir),
-            "data.path": str(data_path),
-            "data.format": "alpaca",
-            "output_dir": str(out),
-            "max_length": 48,
-            "min_bucket": 16,
-            "token_budget": 256,
-            "shard_size": 8,
-            "progress": False,
-            "compilation_cache_dir": "",
-            "resonance.last_k": 2,
-            **over,
-        },
-    )
 
 
 def test_rows_statuses_and_parity_with_the_engine(
@@ -131,7 +97,7 @@ def test_rows_statuses_and_parity_with_the_engine(
         lengths = [len(x) for x in seqs]
         for plan in plan_batches(
             lengths,
-            buckets=_buckets(lengths, 48, 16),
+            buckets=length_buckets(lengths, 48, 16),
             token_budget=256,
             batch_multiple=8,
             pow2_tail=True,

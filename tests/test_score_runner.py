@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import build_tokenizer, write_json, write_jsonl
-from test_ifd import alpaca_rows
-from torch_reference import save_tiny_model
+from support.data import build_tokenizer, write_json, write_jsonl
+from support.models import save_tiny_model
+from support.scoring import alpaca_rows
 
 from resofilter_jax.configuration import load_config
 from resofilter_jax.scoring import pipeline as score

@@ -464,9 +464,9 @@ def test_absl_main_subprocess(tmp_path: Path) -> None:
 
 def test_real_resonance_scores_from_the_scorer(tmp_path: Path) -> None:
     """The scorer's own output on a tiny Llama (test_reso_runner's setting) selects cleanly."""
-    from data_fixtures import build_tokenizer, write_jsonl
-    from test_reso_runner import data_rows, make_config
-    from torch_reference import save_tiny_model
+    from support.data import build_tokenizer, write_jsonl
+    from support.models import save_tiny_model
+    from support.scoring import data_rows, make_config
 
     from resofilter_jax.scoring import pipeline as score
 

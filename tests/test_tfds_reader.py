@@ -256,8 +256,8 @@ def _config(model_dir: Path, data: Path | str, out: Path, **data_over: Any) -> A
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
-    from data_fixtures import build_tokenizer
-    from torch_reference import save_tiny_model
+    from support.data import build_tokenizer
+    from support.models import save_tiny_model
 
     path = tmp_path_factory.mktemp("tiny_gpt2") / "gpt2"
     save_tiny_model("gpt2", build_tokenizer("none"), path)

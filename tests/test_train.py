@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -24,12 +23,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 import torch
 import transformers
+from support.training import char_tokenizer, random_examples, sft_config, tiny_hf
 from torch_train_reference import (
     GRAD_ERR,
     StepRecord,
@@ -38,8 +37,7 @@ from torch_train_reference import (
 )
 from torch_train_reference import train as torch_train
 
-from resofilter_jax.configuration import load_config
-from resofilter_jax.data import IGNORE_INDEX, SFTExample
+from resofilter_jax.data import SFTExample
 from resofilter_jax.models.config import config_from_hf
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.registry import build_model, load_state_dict, named_params
@@ -51,71 +49,9 @@ from resofilter_jax.training.trainer import Trainer, loss_sums, split_model
 
 REPO = Path(__file__).resolve().parents[1]
 LR, WD, BETAS, EPS, CLIP = 1e-2, 0.1, (0.9, 0.95), 1e-8, 1.0
-VOCAB = 128
-_TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    initializer_range=0.15,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-HF_CONFIGS = {
-    "llama": lambda **kw: transformers.LlamaConfig(**{**_TINY, **kw}),
-    "gemma2": lambda **kw: transformers.Gemma2Config(
-        **{**_TINY, **kw}, head_dim=16, query_pre_attn_scalar=16, sliding_window=8
-    ),
-    "gpt2": lambda **kw: transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=512,
-        n_embd=64,
-        n_layer=kw.get("num_hidden_layers", 2),
-        n_head=4,
-        initializer_range=0.15,
-    ),
-}
 
 
-# --- fixtures: tokenizer, tiny models, batches ----------------------------------------------
-
-
-@functools.cache
-def char_tokenizer() -> Any:
-    """A character-level fast tokenizer (printable ASCII + newline) that prepends BOS."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in string.printable[:95] + "\n":
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-
-
-def tiny_hf(name: str = "llama", seed: int = 0, layers: int = 2) -> transformers.PreTrainedModel:
-    """A fresh random fp32 HF model with non-trivial norm weights."""
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(
-        HF_CONFIGS[name](num_hidden_layers=layers), attn_implementation="eager", dtype=torch.float32
-    )
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn_like(p))
-    return hf
+# --- helpers: our model from HF weights, batches, recorded steps -----------------------------
 
 
 def ours_from(hf: transformers.PreTrainedModel) -> Any:
@@ -126,19 +62,6 @@ def ours_from(hf: transformers.PreTrainedModel) -> Any:
     state = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
     load_state_dict(model, state, ignore=ignore, strict=True)
     return model
-
-
-def random_examples(n: int, seed: int, lo: int = 6, hi: int = 30) -> list[SFTExample]:
-    """Examples of random ids and lengths whose first 2..5 positions are a masked prompt."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.integers(lo, hi + 1))
-        ids = rng.integers(3, VOCAB, size=length).astype(np.int32)
-        labels = ids.copy()
-        labels[: int(rng.integers(2, 6))] = IGNORE_INDEX
-        out.append(SFTExample(i, ids, labels, "ok"))
-    return out
 
 
 def step_batches(examples: list[SFTExample], rows: int, accum: int) -> list[dict[str, np.ndarray]]:
@@ -394,11 +317,6 @@ def test_batch_plan_positions_and_epochs() -> None:
 
 
 # --- the command: run(), resume, kill, export -----------------------------------------------
-
-
-def sft_config(overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """configs/sft_smollm2.py with dotted ``overrides``."""
-    return load_config(REPO / "configs/sft_smollm2.py", overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A literal batch-of-one PyTorch implementation of Superfiltering's IFD loop (DESIGN 3.1).
+"""A literal batch-of-one PyTorch implementation of Superfiltering's IFD loop (docs/DESIGN.md §3.1).
 
 Used as the parity reference of the JAX scorer: one sample at a time, ``tokenizer.encode``
 with truncation, ``model(input_ids, labels=labels).loss`` and ``exp``.
@@ -80,31 +80,3 @@ def ifd_reference(
         )
         for s in samples
     ]
-
-
-def save_tiny_model(name: str, tokenizer: Any, path: Any, seed: int = 0) -> Any:
-    """Saves a tiny random HF model of parity case ``name`` (vocab fitted to ``tokenizer``).
-
-    Built like ``test_model_parity.reference`` (fp32, eager, perturbed 1-D params), with the
-    vocabulary and special ids of ``tokenizer``; model and tokenizer go to ``path``.
-    Returns the torch model.
-    """
-    import transformers
-    from test_model_parity import HF_CONFIGS
-
-    config = HF_CONFIGS[name]()
-    config.vocab_size = len(tokenizer)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn_like(p))
-    hf.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return hf

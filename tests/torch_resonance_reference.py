@@ -1,4 +1,4 @@
-"""ResoFilter's published resonance loop in PyTorch (DESIGN.md section 3.2), for parity tests.
+"""ResoFilter's published resonance loop in PyTorch (docs/DESIGN.md §3.2), for parity tests.
 
 Per sample: restore the original weights, build a fresh optimizer (``torch.optim.AdamW(lr=1e-5)``
 with betas 0.9/0.999, eps 1e-8, weight decay 0.01 unless told otherwise), run one
