@@ -244,55 +244,6 @@ def project_side(
     return step, info
 
 
-def torch_side(
-    args: argparse.Namespace, config: Any, n_steps: int
-) -> tuple[StepFn, dict[str, Any]]:
-    """transformers' model + torch AdamW: ``step(batch) -> (loss, grad norm)`` (synced)."""
-    import torch
-    from torch_train_reference import warmup_cosine
-
-    device, sync = torch_loop.torch_setup(args)
-    t0 = time.perf_counter()
-    model = torch_loop.load_torch_model(config.model.path, "float32", device)
-    model.train()
-    o = config.optim
-    if o.schedule != "cosine" or o.end_lr != 0.0 or o.decay != "matrices":
-        raise SystemExit("error: the torch loop implements the recipe's cosine/matrices optimizer")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": float(o.weight_decay)},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=float(o.lr), betas=(o.b1, o.b2), eps=float(o.eps))
-    warm = max(int(o.warmup_steps), 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup=warm, total=n_steps)
-    )
-    kind = "cuda" if device == "cuda" else "cpu"
-
-    def step(batch: dict[str, np.ndarray]) -> tuple[float, float]:
-        inputs = {
-            "input_ids": torch.from_numpy(batch["input_ids"][0]).long(),
-            "attention_mask": torch.from_numpy((batch["segment_ids"][0] > 0).astype(np.int64)),
-            "labels": torch.from_numpy(batch["labels"][0]).long(),
-        }
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        bf16 = args.torch_dtype == "bfloat16"
-        with torch.autocast(kind, dtype=torch.bfloat16) if bf16 else nullcontext():
-            loss = model(**inputs).loss  # HF: mean CE over labels[:, 1:] != -100
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        out = float(loss.detach()), float(norm)
-        sync()
-        return out
-
-    info = {"load_s": time.perf_counter() - t0, "sync": sync}
-    return step, info
-
-
 def run_steps(
     sides: dict[str, tuple[StepFn, dict[str, Any]]],
     batches: list[dict[str, np.ndarray]],
@@ -394,7 +345,7 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     sides = {
         "project": project_side(args, config, n_steps),
-        "torch": torch_side(args, config, n_steps),
+        "torch": torch_loop.train_step_fn(args, config, n_steps),
     }
     res = run_steps(sides, batches, args.order)
     proj = {**sides["project"][1], **res["project"], "device_mb": common.jax_device_mb()}

@@ -4,11 +4,16 @@ and memory counters (run as scripts from the repository root: imported as ``torc
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from common import rss_mb
+
+StepFn = Callable[[dict[str, np.ndarray]], tuple[float, float]]  # batch -> (loss, grad norm)
 
 
 def torch_setup(args: argparse.Namespace) -> tuple[str, Callable[[], None]]:
@@ -72,3 +77,53 @@ def attach_input_hook(model: Any, device: str, lengths: list[int]) -> Any:
         return args, kwargs
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def train_step_fn(
+    args: argparse.Namespace, config: Any, n_steps: int
+) -> tuple[StepFn, dict[str, Any]]:
+    """bench_train's torch side: transformers' model + torch AdamW with the recipe's schedule,
+    ``step(batch) -> (loss, grad norm)`` (synced)."""
+    import torch
+    from torch_train_reference import warmup_cosine
+
+    device, sync = torch_setup(args)
+    t0 = time.perf_counter()
+    model = load_torch_model(config.model.path, "float32", device)
+    model.train()
+    o = config.optim
+    if o.schedule != "cosine" or o.end_lr != 0.0 or o.decay != "matrices":
+        raise SystemExit("error: the torch loop implements the recipe's cosine/matrices optimizer")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": float(o.weight_decay)},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=float(o.lr), betas=(o.b1, o.b2), eps=float(o.eps))
+    warm = max(int(o.warmup_steps), 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup=warm, total=n_steps)
+    )
+    kind = "cuda" if device == "cuda" else "cpu"
+
+    def step(batch: dict[str, np.ndarray]) -> tuple[float, float]:
+        inputs = {
+            "input_ids": torch.from_numpy(batch["input_ids"][0]).long(),
+            "attention_mask": torch.from_numpy((batch["segment_ids"][0] > 0).astype(np.int64)),
+            "labels": torch.from_numpy(batch["labels"][0]).long(),
+        }
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        bf16 = args.torch_dtype == "bfloat16"
+        with torch.autocast(kind, dtype=torch.bfloat16) if bf16 else nullcontext():
+            loss = model(**inputs).loss  # HF: mean CE over labels[:, 1:] != -100
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        out = float(loss.detach()), float(norm)
+        sync()
+        return out
+
+    info = {"load_s": time.perf_counter() - t0, "sync": sync}
+    return step, info

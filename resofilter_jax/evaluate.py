@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from resofilter_jax.configuration import check_argv
+from resofilter_jax.configuration import ConfigError, check_argv, check_config
 from resofilter_jax.runtime import tune_allocator
 
 
@@ -29,7 +29,12 @@ def main(argv: list[str]) -> None:
     del argv
     from resofilter_jax.training.evaluation import run
 
-    print(json.dumps(run(flags.FLAGS.config), indent=2, default=str))
+    config = flags.FLAGS.config
+    try:
+        check_config(config)  # renamed fields, dtype names: a message, not a traceback
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(run(config), indent=2, default=str))
 
 
 def _define_flags() -> None:

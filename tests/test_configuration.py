@@ -62,19 +62,20 @@ def test_dtype_names_are_canonical() -> None:
         load_config(ROOT / "configs/sft_smollm2.py", {"export.dtype": "half"})
 
 
+def _score_command(*overrides: str) -> subprocess.CompletedProcess:
+    config = str(ROOT / "configs/ifd_smollm2_sharegpt.py")
+    args = [sys.executable, "-m", "resofilter_jax.score", "--config", config, *overrides]
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+
+
 def test_the_command_refuses_an_old_flag_before_parsing() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "resofilter_jax.score",
-            "--config",
-            str(ROOT / "configs/ifd_smollm2_sharegpt.py"),
-            "--config.limit=5",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    out = _score_command("--config.limit=5")
     assert out.returncode != 0
     assert "'limit' was renamed to 'data.limit'" in out.stderr
+
+
+def test_the_command_names_the_canonical_dtype_without_a_traceback() -> None:
+    out = _score_command("--config.model.dtype=bf16")
+    assert out.returncode != 0
+    assert "error: model.dtype must be one of" in out.stderr
+    assert "did you mean 'bfloat16'" in out.stderr and "Traceback" not in out.stderr
