@@ -44,7 +44,14 @@ def _hf_greedy(name: str, prompts: list[list[int]]) -> list[list[int]]:
     return [cut_at_stop(row[width:].tolist(), [STOP]) for row in out.numpy()]
 
 
-@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+# The fast tier keeps gpt2 and llama; the other families run in the slow tier.
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in ("gpt2", "llama") else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted(HF_CONFIGS)
+    ],
+)
 def test_cached_generate_equals_uncached_and_transformers(name: str) -> None:
     model, _ = loaded(name)
     prompts = _prompts(seed=len(name))
@@ -56,7 +63,14 @@ def test_cached_generate_equals_uncached_and_transformers(name: str) -> None:
     assert any(len(c) > 1 for c in cached)  # the comparison covers real decode steps
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("llama", marks=pytest.mark.slow),
+        pytest.param("gemma2", marks=pytest.mark.slow),
+        "gpt2",
+    ],
+)
 def test_cached_logits_equal_full_forward(name: str) -> None:
     """Each cached decode step's hidden state equals a full forward over the sequence."""
     model, _ = loaded(name)

@@ -38,6 +38,14 @@ def _assert_parity(actual: Any, expected: np.ndarray, mask: np.ndarray) -> None:
     )
 
 
+# Sweeps over every family: the fast tier keeps one of each architecture (gpt2, llama with
+# GQA, gemma3 with sliding windows); the slow tier runs them all.
+FAST_TIER_FAMILIES = ("gpt2", "llama", "gemma3")
+FAST_TIER_SWEEP = [
+    n if n in FAST_TIER_FAMILIES else pytest.param(n, marks=pytest.mark.slow) for n in HF_CONFIGS
+]
+
+
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_logits_and_hidden_match_transformers(name: str) -> None:
     case = reference(name)
@@ -193,7 +201,7 @@ def test_jit_matches_eager() -> None:
     _assert_parity(jitted, np.asarray(out.logits), case.attention_mask)
 
 
-@pytest.mark.parametrize("name", list(HF_CONFIGS))
+@pytest.mark.parametrize("name", FAST_TIER_SWEEP)
 def test_scanned_layers_match_transformers(name: str) -> None:
     """`scan_layers=True` (one lax.scan over stacked layer params) computes the same model."""
     case = reference(name)
@@ -207,7 +215,7 @@ def test_scanned_layers_match_transformers(name: str) -> None:
     _assert_parity(out.hidden, case.hidden, case.attention_mask)
 
 
-@pytest.mark.parametrize("name", list(HF_CONFIGS))
+@pytest.mark.parametrize("name", FAST_TIER_SWEEP)
 def test_causal_attention_blocks_match_transformers(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -225,6 +233,7 @@ def test_causal_attention_blocks_match_transformers(
     _assert_parity(out.hidden, case.hidden, case.attention_mask)
 
 
+@pytest.mark.slow  # block-size sweep
 def test_attention_blocks_equal_one_block_with_softcap_window_and_gqa() -> None:
     """Block-wise attention equals the one-block computation for every block size, also with
     a soft-cap, a sliding window and 3 query heads per KV head; rows of padding included."""

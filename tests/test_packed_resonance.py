@@ -36,7 +36,14 @@ from resofilter_jax.scoring.resonance import (
 from resofilter_jax.scoring.segment_grads import unsupported
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama",
+        pytest.param("gpt2", marks=pytest.mark.slow),
+        pytest.param("gemma2", marks=pytest.mark.slow),
+    ],
+)
 def test_packed_rows_match_the_float64_torch_adamw_loop(name: str) -> None:
     """All three samples in one row (slots 4: one empty slot), then two rows + a dummy row."""
     spec, _, ref = tiny_run(name)  # matrices of every layer + attention + a norm / bias vector
@@ -56,6 +63,7 @@ def test_packed_rows_match_the_float64_torch_adamw_loop(name: str) -> None:
         assert (out["n_abs_le_1e-05"][~used] == -1).all()
 
 
+@pytest.mark.slow  # invariance sweep
 def test_slots_microbatches_and_data_shards_give_the_same_results() -> None:
     spec, _, ref = tiny_run("llama")
     model, _ = loaded("llama")
@@ -134,6 +142,7 @@ def test_padding_rows_and_unused_slots_cost_no_examples() -> None:
     assert np.isnan(out["score"]).all() and (out["n_tokens"] == 0).all()
 
 
+@pytest.mark.slow  # family sweep
 def test_gemma3_head_norm_vectors_pack_like_unpacked(tmp_path) -> None:
     """q_norm / k_norm act on [b, s, heads, d]: per-token copies take the input's rank."""
     lm, _, _ = tiny("gemma3", "bos", str(tmp_path))

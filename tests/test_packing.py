@@ -140,7 +140,12 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize(
     ("name", "layout"),
-    [("gpt2", "none"), ("mistral", "bos"), ("gemma2", "bos"), ("gemma3", "bos")],
+    [
+        ("gpt2", "none"),
+        pytest.param("mistral", "bos", marks=pytest.mark.slow),
+        pytest.param("gemma2", "bos", marks=pytest.mark.slow),
+        pytest.param("gemma3", "bos", marks=pytest.mark.slow),
+    ],
 )
 def test_packed_scores_match_torch_loop(name: str, layout: str, tiny_root: str) -> None:
     """Packed rows (several sequences, sliding windows crossing segment starts) = torch loop."""

@@ -179,6 +179,7 @@ def assert_same_table(got: Any, want: Any) -> None:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=key)
 
 
+@pytest.mark.slow  # device-count invariance
 def test_one_vs_eight_devices_same_rows_scores_and_projections(
     model_dir: Path, data_path: Path, run8: Path, tmp_path: Path
 ) -> None:
@@ -265,6 +266,7 @@ def score_args(model_dir: Path, data: Path, out: Path, cache: Path) -> list[str]
     return args + [f"--config.{k}={v}" for k, v in over.items()]
 
 
+@pytest.mark.slow  # a killed subprocess
 def test_killed_run_resumes_to_identical_output(
     model_dir: Path, data_path: Path, run8: Path, tmp_path: Path
 ) -> None:

@@ -72,7 +72,7 @@ from resofilter_jax.scoring.resonance import (
 )
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_every_feature_matches_float64_torch_adamw_loop(name: str) -> None:
     spec, out, ref = tiny_run(name)
     assert_matches_loop(spec, out, ref)
@@ -158,6 +158,7 @@ def test_closed_form_equals_one_torch_optimizer_step(rule: str) -> None:
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
 
 
+@pytest.mark.slow  # invariance sweep
 def test_microbatch_sizes_and_data_shards_give_the_same_features() -> None:
     model, _ = loaded("llama")
     names = ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight")
@@ -199,6 +200,7 @@ def test_microbatch_sizes_and_data_shards_give_the_same_features() -> None:
     assert cols["reso/model.layers.1.mlp.up_proj.weight/l2"][1] == base["l2"][1, 1]
 
 
+@pytest.mark.slow  # float64 reference sweep
 def test_projection_is_the_projected_float64_torch_gradient() -> None:
     """Projected gradients of up_proj (2 layers), o_proj and a norm vector, concatenated."""
     spec, _, ref = tiny_run("llama")

@@ -194,6 +194,7 @@ def test_sharegpt_all_turns_have_turn_column(model_dir: Path, tmp_path: Path) ->
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
 
 
+@pytest.mark.slow  # a killed subprocess
 def test_killed_run_resumes_to_identical_output(model_dir: Path, tmp_path: Path) -> None:
     rows = alpaca_rows(600, seed=11)
     data = write_jsonl(tmp_path / "big.jsonl", rows)

@@ -394,6 +394,7 @@ def uninterrupted(
     return summary, exported(workdir), metric_steps(workdir)
 
 
+@pytest.mark.slow  # a killed run
 def test_sigkill_then_stop_and_resume_equal_uninterrupted(
     uninterrupted: Any, tiny_dir: Path, alpaca_path: Path, compile_cache: Path, tmp_path: Path
 ) -> None:
