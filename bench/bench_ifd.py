@@ -88,6 +88,7 @@ def run_project(
 
     from resofilter_jax.models.loading import load_model
     from resofilter_jax.parallel import make_mesh
+    from resofilter_jax.scoring import runner
     from resofilter_jax.scoring.runner import score_ifd
 
     t0 = time.perf_counter()
@@ -105,14 +106,7 @@ def run_project(
                 lm.model,
                 tok,
                 records,
-                max_length=config.max_length,
-                template=config.template,
-                token_budget=config.token_budget,
-                min_bucket=config.min_bucket,
-                bucket_step=config.get("bucket_step", 0),
-                chunk=config.ce_chunk,
-                pack=config.get("pack", True),
-                shard_size=config.shard_size,
+                **runner.ifd_settings(config),
                 mesh=make_mesh(devices),
                 on_shard=got.__setitem__,
                 progress=False,

@@ -27,7 +27,7 @@ from absl import logging
 from resofilter_jax import assets
 from resofilter_jax.configuration import check_config
 from resofilter_jax.data import ReadReport, Record, status_counts
-from resofilter_jax.data.sources import iter_records, read_records
+from resofilter_jax.data.sources import iter_records, read_records, read_report_json
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
@@ -36,7 +36,7 @@ from resofilter_jax.runtime import enable_compilation_cache, versions
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.process_records import ProcessRecords, stream_process_records
-from resofilter_jax.scoring.runner import score_ifd
+from resofilter_jax.scoring.runner import ifd_settings, score_ifd
 
 METHODS = ("ifd", "resonance")
 
@@ -143,14 +143,7 @@ def _score_ifd(
         lm.model,
         lm.tokenizer,
         records,
-        max_length=config.max_length,
-        template=config.template,
-        token_budget=config.token_budget,
-        min_bucket=config.min_bucket,
-        bucket_step=config.get("bucket_step", 0),
-        chunk=config.ce_chunk,
-        pack=config.get("pack", True),
-        shard_size=config.shard_size,
+        **ifd_settings(config),
         shards=todo,
         mesh=mesh,
         on_shard=shard_writer(out_dir, hosts),
@@ -285,16 +278,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "versions": versions(),
             "devices": [str(d) for d in devices],
             "distributed": dist,
-            "read_report": {
-                "path": report.path,
-                "rows_read": report.rows_read,
-                "errors": report.errors,
-                "truncated": report.truncated,
-                "bytes_total": report.bytes_total,
-                "bytes_unparsed": report.bytes_unparsed,
-                "message": report.message,
-                "limit": config.data.limit,
-            },
+            "read_report": read_report_json(report, config.data.limit),
         },
     )
     logging.info("summary: %s", json.dumps(summary))

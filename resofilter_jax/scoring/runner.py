@@ -75,6 +75,21 @@ def _columns(shard: _Shard) -> dict[str, Any]:
     return ifd_scores(shard.pairs, shard.owner, shard.loss_sum, shard.count)
 
 
+def ifd_settings(config: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`score_ifd` that a score config sets (batching, CE
+    chunk, packing, shard size; not the model, records, mesh or callbacks)."""
+    return {
+        "max_length": config.max_length,
+        "template": config.template,
+        "token_budget": config.token_budget,
+        "min_bucket": config.min_bucket,
+        "bucket_step": config.get("bucket_step", 0),
+        "chunk": config.ce_chunk,
+        "pack": config.get("pack", True),
+        "shard_size": config.shard_size,
+    }
+
+
 def score_ifd(
     model: CausalLM,
     tokenizer: Any,
