@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.pack = True  # several sequences per row (segment masks): far less padding, same scores
     c.ce_chunk = 128  # CE sequence chunk
     c.num_devices = 0  # 0 = all local devices
+    c.host = ml_collections.ConfigDict()
+    c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
     c.shard_size = 2048  # rows per output shard (resume unit)
     c.output_dir = "outputs/ifd_gpt2_alpaca"
     c.overwrite = False

@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.pack = True  # several sequences per row (segment masks): far less padding, same scores
     c.ce_chunk = 128  # sequence chunk of the cross-entropy (bounds [batch, chunk, vocab] logits)
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
+    c.host = ml_collections.ConfigDict()
+    c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
     # Outputs: shards of `shard_size` rows are written as they finish; a re-run with the same
     # settings computes only missing shards. overwrite=True discards a different earlier run.
     c.shard_size = 2048

@@ -79,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Several examples per row; one backward pass gives each its own gradient (same results).
     c.pack = True
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
+    c.host = ml_collections.ConfigDict()
+    c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
     c.shard_size = 512
     c.output_dir = "outputs/reso_smollm2_gsm8k"
     c.overwrite = False

@@ -88,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.use_async = True
     c.log_every = 1
     c.progress = True
+    c.host = ml_collections.ConfigDict()
+    c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
     c.tensorboard = True  # only if tensorboardX or TensorFlow is installed
     c.export = ml_collections.ConfigDict()
     c.export.enabled = True  # write WORKDIR/hf/ when the run completes

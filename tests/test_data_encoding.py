@@ -7,6 +7,7 @@ import pytest
 from support.data import (
     GSM8K_DEFAULT,
     LAYOUTS,
+    SHAREGPT_DEFAULT,
     asset_path,
     build_tokenizer,
     load_smollm2,
@@ -246,6 +247,120 @@ def test_chunked_encoding_is_transparent(tok):
         assert a.ids.tolist() == b.ids.tolist() and a.labels.tolist() == b.labels.tolist()
 
 
+@pytest.mark.parametrize("workers", [2, 3, 64])
+def test_worker_threads_are_transparent(tok, workers):
+    """Several tokenizing threads give the same pairs and examples, in the same order."""
+    records = make_records(150, seed=11)  # workers=64: chunks of the 64-record floor
+    one = encode_ifd_pairs(records, tok, max_length=24)
+    many = encode_ifd_pairs(records, tok, max_length=24, workers=workers)
+    assert [p.index for p in many] == [r.index for r in records]
+    for a, b in zip(one, many, strict=True):
+        assert (a.index, a.status, a.direct_start, a.cond_start) == (
+            b.index,
+            b.status,
+            b.direct_start,
+            b.cond_start,
+        )
+        assert a.direct_ids.tolist() == b.direct_ids.tolist()
+        assert a.cond_ids.tolist() == b.cond_ids.tolist()
+    sft = encode_sft_examples(records, tok, max_length=24)
+    sft_many = encode_sft_examples(records, tok, max_length=24, workers=workers)
+    for a, b in zip(sft, sft_many, strict=True):
+        assert (a.index, a.status) == (b.index, b.status)
+        assert a.ids.tolist() == b.ids.tolist() and a.labels.tolist() == b.labels.tolist()
+
+
+def test_host_workers_default_is_the_affinity(monkeypatch):
+    assert encoding.host_workers(3) == 3
+    monkeypatch.setattr(encoding.os, "sched_getaffinity", lambda _: {0, 1, 5}, raising=False)
+    assert encoding.host_workers(0) == 3
+
+
+# Prompts ending in a newline before outputs that start with every kind of character the
+# GPT-2 split pattern treats differently, plus joins the shortcut must leave to the tokenizer.
+JOIN_PROMPTS = ["Q\n", "\n", "a b\n", "x.\n", "数据\n", "q\n\n", "q \n", "q\n ", "q", "9\n"]
+JOIN_OUTPUTS = [
+    "Hello",
+    "'s fine",
+    "'t",
+    "123 go",
+    "!?",
+    "数据",
+    "😀 x",
+    " lead",
+    "\nnext",
+    "\tx",
+    "x\n",
+    "<s> special",
+    "</s>",
+    "<|im_start|>x",
+    "\u00a0nbsp",
+    "\u2028sep",
+    "a",
+    "\x1cz",
+    "- item",
+]
+
+
+def _pairs_equal(a, b) -> bool:
+    return (
+        a.status == b.status
+        and a.cond_start == b.cond_start
+        and a.cond_ids.tolist() == b.cond_ids.tolist()
+        and a.direct_ids.tolist() == b.direct_ids.tolist()
+    )
+
+
+def test_join_shortcut_equals_tokenizing_the_whole_text(tok, monkeypatch):
+    """Where the whole text is built from the prompt's and the output's ids, it is exactly
+    what the tokenizer gives for the whole text (checked against the full path)."""
+    records = [
+        Record(k, p, output=o)
+        for k, (p, o) in enumerate((p, o) for p in JOIN_PROMPTS for o in JOIN_OUTPUTS)
+    ]
+    records += make_records(200, seed=21)
+    template = get_template("none", tok)
+    layout = special_layout(tok)
+    assert encoding.joins_exactly(tok, layout)  # byte-level BPE, GPT-2 pattern
+    joined = [
+        r
+        for r in records
+        if r.ok and r.output and encoding.clean_join(template.prompt(r), r.output)
+    ]
+    assert len(joined) > 100  # the shortcut is exercised
+    fast = encode_ifd_pairs(records, tok, max_length=40)
+    for r, pair in zip(records, fast, strict=True):
+        if r.ok and r.output:  # the shortcut's cond ids against the literal reference
+            direct, _, cond, start = ref_ifd(tok, template.prompt(r), r.output, 40)
+            assert pair.cond_ids.tolist() == cond and pair.cond_start == start, r
+    monkeypatch.setattr(encoding, "joins_exactly", lambda *_: False)
+    full = encode_ifd_pairs(records, tok, max_length=40)
+    assert all(_pairs_equal(a, b) for a, b in zip(fast, full, strict=True))
+
+
+def test_join_shortcut_is_off_where_it_is_not_exact(tok):
+    from tokenizers import normalizers, pre_tokenizers
+
+    layout = special_layout(tok)
+    assert not encoding.joins_exactly(tok, None)  # no known special-token layout
+    backend = tok.backend_tokenizer
+    saved = backend.pre_tokenizer
+    try:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        assert not encoding.joins_exactly(tok, layout)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([saved])  # e.g. Qwen2 / Llama 3
+        assert not encoding.joins_exactly(tok, layout)
+        backend.pre_tokenizer = saved
+        backend.normalizer = normalizers.NFC()
+        assert not encoding.joins_exactly(tok, layout)
+    finally:
+        backend.pre_tokenizer = saved
+        backend.normalizer = None
+    assert encoding.clean_join("Q\n", "A") and encoding.clean_join("\n", "A")
+    for prompt, output in [("Q\n\n", "A"), ("Q \n", "A"), ("Q\n", " A"), ("Q", "A"), ("Q\n", "")]:
+        assert not encoding.clean_join(prompt, output), (prompt, output)
+
+
 def test_ifd_long_output_direct_budget(tok):
     r = Record(0, "instruction text here", output="answer words " * 40)
     (p,) = check_ifd(tok, [r], 32, "none")
@@ -328,6 +443,24 @@ def test_smollm2_sft_parity(smol, gsm8k_records, template):
     for r, ex in zip(gsm8k_records, examples, strict=True):
         ids, labels = ref_sft(smol, tmpl.prompt(r), tmpl.response(r), 256)
         assert ex.ids.tolist() == ids and ex.labels.tolist() == labels
+
+
+def test_smollm2_join_shortcut_on_sharegpt(smol, monkeypatch):
+    """Every ShareGPT first turn of the shipped file under SmolLM2: shortcut == full path."""
+    path = asset_path("RESOFILTER_SHAREGPT", SHAREGPT_DEFAULT)
+    if path is None:
+        pytest.skip("ShareGPT not available")
+    records, _ = load_records(path, "sharegpt", allow_truncated=True)
+    joins = [(p, o) for p in JOIN_PROMPTS for o in JOIN_OUTPUTS]  # SmolLM2 merges "\n\n"
+    records = records[:3000] + [Record(10_000 + k, p, output=o) for k, (p, o) in enumerate(joins)]
+    template = get_template("none", smol)
+    assert encoding.joins_exactly(smol, special_layout(smol))
+    n = sum(encoding.clean_join(template.prompt(r), r.output) for r in records if r.ok and r.output)
+    assert n > 1000
+    fast = encode_ifd_pairs(records, smol, max_length=1024, workers=2)
+    monkeypatch.setattr(encoding, "joins_exactly", lambda *_: False)
+    full = encode_ifd_pairs(records, smol, max_length=1024)
+    assert all(_pairs_equal(a, b) for a, b in zip(fast, full, strict=True))
 
 
 def test_smollm2_chatml_keeps_im_start(smol):

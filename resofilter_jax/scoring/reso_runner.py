@@ -44,7 +44,7 @@ from resofilter_jax.data import (
     packed_lengths,
     segment_slots,
 )
-from resofilter_jax.data.encoding import IGNORE_INDEX
+from resofilter_jax.data.encoding import IGNORE_INDEX, host_workers
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh
 from resofilter_jax.scoring import outputs, projection, projection_parts
@@ -229,6 +229,7 @@ def score_resonance(
     mesh: Mesh | None = None,
     on_shard: ShardCallback | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> RunStats:
     """Computes the resonance columns of ``records``, shard by shard.
 
@@ -254,6 +255,7 @@ def score_resonance(
             ``index, id, turn, status`` + :func:`feature_names` (one value per row), plus
             ``projection`` ([rows, K] fp32) when ``spec.projection`` is set.
         progress: Show a tqdm bar.
+        workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
 
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats` (``sequences``:
@@ -282,7 +284,11 @@ def score_resonance(
         recs = records[lo:hi]
         keep = [i for i in range(hi - lo) if dup[lo + i] is None]
         examples = encode_sft_examples(
-            [recs[i] for i in keep], tokenizer, max_length=max_length, template=template
+            [recs[i] for i in keep],
+            tokenizer,
+            max_length=max_length,
+            template=template,
+            workers=workers,
         )
         status = [f"{DUPLICATE}{records[j].index}" if j is not None else "" for j in dup[lo:hi]]
         for i, ex in zip(keep, examples, strict=True):
@@ -428,6 +434,7 @@ def run_from_config(
         mesh=mesh,
         on_shard=write,
         progress=config.progress and lead,
+        workers=host_workers(config.host.workers if "host" in config else 0),
     )
     if proj is not None:
         hosts.barrier("resofilter_projections_written")

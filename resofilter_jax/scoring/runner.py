@@ -31,6 +31,7 @@ from resofilter_jax.data import (
     pack_sequences,
     packed_lengths,
 )
+from resofilter_jax.data.encoding import host_workers
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh, replicate
 from resofilter_jax.scoring import outputs
@@ -87,6 +88,7 @@ def ifd_settings(config: Any) -> dict[str, Any]:
         "chunk": config.ce_chunk,
         "pack": config.get("pack", True),
         "shard_size": config.shard_size,
+        "workers": host_workers(config.host.workers if "host" in config else 0),
     }
 
 
@@ -107,6 +109,7 @@ def score_ifd(
     mesh: Mesh | None = None,
     on_shard: ShardCallback | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> RunStats:
     """Computes the IFD columns of ``records``, shard by shard.
 
@@ -131,6 +134,7 @@ def score_ifd(
             are ``index, id, turn, status`` + :data:`SCORE_COLUMNS` (lists/arrays of one
             value per row of this process's part of the shard).
         progress: Show a tqdm bar.
+        workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
 
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats`.
@@ -146,7 +150,9 @@ def score_ifd(
 
     def prepare(lo: int, hi: int) -> ShardWork:
         recs = records[lo:hi]
-        pairs = encode_ifd_pairs(recs, tokenizer, max_length=max_length, template=template)
+        pairs = encode_ifd_pairs(
+            recs, tokenizer, max_length=max_length, template=template, workers=workers
+        )
         seq = ifd_sequences(pairs)
         n = len(seq.seqs)
         rows = pack_sequences(

@@ -27,6 +27,7 @@ from absl import logging
 from resofilter_jax import assets
 from resofilter_jax.configuration import check_config
 from resofilter_jax.data import encode_sft_examples, status_counts
+from resofilter_jax.data.encoding import host_workers
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.export import export_hf
@@ -63,7 +64,11 @@ def read_training_rows(
     d = config.data
     records, report = read_records(config, data_path, limit=d.limit)
     examples = encode_sft_examples(
-        records, tokenizer, max_length=config.max_length, template=config.template
+        records,
+        tokenizer,
+        max_length=config.max_length,
+        template=config.template,
+        workers=host_workers(config.host.workers if "host" in config else 0),
     )
     kept = [ex for ex in examples if ex.status == "ok"]
     dropped = status_counts([ex.status for ex in examples if ex.status != "ok"])
