@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0 = all local devices
     c.host = ml_collections.ConfigDict()
     c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
+    c.host.prefetch = 1  # shards prepared ahead of the device in a background thread (0: off)
     c.shard_size = 2048  # rows per output shard (resume unit)
     c.output_dir = "outputs/ifd_gpt2_alpaca"
     c.overwrite = False

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
     c.host = ml_collections.ConfigDict()
     c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
+    c.host.prefetch = 1  # shards prepared ahead of the device in a background thread (0: off)
     # Outputs: shards of `shard_size` rows are written as they finish; a re-run with the same
     # settings computes only missing shards. overwrite=True discards a different earlier run.
     c.shard_size = 2048

@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all
     c.host = ml_collections.ConfigDict()
     c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
+    c.host.prefetch = 1  # shards prepared ahead of the device in a background thread (0: off)
     c.shard_size = 512
     c.output_dir = "outputs/reso_smollm2_gsm8k"
     c.overwrite = False

@@ -91,6 +91,27 @@ def test_scores_do_not_depend_on_devices_or_budget(name: str, layout: str, tiny_
         np.testing.assert_allclose(one[k], eight[k], rtol=2e-6, err_msg=k)
 
 
+def test_background_preparation_and_worker_threads_change_nothing(tiny_root: str) -> None:
+    """Shards prepared ahead in a thread (prefetch) with several tokenizing threads give the
+    same columns, bit for bit, as preparing each shard in the loop with one thread."""
+    lm, _, _ = tiny("llama", "bos", tiny_root)
+    records = records_of(alpaca_rows(40, seed=5))
+    kw = dict(max_length=MAX_LENGTH, min_bucket=16, progress=False, shard_size=8)
+    inline, s0 = score_records(lm.model, lm.tokenizer, records, prefetch=0, workers=1, **kw)
+    ahead, s2 = score_records(lm.model, lm.tokenizer, records, prefetch=2, workers=3, **kw)
+    assert inline["status"] == ahead["status"] and inline["id"] == ahead["id"]
+    for k in ("index", "turn", *KEYS, "n_tokens_direct", "n_tokens_condition"):
+        np.testing.assert_array_equal(inline[k], ahead[k], err_msg=k)
+    assert (s0.shards_computed, s0.batches, s0.tokens) == (
+        s2.shards_computed,
+        s2.batches,
+        s2.tokens,
+    )
+    for s in (s0, s2):  # the waits are measured and within the loop's time
+        assert 0.0 < s.host_wait_s + s.device_wait_s <= s.seconds
+        assert {"host_wait_s", "device_wait_s"} <= set(s.summary())
+
+
 def test_ifd_scores_host_function() -> None:
     from resofilter_jax.data import IFDPair
 

@@ -135,7 +135,10 @@ def _map_chunks(
 
     With ``workers > 1`` the chunks run on a thread pool: the fast tokenizer's batched encode
     releases the GIL, so the tokenization of several chunks runs on several cores (measured:
-    2.0x with 2 threads on 2 cores, ShareGPT under SmolLM2's tokenizer).
+    2.0x with 2 threads on 2 cores, ShareGPT under SmolLM2's tokenizer). Callers pass one
+    worker for tokenizers without a known special-token layout: their fallback path calls
+    ``encode(..., truncation=True)``, which changes the tokenizer's truncation setting, and
+    that must not race with another thread's batch.
     """
     if workers > 1:  # enough chunks to keep every worker busy, none below 64 records
         batch = min(batch, max(64, -(-len(records) // workers)))
@@ -363,7 +366,7 @@ def encode_ifd_pairs(
         lambda chunk: _ifd_chunk(chunk, tokenizer, tmpl, layout, max_length, joinable),
         records,
         batch,
-        workers,
+        workers if layout is not None else 1,  # see _map_chunks
     )
 
 
@@ -471,7 +474,7 @@ def encode_sft_examples(
         lambda chunk: _sft_chunk(chunk, tokenizer, tmpl, layout, max_length, eos),
         records,
         batch,
-        workers,
+        workers if layout is not None else 1,  # see _map_chunks
     )
 
 

@@ -230,6 +230,7 @@ def score_resonance(
     on_shard: ShardCallback | None = None,
     progress: bool = True,
     workers: int = 1,
+    prefetch: int = 1,
 ) -> RunStats:
     """Computes the resonance columns of ``records``, shard by shard.
 
@@ -256,6 +257,8 @@ def score_resonance(
             ``projection`` ([rows, K] fp32) when ``spec.projection`` is set.
         progress: Show a tqdm bar.
         workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
+        prefetch: Shards prepared ahead in a background thread (one process; see
+            :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
 
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats` (``sequences``:
@@ -356,6 +359,7 @@ def score_resonance(
         on_shard=on_shard,
         desc="resonance",
         progress=progress,
+        prefetch=prefetch,
     )
 
 
@@ -435,6 +439,7 @@ def run_from_config(
         on_shard=write,
         progress=config.progress and lead,
         workers=host_workers(config.host.workers if "host" in config else 0),
+        prefetch=int(config.host.get("prefetch", 1)) if "host" in config else 1,
     )
     if proj is not None:
         hosts.barrier("resofilter_projections_written")

@@ -89,6 +89,7 @@ def ifd_settings(config: Any) -> dict[str, Any]:
         "pack": config.get("pack", True),
         "shard_size": config.shard_size,
         "workers": host_workers(config.host.workers if "host" in config else 0),
+        "prefetch": int(config.host.get("prefetch", 1)) if "host" in config else 1,
     }
 
 
@@ -110,6 +111,7 @@ def score_ifd(
     on_shard: ShardCallback | None = None,
     progress: bool = True,
     workers: int = 1,
+    prefetch: int = 1,
 ) -> RunStats:
     """Computes the IFD columns of ``records``, shard by shard.
 
@@ -135,6 +137,8 @@ def score_ifd(
             value per row of this process's part of the shard).
         progress: Show a tqdm bar.
         workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
+        prefetch: Shards prepared ahead in a background thread (one process; see
+            :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
 
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats`.
@@ -191,6 +195,7 @@ def score_ifd(
         on_shard=on_shard,
         desc="ifd",
         progress=progress,
+        prefetch=prefetch,
     )
 
 

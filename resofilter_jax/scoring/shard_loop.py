@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -55,6 +57,9 @@ class RunStats:
         shapes: Distinct (rows, length) batch shapes (each compiles once).
         seconds: Wall time of the loop; first_result_s: until the first batch came back
             (includes compilation).
+        host_wait_s: Time the loop waited for the host to prepare a shard (tokenize, pack,
+            plan); with background preparation, only what the device did not hide.
+        device_wait_s: Time the loop waited for device results (the device was the slower).
         statuses: Rows per status.
     """
 
@@ -68,6 +73,8 @@ class RunStats:
     shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     first_result_s: float = 0.0
+    host_wait_s: float = 0.0
+    device_wait_s: float = 0.0
     statuses: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
@@ -99,6 +106,7 @@ def print_summary(stats: RunStats) -> None:
         f"{stats.tokens} tokens ({stats.padded_tokens} padded)",
         f"time {stats.seconds:.1f}s (first result {stats.first_result_s:.1f}s): "
         f"{stats.samples_per_s:.2f} samples/s, {stats.tokens_per_s:.0f} tokens/s",
+        f"waited {stats.host_wait_s:.1f}s for the host, {stats.device_wait_s:.1f}s for the device",
     ]
     print("\n".join(lines), file=sys.stderr)
 
@@ -111,6 +119,8 @@ class ShardProgress:
         self.t0 = time.perf_counter()
         self.samples = 0.0
         self.tokens = 0
+        self.host_wait = 0.0  # seconds the loop waited for shard preparation
+        self.device_wait = 0.0  # seconds the loop waited for device results
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -121,7 +131,12 @@ class ShardProgress:
         self.tokens += tokens
         self.bar.update(int(self.samples) - before)
         t = max(self.elapsed(), 1e-9)
-        self.bar.set_postfix(samples_s=f"{self.samples / t:.1f}", tok_s=f"{self.tokens / t:.0f}")
+        self.bar.set_postfix(
+            samples_s=f"{self.samples / t:.1f}",
+            tok_s=f"{self.tokens / t:.0f}",
+            host_wait=f"{self.host_wait / t:.0%}",  # the device idled for the host
+            device_wait=f"{self.device_wait / t:.0%}",  # the host idled for the device
+        )
 
     def close(self) -> None:
         self.bar.close()
@@ -251,6 +266,7 @@ def run_shards(
     on_shard: ShardCallback | None,
     desc: str,
     progress: bool,
+    prefetch: int = 1,
 ) -> RunStats:
     """Runs a scoring method over the shards ``shards`` of ``ranges``; returns its stats.
 
@@ -269,6 +285,9 @@ def run_shards(
         on_shard: Called as ``on_shard(k, columns)`` for every finished shard.
         desc, progress: The progress bar's label / whether it is shown (then the summary
             is printed at the end too).
+        prefetch: One process: shards prepared ahead in a background thread while the
+            device runs the current one (0: in the loop, as with several processes, whose
+            plans agree through collectives). Results do not depend on it.
     """
     todo = list(range(len(ranges))) if shards is None else sorted(shards)
     stats = RunStats(shards_skipped=len(ranges) - len(todo))
@@ -276,9 +295,32 @@ def run_shards(
     shapes: set[tuple[int, int]] = set()
     statuses: collections.Counter[str] = collections.Counter()
 
+    def prepared() -> Iterator[tuple[int, ShardWork]]:
+        """Shards in order; one process: prepared ``prefetch`` shards ahead in a thread."""
+        if hosts.multi or prefetch <= 0:  # several processes: plans need collectives, in order
+            for k in todo:
+                t0 = time.perf_counter()
+                work = prepare(*hosts.rows(*ranges[k]))  # this process's rows of the shard
+                bar.host_wait += time.perf_counter() - t0
+                yield k, work
+            return
+        keys = iter(todo)
+        with ThreadPoolExecutor(1, thread_name_prefix="resofilter-prepare") as pool:
+            ahead: collections.deque = collections.deque()
+            for k in itertools.islice(keys, prefetch):
+                ahead.append((k, pool.submit(prepare, *hosts.rows(*ranges[k]))))
+            while ahead:
+                k, future = ahead.popleft()
+                nxt = next(keys, None)
+                if nxt is not None:
+                    ahead.append((nxt, pool.submit(prepare, *hosts.rows(*ranges[nxt]))))
+                t0 = time.perf_counter()
+                work = future.result()  # re-raises the preparation's error here
+                bar.host_wait += time.perf_counter() - t0
+                yield k, work
+
     def batches() -> Iterator[tuple[_InFlight, BatchPlan | None, Batch | None]]:
-        for k in todo:
-            work = prepare(*hosts.rows(*ranges[k]))  # this process's rows of the shard
+        for k, work in prepared():
             shard = _InFlight(k, work, remaining=len(work.plans))
             if not work.plans:
                 yield shard, None, None
@@ -303,7 +345,9 @@ def run_shards(
 
     def collect(shard: _InFlight, plan: BatchPlan, batch: Batch, n_tokens: int, out: Any) -> None:
         # Blocks until the batch is done; several processes: this process's rows only.
+        t0 = time.perf_counter()
         out = hosts.local_tree(out) if hosts.multi else jax.device_get(out)
+        bar.device_wait += time.perf_counter() - t0
         if stats.first_result_s == 0.0:
             stats.first_result_s = bar.elapsed()
         done = scatter(shard.work.state, batch, out)
@@ -319,6 +363,7 @@ def run_shards(
     stats.seconds = bar.elapsed()
     stats.shapes = sorted(shapes)
     stats.statuses = dict(sorted(statuses.items()))
+    stats.host_wait_s, stats.device_wait_s = bar.host_wait, bar.device_wait
     if progress:
         print_summary(stats)
     return stats
