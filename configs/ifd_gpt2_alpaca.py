@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.host = ml_collections.ConfigDict()
     c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
     c.host.prefetch = 1  # shards prepared ahead of the device in a background thread (0: off)
+    # Encoded shards, keyed by tokenizer, template, max_length and data ("" = no cache):
+    # a re-run, another model with the same tokenizer or another dtype skips tokenization.
+    c.host.encoded_cache_dir = "~/.cache/resofilter_jax/encoded"
     c.shard_size = 2048  # rows per output shard (resume unit)
     c.output_dir = "outputs/ifd_gpt2_alpaca"
     c.overwrite = False

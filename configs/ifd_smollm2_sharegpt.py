@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.host = ml_collections.ConfigDict()
     c.host.workers = 0  # threads that tokenize; 0 = every core this process may use
     c.host.prefetch = 1  # shards prepared ahead of the device in a background thread (0: off)
+    # Encoded shards, keyed by tokenizer, template, max_length and data ("" = no cache):
+    # a re-run, another model with the same tokenizer or another dtype skips tokenization.
+    c.host.encoded_cache_dir = "~/.cache/resofilter_jax/encoded"
     # Outputs: shards of `shard_size` rows are written as they finish; a re-run with the same
     # settings computes only missing shards. overwrite=True discards a different earlier run.
     c.shard_size = 2048

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resofilter_jax.scoring.outputs import atomic_write_table, shard_path
+from resofilter_jax.data.atomic import atomic_write_table
+from resofilter_jax.scoring.outputs import shard_path
 from resofilter_jax.scoring.projection import check_compatible, iter_shards, read_index
 
 __all__ = [

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from resofilter_jax.data.atomic import atomic_write_bytes, atomic_write_table
 
 RUN_CONFIG = "run_config.json"
 SHARD_DIR = "shards"
@@ -66,28 +67,6 @@ def path_stamp(path: str | os.PathLike[str], *, mtime: bool = True) -> dict[str,
     if mtime:
         stamp["mtime_ns"] = max((f.stat().st_mtime_ns for f in files), default=0)
     return stamp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    """Writes a Parquet file atomically."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

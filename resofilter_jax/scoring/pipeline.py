@@ -27,6 +27,7 @@ from absl import logging
 from resofilter_jax import assets
 from resofilter_jax.configuration import check_config
 from resofilter_jax.data import ReadReport, Record, status_counts
+from resofilter_jax.data.encoded_cache import EncodedCache
 from resofilter_jax.data.sources import iter_records, read_records, read_report_json
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.loading import load_model
@@ -129,6 +130,24 @@ def shard_writer(
     return write
 
 
+def encoded_cache(
+    config: ml_collections.ConfigDict, tokenizer: Any, fp: dict[str, Any]
+) -> EncodedCache | None:
+    """The encoded-shard cache of this run (``host.encoded_cache_dir``; "" = none), keyed by
+    the fingerprint's data stamp and limit, the template, ``max_length`` and the tokenizer."""
+    root = config.host.get("encoded_cache_dir", "") if "host" in config else ""
+    if not root:
+        return None
+    return EncodedCache(
+        root,
+        kind="ifd" if config.method == "ifd" else "sft",
+        tokenizer=tokenizer,
+        template=config.template,
+        settings={"max_length": config.max_length, "shard_size": config.shard_size},
+        data={**fp["data"], "limit": fp["limit"]},
+    )
+
+
 def _score_ifd(
     config: ml_collections.ConfigDict,
     lm: Any,
@@ -137,6 +156,7 @@ def _score_ifd(
     mesh: Any,
     out_dir: Path,
     hosts: Hosts,
+    fp: dict[str, Any],
 ) -> Any:
     """Runs the IFD loop over the missing shards, writing each as it finishes."""
     return score_ifd(
@@ -148,6 +168,7 @@ def _score_ifd(
         mesh=mesh,
         on_shard=shard_writer(out_dir, hosts),
         progress=config.progress and hosts.index == 0,
+        cache=encoded_cache(config, lm.tokenizer, fp),
     )
 
 
@@ -222,9 +243,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             shards=todo,
             mesh=mesh,
             on_shard=shard_writer(out_dir, hosts, schema),
+            cache=encoded_cache(config, lm.tokenizer, fp),
         )
     else:
-        stats = _score_ifd(config, lm, records, todo, mesh, out_dir, hosts)
+        stats = _score_ifd(config, lm, records, todo, mesh, out_dir, hosts, fp)
     hosts.barrier("resofilter_scored")  # every part of every shard is written
     if hosts.index == 0:
         table = outputs.merge_shards(

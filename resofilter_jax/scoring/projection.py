@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resofilter_jax.scoring.outputs import atomic_write_bytes, write_json
+from resofilter_jax.data.atomic import atomic_write_bytes
+from resofilter_jax.scoring.outputs import write_json
 
 Array = jax.Array
 

@@ -44,6 +44,7 @@ from resofilter_jax.data import (
     packed_lengths,
     segment_slots,
 )
+from resofilter_jax.data.encoded_cache import EncodedCache
 from resofilter_jax.data.encoding import IGNORE_INDEX, host_workers
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh
@@ -231,6 +232,7 @@ def score_resonance(
     progress: bool = True,
     workers: int = 1,
     prefetch: int = 1,
+    cache: EncodedCache | None = None,
 ) -> RunStats:
     """Computes the resonance columns of ``records``, shard by shard.
 
@@ -259,6 +261,8 @@ def score_resonance(
         workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
         prefetch: Shards prepared ahead in a background thread (one process; see
             :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
+        cache: Encoded shards on disk (:mod:`resofilter_jax.data.encoded_cache`); None:
+            tokenize.
 
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats` (``sequences``:
@@ -286,13 +290,17 @@ def score_resonance(
     def prepare(lo: int, hi: int) -> ShardWork:
         recs = records[lo:hi]
         keep = [i for i in range(hi - lo) if dup[lo + i] is None]
-        examples = encode_sft_examples(
-            [recs[i] for i in keep],
-            tokenizer,
-            max_length=max_length,
-            template=template,
-            workers=workers,
-        )
+
+        def encode() -> list[Any]:
+            return encode_sft_examples(
+                [recs[i] for i in keep],
+                tokenizer,
+                max_length=max_length,
+                template=template,
+                workers=workers,
+            )
+
+        examples = cache.get_or_encode(lo, hi, len(keep), encode) if cache else encode()
         status = [f"{DUPLICATE}{records[j].index}" if j is not None else "" for j in dup[lo:hi]]
         for i, ex in zip(keep, examples, strict=True):
             status[i] = ex.status
@@ -373,6 +381,7 @@ def run_from_config(
     shards: Sequence[int],
     mesh: Mesh,
     on_shard: ShardCallback,
+    cache: EncodedCache | None = None,
 ) -> RunStats:
     """:func:`score_resonance` with the settings of a ``method="resonance"`` config.
 
@@ -440,6 +449,7 @@ def run_from_config(
         progress=config.progress and lead,
         workers=host_workers(config.host.workers if "host" in config else 0),
         prefetch=int(config.host.get("prefetch", 1)) if "host" in config else 1,
+        cache=cache,
     )
     if proj is not None:
         hosts.barrier("resofilter_projections_written")

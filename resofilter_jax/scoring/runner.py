@@ -31,6 +31,7 @@ from resofilter_jax.data import (
     pack_sequences,
     packed_lengths,
 )
+from resofilter_jax.data.encoded_cache import EncodedCache
 from resofilter_jax.data.encoding import host_workers
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh, replicate
@@ -112,6 +113,7 @@ def score_ifd(
     progress: bool = True,
     workers: int = 1,
     prefetch: int = 1,
+    cache: EncodedCache | None = None,
 ) -> RunStats:
     """Computes the IFD columns of ``records``, shard by shard.
 
@@ -139,6 +141,8 @@ def score_ifd(
         workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
         prefetch: Shards prepared ahead in a background thread (one process; see
             :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
+        cache: Encoded shards on disk (:mod:`resofilter_jax.data.encoded_cache`), keyed
+            for this tokenizer, template, ``max_length`` and data; None: tokenize.
 
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats`.
@@ -154,9 +158,13 @@ def score_ifd(
 
     def prepare(lo: int, hi: int) -> ShardWork:
         recs = records[lo:hi]
-        pairs = encode_ifd_pairs(
-            recs, tokenizer, max_length=max_length, template=template, workers=workers
-        )
+
+        def encode() -> list[Any]:
+            return encode_ifd_pairs(
+                recs, tokenizer, max_length=max_length, template=template, workers=workers
+            )
+
+        pairs = cache.get_or_encode(lo, hi, len(recs), encode) if cache else encode()
         seq = ifd_sequences(pairs)
         n = len(seq.seqs)
         rows = pack_sequences(
