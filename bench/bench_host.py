@@ -36,11 +36,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device_peak_tflops", type=float, default=989.0, help="H100 SXM bf16")
     p.add_argument("--mfu", type=float, default=0.5, help="device MFU assumed for the arithmetic")
     p.add_argument("--repeats", type=int, default=2, help="timed passes per worker count (best)")
+    p.add_argument("--cache_dir", default="", help="also time a cold and a warm encoded cache")
     p.add_argument("--json", default="")
     return p.parse_args()
 
 
-def host_pass(config, records, tokenizer, workers: int) -> dict[str, float]:
+def host_pass(config, records, tokenizer, workers: int, cache=None) -> dict[str, float]:
     """One pass of the runner's host work over ``records``: seconds per stage, real tokens."""
     from resofilter_jax.data import (
         collate_packed,
@@ -57,9 +58,14 @@ def host_pass(config, records, tokenizer, workers: int) -> dict[str, float]:
     for lo in range(0, len(records), config.shard_size):
         recs = records[lo : lo + config.shard_size]
         t0 = time.perf_counter()
-        pairs = encode_ifd_pairs(
-            recs, tokenizer, max_length=config.max_length, template=config.template, workers=workers
-        )
+
+        def encode(recs=recs):
+            return encode_ifd_pairs(
+                recs, tokenizer, max_length=config.max_length, template=config.template,
+                workers=workers,
+            )  # fmt: skip
+
+        pairs = cache.get_or_encode(lo, lo + len(recs), len(recs), encode) if cache else encode()
         t1 = time.perf_counter()
         seq = ifd_sequences(pairs)
         buckets = length_buckets(
@@ -115,6 +121,30 @@ def main() -> None:
             f"{best['tokens_per_s_per_worker']:,.0f} per worker",
             flush=True,
         )
+    cache_runs = {}
+    if args.cache_dir:
+        import shutil
+
+        from resofilter_jax.data.encoded_cache import EncodedCache
+
+        shutil.rmtree(args.cache_dir, ignore_errors=True)
+        w = max(results)
+        for label in ("cold", "warm"):
+            cache = EncodedCache(
+                args.cache_dir, kind="ifd", tokenizer=tokenizer, template=config.template,
+                settings={"max_length": config.max_length}, data={"path": data_path},
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            r = host_pass(config, records, tokenizer, w, cache)
+            r["with_key_s"] = time.perf_counter() - t0  # incl. hashing the tokenizer
+            cache_runs[label] = r
+            print(
+                f"encoded cache {label} ({w} workers): encode {r['encode']:.3f} s, whole pass "
+                f"{r['with_key_s']:.2f} s",
+                flush=True,
+            )
+        ratio = cache_runs["warm"]["encode"] / cache_runs["cold"]["encode"]
+        print(f"re-run (warm cache): {ratio:.1%} of the first run's tokenization time")
     one = results.get(1)
     if one is not None:
         for w, r in results.items():
@@ -142,6 +172,7 @@ def main() -> None:
                 "records": len(records),
                 "read_s": read_s,
                 "workers": {str(w): r for w, r in results.items()},
+                "encoded_cache": cache_runs,
                 "roofline": {
                     "flops_per_token": flops,
                     "device_tokens_per_s": device_tps,

@@ -119,3 +119,28 @@ def test_second_run_tokenizes_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(calls) == shards and second == first
     run("c", **{"max_length": 40})  # another encoding: tokenized again
     assert len(calls) == 2 * shards
+
+
+def test_resonance_rerun_reads_its_examples_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resonance (duplicates left out of the encoding) scores the same from cached examples."""
+    from support.scoring import data_rows, make_config
+
+    from resofilter_jax.scoring import reso_runner
+
+    model_dir = tmp_path / "llama"
+    save_tiny_model("llama", build_tokenizer("bos"), model_dir)
+    data = write_jsonl(tmp_path / "rows.jsonl", data_rows())
+    calls = []
+    real = reso_runner.encode_sft_examples
+    monkeypatch.setattr(
+        reso_runner, "encode_sft_examples", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    cache = {"host.encoded_cache_dir": str(tmp_path / "encoded")}
+    pipeline.run(make_config(model_dir, data, tmp_path / "a", **cache))
+    first_calls = len(calls)
+    pipeline.run(make_config(model_dir, data, tmp_path / "b", **cache, **{"host.prefetch": 0}))
+    assert first_calls > 0 and len(calls) == first_calls
+    a, b = ((tmp_path / d / "scores.jsonl").read_text() for d in "ab")
+    assert a == b

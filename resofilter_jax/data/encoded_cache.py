@@ -72,8 +72,11 @@ def _from_table(table: pa.Table, cls: type) -> list[Any]:
     cols = {}
     for f in dataclasses.fields(cls):
         col = table.column(f.name)
-        if pa.types.is_list(col.type):
-            cols[f.name] = [np.asarray(v, np.int32) for v in col.to_pylist()]
+        if pa.types.is_list(col.type):  # one flat int32 copy, sliced per row
+            flat = col.combine_chunks()
+            values = np.array(flat.values.to_numpy(zero_copy_only=False), np.int32)  # writable
+            offsets = flat.offsets.to_numpy()
+            cols[f.name] = [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         else:
             cols[f.name] = col.to_pylist()
     n = table.num_rows
