@@ -24,6 +24,7 @@ from resofilter_jax.data import (
     encode_texts,
     encode_truncated,
     get_template,
+    host_tokenize,
     load_records,
     num_scored,
     special_layout,
@@ -271,9 +272,9 @@ def test_worker_threads_are_transparent(tok, workers):
 
 
 def test_host_workers_default_is_the_affinity(monkeypatch):
-    assert encoding.host_workers(3) == 3
-    monkeypatch.setattr(encoding.os, "sched_getaffinity", lambda _: {0, 1, 5}, raising=False)
-    assert encoding.host_workers(0) == 3
+    assert host_tokenize.host_workers(3) == 3
+    monkeypatch.setattr(host_tokenize.os, "sched_getaffinity", lambda _: {0, 1, 5}, raising=False)
+    assert host_tokenize.host_workers(0) == 3
 
 
 # Prompts ending in a newline before outputs that start with every kind of character the

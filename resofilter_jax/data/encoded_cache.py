@@ -14,7 +14,8 @@ count matches; anything unreadable is recomputed. The key holds:
 * the tokenizer: sha256 of its complete serialized form (vocabulary, merges, normalizer,
   pre-tokenizer, post-processor, added tokens),
 * the data: the caller's stamp (path, size, mtime, format, field map, turns, limit, ...),
-* the code: sha256 of ``encoding.py``, ``templates.py`` and ``formats.py``, so a change to
+* the code: sha256 of ``encoding.py``, ``host_tokenize.py``, ``templates.py`` and
+  ``formats.py``, so a change to
   how records are read or tokenized never reuses an old encoding.
 """
 
@@ -48,10 +49,10 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 def code_digest() -> str:
     """sha256 of the modules whose code decides a record's text and its encoding."""
-    from resofilter_jax.data import encoding, formats, templates
+    from resofilter_jax.data import encoding, formats, host_tokenize, templates
 
     h = hashlib.sha256()
-    for module in (encoding, formats, templates):
+    for module in (encoding, formats, host_tokenize, templates):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
