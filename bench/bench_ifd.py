@@ -183,8 +183,8 @@ def main() -> None:
     common.machine_block(args, model_path, config.token_budget)
 
     from resofilter_jax.data import encode_ifd_pairs
+    from resofilter_jax.data.sources import read_records
     from resofilter_jax.runtime import tune_allocator
-    from resofilter_jax.score import read_records
     from resofilter_jax.scoring.ifd import ifd_sequences
 
     tok = common.load_tokenizer(model_path)

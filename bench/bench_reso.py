@@ -281,8 +281,8 @@ def main() -> None:
     config.compilation_cache_dir = str(wd / "jax_cache")
     common.machine_block(args, model_path, 4096)  # GEMMs at 4096 token rows
 
+    from resofilter_jax.data.sources import read_records
     from resofilter_jax.runtime import tune_allocator
-    from resofilter_jax.score import read_records
 
     tok = common.load_tokenizer(model_path)
     records, _ = read_records(config, data_path)

@@ -27,7 +27,7 @@ machine, with the recipe ``configs/sft_smollm2.py`` (AdamW lr 2e-5, betas (0.9, 
    at the model's own shapes for ``batch x seq_len`` rows (LM head: ``batch x ce_chunk`` rows,
    as the chunked cross-entropy issues it).
 1. Data: the first rows of GSM8K test (``--data sharegpt``: ShareGPT first turns), encoded with
-   the project's SFT encoding (``resofilter_jax.train.read_training_rows``: template ChatML,
+   the project's SFT encoding (``training.pipeline.read_training_rows``: template ChatML,
    prompt tokens masked, right-truncated to ``--seq_len``), one example per row, right-padded
    to a fixed ``[batch, seq_len]`` (``sft_data.collate_rows``). Step ``s`` takes rows
    ``s*batch .. (s+1)*batch - 1`` (cycling). Both sides get exactly these token ids, labels
@@ -177,7 +177,7 @@ def make_batches(
     config: Any, tok: Any, data_path: str, batch: int, seq_len: int, n_steps: int
 ) -> tuple[list[dict[str, np.ndarray]], list[list[int]], dict[str, Any]]:
     """``n_steps`` batches [1, batch, seq_len] of real rows; per step the rows' real lengths."""
-    from resofilter_jax.train import read_training_rows
+    from resofilter_jax.training.pipeline import read_training_rows
     from resofilter_jax.training.sft_data import collate_rows
 
     rows, info = read_training_rows(config, tok, data_path)
