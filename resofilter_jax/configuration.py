@@ -112,3 +112,16 @@ def load_config(
     flat = {k: _cast(v, _lookup(config, k)[1]) for k, v in overrides.items()}
     config.update_from_flattened_dict(flat)
     return check_config(config)
+
+
+def host_settings(config: Any) -> dict[str, Any]:
+    """The ``host`` section with its defaults (a config without one gets them all):
+    ``workers`` resolved to a thread count, ``prefetch`` shards, ``encoded_cache_dir``."""
+    from resofilter_jax.data.host_tokenize import host_workers
+
+    host = config.get("host") or {}
+    return {
+        "workers": host_workers(int(host.get("workers", 0))),
+        "prefetch": int(host.get("prefetch", 1)),
+        "encoded_cache_dir": str(host.get("encoded_cache_dir", "")),
+    }

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from resofilter_jax.configuration import ConfigError, check_argv, check_config
+from resofilter_jax.configuration import ConfigError, check_argv
 from resofilter_jax.runtime import tune_allocator
 
 
@@ -31,10 +31,10 @@ def main(argv: list[str]) -> None:
 
     config = flags.FLAGS.config
     try:
-        check_config(config)  # renamed fields, dtype names: a message, not a traceback
-    except ConfigError as e:
+        summary = run(config)
+    except ConfigError as e:  # renamed fields, dtype names: a message, not a traceback
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps(run(config), indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
 
 
 def _define_flags() -> None:

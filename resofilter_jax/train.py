@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from resofilter_jax.configuration import ConfigError, check_argv, check_config
+from resofilter_jax.configuration import ConfigError, check_argv
 from resofilter_jax.runtime import tune_allocator
 
 
@@ -31,13 +31,13 @@ def main(argv: list[str]) -> None:
     from resofilter_jax.training.pipeline import run
 
     config = flags.FLAGS.config
-    try:
-        check_config(config)  # renamed fields, dtype names: a message, not a traceback
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
     if not config.get("dry_run", False):  # a dry run sets up its own devices
         initialize_distributed(config)  # before any other JAX use
-    print(json.dumps(run(config), indent=2, default=str))
+    try:
+        summary = run(config)
+    except ConfigError as e:  # renamed fields, dtype names: a message, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(summary, indent=2, default=str))
 
 
 def _define_flags() -> None:

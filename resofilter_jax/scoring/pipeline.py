@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from resofilter_jax import assets
-from resofilter_jax.configuration import check_config
+from resofilter_jax.configuration import check_config, host_settings
 from resofilter_jax.data import ReadReport, Record, status_counts
 from resofilter_jax.data.encoded_cache import EncodedCache
 from resofilter_jax.data.sources import iter_records, read_records, read_report_json
@@ -135,7 +135,7 @@ def encoded_cache(
 ) -> EncodedCache | None:
     """The encoded-shard cache of this run (``host.encoded_cache_dir``; "" = none), keyed by
     the fingerprint's data stamp and limit, the template, ``max_length`` and the tokenizer."""
-    root = config.host.get("encoded_cache_dir", "") if "host" in config else ""
+    root = host_settings(config)["encoded_cache_dir"]
     if not root:
         return None
     return EncodedCache(

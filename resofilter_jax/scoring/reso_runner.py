@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 from jax.sharding import Mesh
 
+from resofilter_jax.configuration import host_settings
 from resofilter_jax.data import (
     DUPLICATE,
     BatchPlan,
@@ -45,7 +46,7 @@ from resofilter_jax.data import (
     segment_slots,
 )
 from resofilter_jax.data.encoded_cache import EncodedCache
-from resofilter_jax.data.encoding import IGNORE_INDEX, host_workers
+from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh
 from resofilter_jax.scoring import outputs, projection, projection_parts
@@ -395,6 +396,7 @@ def run_from_config(
     """
     hosts = Hosts(mesh)
     lead = hosts.index == 0
+    host = host_settings(config)
     out_dir = Path(config.output_dir)
     ranges = outputs.shard_ranges(len(records), config.shard_size)
     pdir = out_dir / projection.PROJ_DIR
@@ -447,8 +449,8 @@ def run_from_config(
         mesh=mesh,
         on_shard=write,
         progress=config.progress and lead,
-        workers=host_workers(config.host.workers if "host" in config else 0),
-        prefetch=int(config.host.get("prefetch", 1)) if "host" in config else 1,
+        workers=host["workers"],
+        prefetch=host["prefetch"],
         cache=cache,
     )
     if proj is not None:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from resofilter_jax.configuration import host_settings
 from resofilter_jax.data import (
     Record,
     Segment,
@@ -32,7 +33,6 @@ from resofilter_jax.data import (
     packed_lengths,
 )
 from resofilter_jax.data.encoded_cache import EncodedCache
-from resofilter_jax.data.encoding import host_workers
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.parallel import make_mesh, replicate
 from resofilter_jax.scoring import outputs
@@ -80,6 +80,7 @@ def _columns(shard: _Shard) -> dict[str, Any]:
 def ifd_settings(config: Any) -> dict[str, Any]:
     """The keyword arguments of :func:`score_ifd` that a score config sets (batching, CE
     chunk, packing, shard size; not the model, records, mesh or callbacks)."""
+    host = host_settings(config)
     return {
         "max_length": config.max_length,
         "template": config.template,
@@ -89,8 +90,8 @@ def ifd_settings(config: Any) -> dict[str, Any]:
         "chunk": config.ce_chunk,
         "pack": config.get("pack", True),
         "shard_size": config.shard_size,
-        "workers": host_workers(config.host.workers if "host" in config else 0),
-        "prefetch": int(config.host.get("prefetch", 1)) if "host" in config else 1,
+        "workers": host["workers"],
+        "prefetch": host["prefetch"],
     }
 
 

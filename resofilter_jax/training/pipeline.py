@@ -25,9 +25,8 @@ import numpy as np
 from absl import logging
 
 from resofilter_jax import assets
-from resofilter_jax.configuration import check_config
+from resofilter_jax.configuration import check_config, host_settings
 from resofilter_jax.data import encode_sft_examples, status_counts
-from resofilter_jax.data.encoding import host_workers
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.export import export_hf
@@ -68,7 +67,7 @@ def read_training_rows(
         tokenizer,
         max_length=config.max_length,
         template=config.template,
-        workers=host_workers(config.host.workers if "host" in config else 0),
+        workers=host_settings(config)["workers"],
     )
     kept = [ex for ex in examples if ex.status == "ok"]
     dropped = status_counts([ex.status for ex in examples if ex.status != "ok"])
