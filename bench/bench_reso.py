@@ -112,9 +112,9 @@ def chosen_names(config: Any, names: Sequence[str]) -> list[str]:
 def scorable(config: Any, tok: Any, records: list) -> list[tuple[int, Any]]:
     """(record index, SFT example) of every row the project scores (not a duplicate, ok)."""
     from resofilter_jax.data import encode_sft_examples
-    from resofilter_jax.scoring.resonance import dedup_queries
+    from resofilter_jax.scoring.record_stream import duplicate_of
 
-    keep = [r for r, d in zip(records, dedup_queries(records), strict=True) if d is None]
+    keep = [r for r, d in zip(records, duplicate_of(records), strict=True) if d < 0]
     ex = encode_sft_examples(keep, tok, max_length=config.max_length, template=config.template)
     return [(r.index, e) for r, e in zip(keep, ex, strict=True) if e.status == "ok"]
 

@@ -274,3 +274,34 @@ def test_resonance_killed_process_then_restart_equals_one_process(
     want = projection.load_projections(ref)
     np.testing.assert_allclose(projection.load_projections(out), want, rtol=1e-3, equal_nan=True)
     assert not (out / projection.PROJ_DIR / "parts").exists()  # merged by process 0
+
+
+def test_resonance_duplicates_are_the_same_rows_on_two_processes(
+    llama_dir: Path, gsm8k_path: Path, jax_cache: Path, tmp_path: Path
+) -> None:
+    """Repeated queries across shards and across the processes' halves of a shard, a bad
+    line, and a repeat of a repeat: both jobs mark the same ``duplicate_of:<i>`` rows."""
+    rows = [json.loads(x) for x in gsm8k_path.read_text().splitlines()[:10]]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(5, json.dumps({**rows[0], "answer": "another answer #### 1"}))
+    lines.insert(3, "{not json")  # an error row never matches
+    lines += [json.dumps(rows[3]), json.dumps(rows[0]), json.dumps(rows[9])]
+    data = tmp_path / "dups.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    settings = {
+        **reso_settings(llama_dir, gsm8k_path, jax_cache),
+        "data.path": str(data),
+        "data.limit": 0,
+        "features.projection_dim": 0,
+    }
+    ref = tmp_path / "ref"
+    score.run(recipe("reso_smollm2_gsm8k", settings, ref))
+    status = pq.read_table(ref / "scores.parquet").column("status").to_pylist()
+    # Shards of 8 rows: p0 holds rows 0-3 and 8-11, p1 rows 4-7 and 12-14.
+    want = {6: "duplicate_of:0", 12: "duplicate_of:4", 13: "duplicate_of:0", 14: "duplicate_of:11"}
+    assert {i: s for i, s in enumerate(status) if s.startswith("duplicate_of")} == want
+    assert status[3].startswith("error:") and status[11] == "ok"
+    out = tmp_path / "two"
+    job = launch("reso_smollm2_gsm8k", settings, out, tmp_path / "logs")
+    assert job.returncode == 0, job.stdout[-3000:] + tails(tmp_path / "logs")
+    assert_same_scores(out, ref)

@@ -58,10 +58,10 @@ from resofilter_jax.models.config import config_from_hf
 from resofilter_jax.models.registry import build_model
 from resofilter_jax.scoring.param_select import select_params, sort_names
 from resofilter_jax.scoring.projection import ProjectionSpec, matrix_rows
+from resofilter_jax.scoring.record_stream import duplicate_of
 from resofilter_jax.scoring.reso_features import _order_stats
 from resofilter_jax.scoring.resonance import (
     ResonanceSpec,
-    dedup_queries,
     example_bytes,
     feature_names,
     make_resonance_fn,
@@ -297,7 +297,7 @@ def test_backward_work_stops_at_the_lowest_chosen_layer(slots: int | None) -> No
     assert flops[3] < 0.75 * flops[0], flops
 
 
-def test_dedup_queries_keeps_the_first_occurrence() -> None:
+def test_duplicate_queries_point_at_the_first_occurrence() -> None:
     recs = [
         Record(0, "What is 2+2?"),
         Record(1, "Translate", input="hello"),
@@ -307,7 +307,7 @@ def test_dedup_queries_keeps_the_first_occurrence() -> None:
         Record(5, "what is 2+2?"),
         Record(6, "Translate", input="hello"),
     ]
-    assert dedup_queries(recs) == [None, None, 0, 1, None, None, 1]
+    assert duplicate_of(recs).tolist() == [-1, -1, 0, 1, -1, -1, 1]
 
 
 def test_parameter_selection_by_regex_and_last_k_layers() -> None:

@@ -11,6 +11,8 @@ Layout of an output directory::
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resofilter_jax.data.atomic import atomic_write_bytes, atomic_write_table
+from resofilter_jax.data.atomic import atomic_path, atomic_write_bytes, atomic_write_table
+from resofilter_jax.data.records import status_counts
 
 RUN_CONFIG = "run_config.json"
 SHARD_DIR = "shards"
@@ -209,10 +212,12 @@ def merge_shards(
     with_turn: bool,
     expected_rows: int | None = None,
     schema: pa.Schema = SHARD_SCHEMA,
-) -> pa.Table:
+) -> MergedScores:
     """Concatenates all shards into ``scores.parquet`` and ``scores.jsonl`` (NaN -> null).
 
-    ``schema`` is the shard files' schema (default: IFD's :data:`SHARD_SCHEMA`).
+    One shard file at a time (memory: one shard, whatever the number of rows); both files
+    appear atomically once complete. ``schema`` is the shard files' schema (default: IFD's
+    :data:`SHARD_SCHEMA`).
 
     Raises:
         FileNotFoundError: If a shard is missing.
@@ -223,19 +228,45 @@ def merge_shards(
     missing = [k for k in range(n_shards) if k not in done]
     if missing:
         raise FileNotFoundError(f"cannot merge: shards {missing[:8]} of {n_shards} are missing")
-    tables = [pq.read_table(f, schema=schema) for k in range(n_shards) for f in done[k]]
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    if expected_rows is not None and table.num_rows != expected_rows:
-        raise ValueError(f"merged {table.num_rows} rows but the input has {expected_rows}")
     drop = [c for c, keep in (("id", with_id), ("turn", with_turn)) if not keep]
-    table = table.drop_columns(drop)
-    atomic_write_table(out / "scores.parquet", table)
-    lines = [
-        json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False)
-        for row in table.to_pylist()
-    ]
-    atomic_write_bytes(out / "scores.jsonl", "".join(x + "\n" for x in lines).encode())
-    return table
+    out_schema = schema
+    for c in drop:
+        out_schema = out_schema.remove(out_schema.get_field_index(c))
+    merged = MergedScores(0, collections.Counter())
+    with atomic_path(out / "scores.parquet") as pq_tmp, atomic_path(out / "scores.jsonl") as js_tmp:
+        with pq.ParquetWriter(pq_tmp, out_schema) as writer, open(js_tmp, "wb") as lines:
+            for f in (f for k in range(n_shards) for f in done[k]):
+                table = pq.read_table(f, schema=schema).drop_columns(drop)
+                writer.write_table(table)
+                rows = table.to_pylist()
+                lines.write(
+                    "".join(
+                        json.dumps({k: _json_value(v) for k, v in r.items()}, ensure_ascii=False)
+                        + "\n"
+                        for r in rows
+                    ).encode()
+                )
+                merged.rows += table.num_rows
+                merged.statuses.update(status_counts(r["status"] for r in rows))
+        if expected_rows is not None and merged.rows != expected_rows:
+            raise ValueError(f"merged {merged.rows} rows but the input has {expected_rows}")
+    return merged
+
+
+@dataclasses.dataclass
+class MergedScores:
+    """What :func:`merge_shards` wrote: rows, and rows per status (as ``status_counts``)."""
+
+    rows: int
+    statuses: collections.Counter
+
+
+def file_status_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+    """``status_counts`` of a score file's ``status`` column, read a batch at a time."""
+    counts: collections.Counter = collections.Counter()
+    for batch in pq.ParquetFile(path).iter_batches(columns=["status"], batch_size=1 << 16):
+        counts.update(status_counts(batch.column(0).to_pylist()))
+    return dict(sorted(counts.items()))
 
 
 def write_json(path: str | os.PathLike[str], value: Any) -> None:

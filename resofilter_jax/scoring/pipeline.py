@@ -15,20 +15,19 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import pyarrow.parquet as pq
 from absl import logging
 
 from resofilter_jax import assets
 from resofilter_jax.configuration import check_config, host_settings
-from resofilter_jax.data import ReadReport, Record, status_counts
+from resofilter_jax.data import ReadReport
 from resofilter_jax.data.encoded_cache import EncodedCache
-from resofilter_jax.data.sources import iter_records, read_records, read_report_json
+from resofilter_jax.data.sources import iter_records, read_report_json
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
@@ -36,7 +35,7 @@ from resofilter_jax.parallel import global_devices, initialize_distributed, make
 from resofilter_jax.runtime import enable_compilation_cache, versions
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.distributed_plan import Hosts
-from resofilter_jax.scoring.process_records import ProcessRecords, stream_process_records
+from resofilter_jax.scoring.record_stream import ScanResult, StreamedRecords, scan_records
 from resofilter_jax.scoring.runner import ifd_settings, score_ifd
 
 METHODS = ("ifd", "resonance")
@@ -81,28 +80,22 @@ def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: s
     return fp
 
 
-def _read_for_process(
-    config: ml_collections.ConfigDict, data_path: str, hosts: Hosts
-) -> tuple[Sequence[Record] | ProcessRecords, ReadReport, bool]:
-    """(records, report, whether any record has an id) as this process's scorer needs them.
+def _scan_input(
+    config: ml_collections.ConfigDict, data_path: str
+) -> tuple[StreamedRecords, ReadReport, ScanResult]:
+    """(records, report, scan) of the input, in bounded memory.
 
-    Several processes scoring IFD: only this process's rows are kept (one streaming pass,
-    :mod:`resofilter_jax.scoring.process_records`). Resonance needs every query on every
-    process (duplicates are found over the whole input), and one process needs everything.
+    One pass over the whole input counts the records, notes ids and, for resonance, finds
+    duplicate queries by hash (every process scans everything, so all find the same); the
+    records themselves are read again shard by shard while scoring
+    (:mod:`resofilter_jax.scoring.record_stream`).
     """
-    if hosts.multi and config.method == "ifd":
-        stream, report = iter_records(config, data_path)
-        records = stream_process_records(
-            stream,
-            shard_size=config.shard_size,
-            process_index=hosts.index,
-            process_count=hosts.count,
-        )
-        if report.truncated:
-            logging.warning("%s", report.message)
-        return records, report, records.has_id
-    records, report = read_records(config, data_path)
-    return records, report, any(r.id is not None for r in records)
+    stream, report = iter_records(config, data_path)
+    scan = scan_records(stream, find_duplicates=config.method == "resonance")
+    if report.truncated:
+        logging.warning("%s", report.message)
+    records = StreamedRecords(lambda: iter_records(config, data_path)[0], scan.total)
+    return records, report, scan
 
 
 KILL_ENV = "RESOFILTER_TEST_KILL_AFTER_SHARDS"  # test hook: "P:N" = process P dies after N
@@ -151,7 +144,7 @@ def encoded_cache(
 def _score_ifd(
     config: ml_collections.ConfigDict,
     lm: Any,
-    records: Sequence[Record] | ProcessRecords,
+    records: StreamedRecords,
     todo: list[int],
     mesh: Any,
     out_dir: Path,
@@ -219,7 +212,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         outputs.prepare_output_dir(config.output_dir, fp, overwrite=config.overwrite)
     hosts.barrier("resofilter_output_dir")
     out_dir = Path(config.output_dir)
-    records, report, has_id = _read_for_process(config, data_path, hosts)
+    records, report, scan = _scan_input(config, data_path)
     ranges = outputs.shard_ranges(len(records), config.shard_size)
     # Every process computes the union of what any of them sees missing (lockstep).
     todo = hosts.agree_todo(outputs.missing_shards(out_dir, len(ranges)), len(ranges))
@@ -244,29 +237,32 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             mesh=mesh,
             on_shard=shard_writer(out_dir, hosts, schema),
             cache=encoded_cache(config, lm.tokenizer, fp),
+            duplicate_of=scan.duplicate_of,
         )
     else:
         stats = _score_ifd(config, lm, records, todo, mesh, out_dir, hosts, fp)
     hosts.barrier("resofilter_scored")  # every part of every shard is written
     if hosts.index == 0:
-        table = outputs.merge_shards(
+        merged = outputs.merge_shards(
             out_dir,
             len(ranges),
-            with_id=has_id,
+            with_id=scan.has_id,
             with_turn=config.data.sharegpt_turns == "all",
             expected_rows=len(records),
             schema=schema,
         )
     hosts.barrier("resofilter_merged")
-    if hosts.index != 0:
-        table = pq.read_table(out_dir / "scores.parquet", columns=["status"])
+    if hosts.index == 0:
+        n_rows, statuses = merged.rows, dict(sorted(merged.statuses.items()))
+    else:
+        n_rows = len(records)
+        statuses = outputs.file_status_counts(out_dir / "scores.parquet")
     t_end = time.perf_counter()
-    statuses = status_counts(table.column("status").to_pylist())
     summary = {
         "output_dir": str(out_dir),
         "model": model_path,
         "data": data_path,
-        "rows": table.num_rows,
+        "rows": n_rows,
         "statuses": statuses,
         "shards": {"total": len(ranges), "computed": len(todo), "reused": len(ranges) - len(todo)},
         "loop": stats.summary(),

@@ -8,8 +8,9 @@ split over the mesh ``data`` axis (per-example gradients stay on their device), 
 per-example features are written into the shard's columns, and a finished shard's columns go
 to ``on_shard``.
 
-Exact-duplicate queries are found over ALL records before sharding (first occurrence kept):
-later copies are not scored and get ``status=duplicate_of:<index>`` with NaN scores.
+Exact-duplicate queries are found over ALL records before sharding (first occurrence kept;
+by a 128-bit hash of the query, :mod:`resofilter_jax.scoring.record_stream`): later copies
+are not scored and get ``status=duplicate_of:<index>`` with NaN scores.
 
 With ``config.features.projection_dim = K > 0`` every shard also gets
 ``projections/proj-<k>.npy`` (float16 [rows, K], NaN rows where nothing was scored), written
@@ -52,10 +53,10 @@ from resofilter_jax.parallel import make_mesh
 from resofilter_jax.scoring import outputs, projection, projection_parts
 from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.param_select import select_params
+from resofilter_jax.scoring.record_stream import duplicate_of as find_duplicates
 from resofilter_jax.scoring.resonance import (
     ProjectionSpec,
     ResonanceSpec,
-    dedup_queries,
     feature_names,
     make_resonance_fn,
     max_slots,
@@ -189,8 +190,9 @@ def _scatter(spec: ResonanceSpec, shard: _Shard, batch: Batch, out: dict[str, An
         slots, segments = batch["slots"], batch["segments"]
         out = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in out.items()}
         seg_ids = batch["attention_mask"]
-        at = np.asarray([g.row * slots + seg_ids[g.row, g.offset] - 1 for g in segments])
-        where = batch["rows"][[g.seq for g in segments]]  # row within the shard
+        # [n_seg] result slot of every segment; int64 also when this process has none.
+        at = np.asarray([g.row * slots + seg_ids[g.row, g.offset] - 1 for g in segments], np.int64)
+        where = batch["rows"][np.asarray([g.seq for g in segments], np.int64)]  # shard rows
         done = len(segments)
     else:
         where = batch["shard_rows"]  # [B] row within the shard, -1 for padding rows
@@ -234,13 +236,15 @@ def score_resonance(
     workers: int = 1,
     prefetch: int = 1,
     cache: EncodedCache | None = None,
+    duplicate_of: np.ndarray | None = None,
 ) -> RunStats:
     """Computes the resonance columns of ``records``, shard by shard.
 
     Args:
         model: The LM (chosen matrices per ``spec.params``).
         tokenizer: Its HF tokenizer.
-        records: All rows, in input order (duplicates are found over all of them).
+        records: All rows, in input order: a list, or any sequence that serves
+            ``records[lo:hi]`` (:class:`~resofilter_jax.scoring.record_stream.StreamedRecords`).
         spec: Parameters, update rule and features.
         max_length, template: SFT encoding settings (ResoFilter's tokenization).
         token_budget: Padded tokens per batch (rows x bucket length).
@@ -264,6 +268,9 @@ def score_resonance(
             :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
         cache: Encoded shards on disk (:mod:`resofilter_jax.data.encoded_cache`); None:
             tokenize.
+        duplicate_of: [len(records)] int64, the ``Record.index`` of the first record with
+            the same query or -1 (:func:`~resofilter_jax.scoring.record_stream.scan_records`);
+            None: found here by reading all of ``records``.
 
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats` (``sequences``:
@@ -273,7 +280,9 @@ def score_resonance(
     hosts = Hosts(mesh)
     ranges = outputs.shard_ranges(len(records), shard_size)
     cap = -(-shard_size // hosts.count)  # most examples of one process in a shard
-    dup = dedup_queries(records)  # over all records (text only), on every process
+    dup = find_duplicates(records) if duplicate_of is None else duplicate_of  # [N] int64
+    if len(dup) != len(records):
+        raise ValueError(f"duplicate_of has {len(dup)} entries for {len(records)} records")
     fn = make_resonance_fn(model, spec, data_shards=hosts.devices).place(mesh)  # weights once
     if pack and not fn.packable:
         warnings.warn(
@@ -290,7 +299,7 @@ def score_resonance(
 
     def prepare(lo: int, hi: int) -> ShardWork:
         recs = records[lo:hi]
-        keep = [i for i in range(hi - lo) if dup[lo + i] is None]
+        keep = np.flatnonzero(dup[lo:hi] < 0).tolist()  # rows of the shard to score
 
         def encode() -> list[Any]:
             return encode_sft_examples(
@@ -302,7 +311,7 @@ def score_resonance(
             )
 
         examples = cache.get_or_encode(lo, hi, len(keep), encode) if cache else encode()
-        status = [f"{DUPLICATE}{records[j].index}" if j is not None else "" for j in dup[lo:hi]]
+        status = [f"{DUPLICATE}{j}" if j >= 0 else "" for j in dup[lo:hi].tolist()]
         for i, ex in zip(keep, examples, strict=True):
             status[i] = ex.status
         cols = {
@@ -383,6 +392,7 @@ def run_from_config(
     mesh: Mesh,
     on_shard: ShardCallback,
     cache: EncodedCache | None = None,
+    duplicate_of: np.ndarray | None = None,
 ) -> RunStats:
     """:func:`score_resonance` with the settings of a ``method="resonance"`` config.
 
@@ -452,6 +462,7 @@ def run_from_config(
         workers=host["workers"],
         prefetch=host["prefetch"],
         cache=cache,
+        duplicate_of=duplicate_of,
     )
     if proj is not None:
         hosts.barrier("resofilter_projections_written")

@@ -48,8 +48,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from resofilter_jax.data.encoding import IGNORE_INDEX
-from resofilter_jax.data.records import Record
-from resofilter_jax.data.templates import user_query
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.registry import abstract_model, param_name
 from resofilter_jax.parallel import replicate
@@ -75,7 +73,6 @@ __all__ = [
     "ProjectionSpec",
     "ResonanceFn",
     "ResonanceSpec",
-    "dedup_queries",
     "example_bytes",
     "feature_names",
     "make_resonance_fn",
@@ -444,21 +441,3 @@ def to_columns(out: dict[str, Any], spec: ResonanceSpec) -> dict[str, np.ndarray
         for f in matrix_feature_names(spec):
             cols[f"reso/{p}/{f}"] = np.asarray(host[f])[:, j]
     return cols
-
-
-def dedup_queries(records: Sequence[Record]) -> list[int | None]:
-    """For every record, the position of the first record with the same query, else None.
-
-    The query is the user text (instruction, plus ``"\\n" + input`` when there is one),
-    compared exactly. First occurrences and error records get None. ResoFilter drops such
-    duplicates before scoring; we keep them as rows with ``status=duplicate_of:<position>``.
-    """
-    first: dict[str, int] = {}
-    out: list[int | None] = []
-    for k, r in enumerate(records):
-        if not r.ok:
-            out.append(None)
-            continue
-        j = first.setdefault(user_query(r), k)
-        out.append(None if j == k else j)
-    return out
