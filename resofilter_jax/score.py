@@ -27,8 +27,11 @@ def main(argv: list[str]) -> None:
     tune_allocator()  # before JAX starts: keep XLA's big buffers (runtime.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     del argv
+    from resofilter_jax.data.atomic import DiskFullError
     from resofilter_jax.parallel import initialize_distributed
+    from resofilter_jax.run_lock import RunLockedError
     from resofilter_jax.scoring.pipeline import run
+    from resofilter_jax.stop_signals import Interrupted
 
     config = flags.FLAGS.config
     if not config.get("dry_run", False):  # a dry run sets up its own devices
@@ -37,6 +40,13 @@ def main(argv: list[str]) -> None:
         summary = run(config)
     except ConfigError as e:  # renamed fields, dtype names: a message, not a traceback
         raise SystemExit(f"error: {e}") from None
+    except DiskFullError as e:  # names the path and the space; a re-run resumes
+        raise SystemExit(f"error: {e.strerror}") from None
+    except RunLockedError as e:  # names the live run that holds the output directory
+        raise SystemExit(f"error: {e}") from None
+    except Interrupted as e:  # SIGTERM / SIGINT: stopped at a shard boundary
+        print(f"resofilter_jax.score: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     print(json.dumps(summary, indent=2))
 
 

@@ -49,7 +49,7 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama") / "llama"
-    save_tiny_model("llama", build_tokenizer("bos"), path)
+    save_tiny_model("llama", build_tokenizer("bos"), path, positions=256)  # max_length 192
     return path
 
 

@@ -195,7 +195,9 @@ def test_sharegpt_all_turns_have_turn_column(model_dir: Path, tmp_path: Path) ->
 
 
 @pytest.mark.slow  # a killed subprocess
-def test_killed_run_resumes_to_identical_output(model_dir: Path, tmp_path: Path) -> None:
+def test_run_killed_with_a_full_prefetch_queue_resumes_to_identical_output(
+    model_dir: Path, tmp_path: Path
+) -> None:
     rows = alpaca_rows(600, seed=11)
     data = write_jsonl(tmp_path / "big.jsonl", rows)
     out = tmp_path / "killed"
@@ -211,6 +213,9 @@ def test_killed_run_resumes_to_identical_output(model_dir: Path, tmp_path: Path)
         "--config.min_bucket=16",
         "--config.token_budget=256",
         "--config.shard_size=4",
+        # 4-row shards tokenize in milliseconds while the first batch compiles for seconds:
+        # the background thread has 3 shards prepared and waiting when the kill comes.
+        "--config.host.prefetch=3",
         "--config.progress=False",
         f"--config.compilation_cache_dir={tmp_path / 'jax_cache'}",
     ]

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from resofilter_jax.models import checks
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.config import ModelConfig, config_from_hf
 from resofilter_jax.models.registry import abstract_model, load_state_dict
@@ -208,14 +209,24 @@ def load_model(
     dtype: str | jnp.dtype = jnp.float32,
     param_dtype: str | jnp.dtype = jnp.float32,
     tokenizer: bool = True,
+    max_length: int | None = None,
 ) -> LoadedModel:
     """Loads a model (and tokenizer) from a HF directory, a `.gguf` file, or a hub id.
+
+    Before returning it checks (`models/checks.py`) that `max_length` fits the model's
+    positions (before any weight is read), that the tokenizer's ids fit the embedding, and
+    that every parameter is finite.
 
     Args:
         source: a directory with config.json + *.safetensors (sharded index supported), a path
             to a `.gguf` file, or a hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct`.
         dtype: compute dtype; param_dtype: storage dtype of the parameters.
         tokenizer: also load the tokenizer.
+        max_length: the run's longest sequence (None: not checked).
+
+    Raises:
+        checks.BadModelError: a ValueError (MaxLengthError, TokenizerMismatchError,
+            BadWeightsError) naming the path and what to change.
     """
     dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
     path = Path(source).expanduser()
@@ -224,9 +235,10 @@ def load_model(
 
         g = GGUFFile(path)
         config = config_from_hf(g.hf_config())
+        checks.check_max_length(config, max_length, str(path))
         model = _filled(config, g.tensors(), dtype=dtype, param_dtype=param_dtype, source=str(path))
         tok = load_tokenizer(path.parent, gguf_file=path.name) if tokenizer else None
-        return LoadedModel(model, tok, config, str(path))
+        return _checked(LoadedModel(model, tok, config, str(path)))
     if not path.exists():
         if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
             raise FileNotFoundError(f"model path {str(source)!r} does not exist")
@@ -236,6 +248,7 @@ def load_model(
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     raw_config = json.loads(config_file.read_text())
     config = config_from_hf(raw_config)
+    checks.check_max_length(config, max_length, str(path))
     files = _safetensors_files(path)
     log.info("loading %s (%s, %d shard(s))", path, config.model_type, len(files))
     tensors = iter_safetensors(files)
@@ -243,4 +256,12 @@ def load_model(
         tensors = text_model_tensors(tensors)
     model = _filled(config, tensors, dtype=dtype, param_dtype=param_dtype, source=str(path))
     tok = load_tokenizer(path) if tokenizer else None
-    return LoadedModel(model, tok, config, str(path))
+    return _checked(LoadedModel(model, tok, config, str(path)))
+
+
+def _checked(lm: LoadedModel) -> LoadedModel:
+    """`lm` once its tokenizer fits its vocabulary and its weights are finite (else raises)."""
+    if lm.tokenizer is not None:
+        checks.check_tokenizer(lm.tokenizer, lm.config, lm.source)
+    checks.check_finite(lm.model, lm.source)
+    return lm

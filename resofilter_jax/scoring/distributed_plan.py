@@ -161,6 +161,15 @@ class Hosts:
         got = np.asarray(multihost_utils.process_allgather(mask))  # [P, n_shards]
         return [int(k) for k in np.nonzero(got.max(axis=0)[:n_shards])[0]]
 
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process (a collective: every process must call)."""
+        if not self.multi:
+            return flag
+        from jax.experimental import multihost_utils
+
+        got = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))  # [P, 1]
+        return bool(np.asarray(got).max())
+
     def barrier(self, name: str) -> None:
         """Waits for every process (no-op on one)."""
         if self.multi:

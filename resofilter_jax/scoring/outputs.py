@@ -18,7 +18,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resofilter_jax.data.atomic import atomic_path, atomic_write_bytes, atomic_write_table
+from resofilter_jax.data.atomic import atomic_path, atomic_write_bytes, table_bytes
+from resofilter_jax.data.batching import host_slice
 from resofilter_jax.data.records import status_counts
+from resofilter_jax.data.sealed import (
+    check_sealed,
+    fingerprint_hash,
+    read_sealed,
+    remove_sealed,
+    write_sealed,
+)
 
 RUN_CONFIG = "run_config.json"
 SHARD_DIR = "shards"
@@ -91,8 +99,11 @@ def check_output_dir(
 ) -> bool:
     """Read-only check of ``out_dir`` against ``fingerprint``; True when it can be reused as is.
 
+    A directory with a fingerprint but no results (no shard, no merged file: e.g. a run that
+    stopped at a bad model or setting) holds nothing to lose; it counts as new.
+
     Raises:
-        FingerprintMismatchError: If the directory belongs to a run with a different
+        FingerprintMismatchError: If the directory holds results of a run with a different
             fingerprint and ``overwrite`` is False (the message names the differing keys).
     """
     out = Path(out_dir)
@@ -100,6 +111,10 @@ def check_output_dir(
     if not cfg.exists():
         return False
     diff = _diff_keys(json.loads(cfg.read_text()), json.loads(json.dumps(fingerprint)))
+    shards = out / SHARD_DIR
+    results = (shards.is_dir() and any(shards.iterdir())) or (out / "scores.parquet").exists()
+    if diff and not results:
+        return False
     if diff and not overwrite:
         raise FingerprintMismatchError(
             f"{out} holds results of a different run (differing keys: {', '.join(diff)}); "
@@ -125,10 +140,10 @@ def prepare_output_dir(
     cfg = out / RUN_CONFIG
     if check_output_dir(out, fp, overwrite=overwrite):
         return out
-    if overwrite or not cfg.exists():
-        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
-        for name in ("scores.parquet", "scores.jsonl", "run.json"):
-            (out / name).unlink(missing_ok=True)
+    # A new run, overwrite=True, or an old fingerprint without results: start clean.
+    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    for name in ("scores.parquet", "scores.jsonl", "run.json"):
+        (out / name).unlink(missing_ok=True)
     atomic_write_bytes(cfg, json.dumps(fp, indent=2, sort_keys=True).encode())
     return out
 
@@ -175,9 +190,71 @@ def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def missing_shards(out_dir: str | os.PathLike[str], n_shards: int) -> list[int]:
-    """Shard numbers that are not finished (see :func:`shard_files`)."""
+    """Shard numbers that have no complete set of files (names only; see
+    :func:`verify_shards` for the check of their contents)."""
     done = shard_files(out_dir, n_shards)
     return [k for k in range(n_shards) if k not in done]
+
+
+def run_hash(out_dir: str | os.PathLike[str]) -> str:
+    """The hash of the run's fingerprint (``run_config.json``) that seals its files."""
+    return fingerprint_hash(json.loads((Path(out_dir) / RUN_CONFIG).read_text()))
+
+
+def shard_meta(run: str, k: int, lo: int, hi: int, part: tuple[int, int] = (0, 1)) -> dict:
+    """The seal metadata of part ``part`` of shard ``k`` (global rows ``[lo, hi)``)."""
+    rows = host_slice(range(lo, hi), *part)
+    return {"fingerprint": run, "shard": k, "rows": [rows.start, rows.stop], "part": list(part)}
+
+
+def verify_shards(
+    out_dir: str | os.PathLike[str],
+    ranges: Sequence[tuple[int, int]],
+    run: str,
+    *,
+    remove: bool,
+) -> tuple[list[int], list[str]]:
+    """(shards to compute, problems) of a resumed run.
+
+    A shard is done when its single file, or every part of one earlier N-process run, is
+    complete, intact and sealed by this run for its row range (:mod:`resofilter_jax.data.sealed`).
+    Files that exist but fail that check (truncated, corrupted, foreign, never sealed) are
+    listed as problems and, with ``remove``, deleted so that no merge can pick them up,
+    together with the temporary files of writers that were killed (``.*.tmp``; only call
+    it with ``remove`` while holding the run lock, when no writer is alive).
+    """
+    out = Path(out_dir)
+    if remove:
+        for tmp in out.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    d = out / SHARD_DIR
+    names = set(os.listdir(d)) if d.is_dir() else set()
+    sets: dict[int, dict[int, set[int]]] = {}
+    for name in names:
+        if m := _PART.match(name):
+            k, p, n = (int(g) for g in m.groups())
+            sets.setdefault(k, {}).setdefault(n, set()).add(p)
+    todo, problems = [], []
+    for k, (lo, hi) in enumerate(ranges):
+        candidates = [(1, [0])] if f"shard-{k:05d}.parquet" in names else []
+        candidates += sorted((n, sorted(ps)) for n, ps in sets.get(k, {}).items())
+        done = False
+        for n, ps in candidates:
+            bad = []
+            for p in ps:
+                path = shard_path(out, k, (p, n))
+                why = check_sealed(path, shard_meta(run, k, lo, hi, (p, n)))
+                if why:
+                    bad.append(path)
+                    problems.append(f"{path.name}: {why}")
+            if remove:
+                for path in bad:
+                    remove_sealed(path)
+            if not bad and ps == list(range(n)) and not done:
+                done = True
+        if not done:
+            todo.append(k)
+    return todo, problems
 
 
 def write_shard(
@@ -186,15 +263,17 @@ def write_shard(
     columns: Mapping[str, Any],
     schema: pa.Schema = SHARD_SCHEMA,
     part: tuple[int, int] = (0, 1),
+    meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes shard ``k`` (columns of ``schema``, default IFD's) atomically; returns its path.
+    """Writes shard ``k`` (columns of ``schema``, default IFD's) atomically and seals it
+    with ``meta`` (:func:`shard_meta`); returns its path.
 
     ``part=(p, n)``: process p of an n-process job writes its rows of the shard.
     """
     arrays = [pa.array(list(columns[f.name]), type=f.type) for f in schema]
     table = pa.Table.from_arrays(arrays, schema=schema)
     path = shard_path(out_dir, k, part)
-    atomic_write_table(path, table)
+    write_sealed(path, table_bytes(table), meta or {})
     return path
 
 
@@ -212,12 +291,16 @@ def merge_shards(
     with_turn: bool,
     expected_rows: int | None = None,
     schema: pa.Schema = SHARD_SCHEMA,
+    sealed_by: tuple[str, Sequence[tuple[int, int]]] | None = None,
 ) -> MergedScores:
     """Concatenates all shards into ``scores.parquet`` and ``scores.jsonl`` (NaN -> null).
 
     One shard file at a time (memory: one shard, whatever the number of rows); both files
     appear atomically once complete. ``schema`` is the shard files' schema (default: IFD's
-    :data:`SHARD_SCHEMA`).
+    :data:`SHARD_SCHEMA`). Every file is checked against its seal first: with
+    ``sealed_by=(run_hash, ranges)`` also that this run sealed it for its rows
+    (:func:`shard_meta`), else size and checksum only; a bad one is removed and the merge
+    fails.
 
     Raises:
         FileNotFoundError: If a shard is missing.
@@ -235,8 +318,15 @@ def merge_shards(
     merged = MergedScores(0, collections.Counter())
     with atomic_path(out / "scores.parquet") as pq_tmp, atomic_path(out / "scores.jsonl") as js_tmp:
         with pq.ParquetWriter(pq_tmp, out_schema) as writer, open(js_tmp, "wb") as lines:
-            for f in (f for k in range(n_shards) for f in done[k]):
-                table = pq.read_table(f, schema=schema).drop_columns(drop)
+            for k, f in ((i, f) for i in range(n_shards) for f in done[i]):
+                data, why = read_sealed(f, _expected_seal(sealed_by, k, f))
+                if data is None:
+                    remove_sealed(f)  # the next run recomputes it
+                    raise RuntimeError(
+                        f"cannot merge: {f} is {why}; it was removed, run the same command "
+                        "again to recompute it"
+                    )
+                table = pq.read_table(pa.BufferReader(data), schema=schema).drop_columns(drop)
                 writer.write_table(table)
                 rows = table.to_pylist()
                 lines.write(
@@ -251,6 +341,18 @@ def merge_shards(
         if expected_rows is not None and merged.rows != expected_rows:
             raise ValueError(f"merged {merged.rows} rows but the input has {expected_rows}")
     return merged
+
+
+def _expected_seal(
+    sealed_by: tuple[str, Sequence[tuple[int, int]]] | None, k: int, path: Path
+) -> dict[str, Any]:
+    """The seal metadata :func:`merge_shards` requires of shard ``k``'s file ``path``."""
+    if sealed_by is None:
+        return {}
+    run, ranges = sealed_by
+    m = _PART.match(path.name)
+    part = (int(m[2]), int(m[3])) if m else (0, 1)
+    return shard_meta(run, k, *ranges[k], part)
 
 
 @dataclasses.dataclass

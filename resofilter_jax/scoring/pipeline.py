@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,13 @@ from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
 from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
+from resofilter_jax.run_lock import RunLock, RunLockedError
 from resofilter_jax.runtime import enable_compilation_cache, versions
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.record_stream import ScanResult, StreamedRecords, scan_records
 from resofilter_jax.scoring.runner import ifd_settings, score_ifd
+from resofilter_jax.stop_signals import Interrupted, StopSignals
 
 METHODS = ("ifd", "resonance")
 
@@ -102,9 +104,13 @@ KILL_ENV = "RESOFILTER_TEST_KILL_AFTER_SHARDS"  # test hook: "P:N" = process P d
 
 
 def shard_writer(
-    out_dir: Path, hosts: Hosts, schema: Any = outputs.SHARD_SCHEMA
+    out_dir: Path,
+    hosts: Hosts,
+    ranges: Sequence[tuple[int, int]],
+    schema: Any = outputs.SHARD_SCHEMA,
 ) -> Callable[[int, dict[str, Any]], None]:
-    """``on_shard`` callback: this process's part (or, alone, the whole shard) of shard k.
+    """``on_shard`` callback: this process's part (or, alone, the whole shard) of shard k,
+    sealed with the run's fingerprint hash and its row range (``outputs.shard_meta``).
 
     Test hook: with ``RESOFILTER_TEST_KILL_AFTER_SHARDS=P:N`` in the environment, process P
     SIGKILLs itself right after writing its N-th shard file (a crash mid-run).
@@ -113,9 +119,11 @@ def shard_writer(
     hook = os.environ.get(KILL_ENV, "")
     victim, after = (int(x) for x in hook.split(":")) if hook else (-1, 0)
     written = [0]
+    run = outputs.run_hash(out_dir)
 
     def write(k: int, cols: dict[str, Any]) -> None:
-        outputs.write_shard(out_dir, k, cols, schema, part)
+        meta = outputs.shard_meta(run, k, *ranges[k], part)
+        outputs.write_shard(out_dir, k, cols, schema, part, meta)
         written[0] += 1
         if victim == hosts.index and written[0] >= after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -150,6 +158,8 @@ def _score_ifd(
     out_dir: Path,
     hosts: Hosts,
     fp: dict[str, Any],
+    ranges: Sequence[tuple[int, int]],
+    stop: Callable[[], bool],
 ) -> Any:
     """Runs the IFD loop over the missing shards, writing each as it finishes."""
     return score_ifd(
@@ -159,9 +169,20 @@ def _score_ifd(
         **ifd_settings(config),
         shards=todo,
         mesh=mesh,
-        on_shard=shard_writer(out_dir, hosts),
+        on_shard=shard_writer(out_dir, hosts, ranges),
         progress=config.progress and hosts.index == 0,
         cache=encoded_cache(config, lm.tokenizer, fp),
+        stop=stop,
+    )
+
+
+def _stopped(config: ml_collections.ConfigDict, out_dir: Path, n: int, signal_name: str) -> str:
+    """The message of a run stopped by a signal: what is done and how to resume."""
+    left = len(outputs.missing_shards(out_dir, n))
+    return (
+        f"stopped by {signal_name}: {n - left} of {n} shards are written in {out_dir}, "
+        f"{left} remain. Run the same command again to resume (finished shards are kept, "
+        "nothing is merged until all exist)."
     )
 
 
@@ -208,96 +229,141 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     hosts = Hosts(mesh)
     fp = fingerprint(config, model_path, data_path)
     outputs.check_output_dir(config.output_dir, fp, overwrite=config.overwrite)  # all raise
-    if hosts.index == 0:
-        outputs.prepare_output_dir(config.output_dir, fp, overwrite=config.overwrite)
-    hosts.barrier("resofilter_output_dir")
-    out_dir = Path(config.output_dir)
-    records, report, scan = _scan_input(config, data_path)
-    ranges = outputs.shard_ranges(len(records), config.shard_size)
-    # Every process computes the union of what any of them sees missing (lockstep).
-    todo = hosts.agree_todo(outputs.missing_shards(out_dir, len(ranges)), len(ranges))
-    t_read = time.perf_counter()
-    lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    lm.model.scan_layers = bool(config.model.get("scan_layers", False))
-    attention = configure_attention(
-        lm.model, config.model.get("attention", "auto"), packed=bool(config.get("pack", True))
-    )
-    t_load = time.perf_counter()
-    schema = outputs.SHARD_SCHEMA
-    if config.method == "resonance":
-        spec = reso_runner.spec_from_config(config, lm.model)
-        schema = reso_runner.reso_schema(spec)
-        stats = reso_runner.run_from_config(
-            config,
-            spec,
-            lm.model,
-            lm.tokenizer,
-            records,
-            shards=todo,
-            mesh=mesh,
-            on_shard=shard_writer(out_dir, hosts, schema),
-            cache=encoded_cache(config, lm.tokenizer, fp),
-            duplicate_of=scan.duplicate_of,
-        )
-    else:
-        stats = _score_ifd(config, lm, records, todo, mesh, out_dir, hosts, fp)
-    hosts.barrier("resofilter_scored")  # every part of every shard is written
-    if hosts.index == 0:
-        merged = outputs.merge_shards(
-            out_dir,
-            len(ranges),
-            with_id=scan.has_id,
-            with_turn=config.data.sharegpt_turns == "all",
-            expected_rows=len(records),
-            schema=schema,
-        )
-    hosts.barrier("resofilter_merged")
-    if hosts.index == 0:
-        n_rows, statuses = merged.rows, dict(sorted(merged.statuses.items()))
-    else:
-        n_rows = len(records)
-        statuses = outputs.file_status_counts(out_dir / "scores.parquet")
-    t_end = time.perf_counter()
-    summary = {
-        "output_dir": str(out_dir),
-        "model": model_path,
-        "data": data_path,
-        "rows": n_rows,
-        "statuses": statuses,
-        "shards": {"total": len(ranges), "computed": len(todo), "reused": len(ranges) - len(todo)},
-        "loop": stats.summary(),
-        "seconds": {
-            "read": t_read - t0,
-            "load_model": t_load - t_read,
-            "score": stats.seconds,
-            "total": t_end - t0,
-        },
-        "samples_per_s": stats.samples_per_s,
-        "tokens_per_s": stats.tokens_per_s,
-    }
-    if hosts.multi:  # the loop counters above are this process's
-        summary["processes"] = {"index": hosts.index, "count": hosts.count}
-    if hosts.index != 0:
-        return summary
-    cfg = lm.config
-    outputs.write_json(
-        out_dir / "run.json",
-        {
-            **summary,
-            "config": config.to_dict(),
-            "model_config": {
-                "model_type": cfg.model_type,
-                "vocab_size": cfg.vocab_size,
-                "hidden_size": cfg.hidden_size,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "source": lm.source,
-            },
-            "attention": attention,  # the backend `model.attention` resolved to, and why
-            "versions": versions(),
-            "devices": [str(d) for d in devices],
-            "distributed": dist,
-            "read_report": read_report_json(report, config.data.limit),
-        },
-    )
-    logging.info("summary: %s", json.dumps(summary))
-    return summary
+    # One live run per output directory: process 0 holds the lock for the whole job.
+    lock = RunLock(config.output_dir, "resofilter_jax.score") if hosts.index == 0 else None
+    refused = ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            refused = str(e)
+    if hosts.any_process(bool(refused)):
+        raise RunLockedError(refused or f"{config.output_dir} is in use by another run")
+    try:
+        with StopSignals("the shard in flight is written") as stop:
+            if hosts.index == 0:
+                outputs.prepare_output_dir(config.output_dir, fp, overwrite=config.overwrite)
+            hosts.barrier("resofilter_output_dir")
+            out_dir = Path(config.output_dir)
+            records, report, scan = _scan_input(config, data_path)
+            ranges = outputs.shard_ranges(len(records), config.shard_size)
+            # Finished shards are checked against their seals; bad ones are reported and (process 0)
+            # removed. Every process computes the union of what any of them sees missing (lockstep).
+            missing, problems = outputs.verify_shards(
+                out_dir, ranges, outputs.run_hash(out_dir), remove=hosts.index == 0
+            )
+            if problems and hosts.index == 0:
+                logging.warning(
+                    "recomputing %d shard file(s) that cannot be trusted:\n  %s",
+                    len(problems),
+                    "\n  ".join(problems[:20]),
+                )
+            todo = hosts.agree_todo(missing, len(ranges))
+            t_read = time.perf_counter()
+            lm = load_model(
+                model_path,
+                dtype=config.model.dtype,
+                param_dtype=config.model.param_dtype,
+                max_length=config.max_length,
+            )
+            lm.model.scan_layers = bool(config.model.get("scan_layers", False))
+            attention = configure_attention(
+                lm.model,
+                config.model.get("attention", "auto"),
+                packed=bool(config.get("pack", True)),
+            )
+            t_load = time.perf_counter()
+            schema = outputs.SHARD_SCHEMA
+            if config.method == "resonance":
+                spec = reso_runner.spec_from_config(config, lm.model)
+                schema = reso_runner.reso_schema(spec)
+                stats = reso_runner.run_from_config(
+                    config,
+                    spec,
+                    lm.model,
+                    lm.tokenizer,
+                    records,
+                    shards=todo,
+                    mesh=mesh,
+                    on_shard=shard_writer(out_dir, hosts, ranges, schema),
+                    cache=encoded_cache(config, lm.tokenizer, fp),
+                    duplicate_of=scan.duplicate_of,
+                    stop=lambda: stop.requested,
+                )
+            else:
+                stats = _score_ifd(
+                    config, lm, records, todo, mesh, out_dir, hosts, fp, ranges,
+                    lambda: stop.requested,
+                )  # fmt: skip
+            hosts.barrier("resofilter_scored")  # every part of every shard is written
+            if stats.stopped:  # every process stopped at the same shard boundary
+                name = stop.name or "a signal on another process"
+                raise Interrupted(_stopped(config, out_dir, len(ranges), name), stop.signum or 15)
+            if hosts.index == 0:
+                merged = outputs.merge_shards(
+                    out_dir,
+                    len(ranges),
+                    with_id=scan.has_id,
+                    with_turn=config.data.sharegpt_turns == "all",
+                    expected_rows=len(records),
+                    schema=schema,
+                    sealed_by=(outputs.run_hash(out_dir), ranges),
+                )
+            hosts.barrier("resofilter_merged")
+            if hosts.index == 0:
+                n_rows, statuses = merged.rows, dict(sorted(merged.statuses.items()))
+            else:
+                n_rows = len(records)
+                statuses = outputs.file_status_counts(out_dir / "scores.parquet")
+            t_end = time.perf_counter()
+            summary = {
+                "output_dir": str(out_dir),
+                "model": model_path,
+                "data": data_path,
+                "rows": n_rows,
+                "statuses": statuses,
+                "shards": {
+                    "total": len(ranges),
+                    "computed": len(todo),
+                    "reused": len(ranges) - len(todo),
+                },
+                "loop": stats.summary(),
+                "seconds": {
+                    "read": t_read - t0,
+                    "load_model": t_load - t_read,
+                    "score": stats.seconds,
+                    "total": t_end - t0,
+                },
+                "samples_per_s": stats.samples_per_s,
+                "tokens_per_s": stats.tokens_per_s,
+            }
+            if hosts.multi:  # the loop counters above are this process's
+                summary["processes"] = {"index": hosts.index, "count": hosts.count}
+            if hosts.index != 0:
+                return summary
+            cfg = lm.config
+            outputs.write_json(
+                out_dir / "run.json",
+                {
+                    **summary,
+                    "config": config.to_dict(),
+                    "model_config": {
+                        "model_type": cfg.model_type,
+                        "vocab_size": cfg.vocab_size,
+                        "hidden_size": cfg.hidden_size,
+                        "num_hidden_layers": cfg.num_hidden_layers,
+                        "source": lm.source,
+                    },
+                    "attention": attention,  # the backend `model.attention` resolved to, and why
+                    "versions": versions(),
+                    "devices": [str(d) for d in devices],
+                    "distributed": dist,
+                    "read_report": read_report_json(report, config.data.limit),
+                },
+            )
+            logging.info("summary: %s", json.dumps(summary))
+            return summary
+
+    finally:
+        if lock is not None:
+            lock.release()

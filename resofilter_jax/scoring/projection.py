@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resofilter_jax.data.atomic import atomic_write_bytes
+from resofilter_jax.data.sealed import read_sealed, write_sealed
 from resofilter_jax.scoring.outputs import write_json
 
 Array = jax.Array
@@ -163,8 +163,14 @@ def projection_path(out_dir: str | os.PathLike[str], k: int) -> Path:
     return Path(out_dir) / PROJ_DIR / shard_file(k)
 
 
-def write_shard(out_dir: str | os.PathLike[str], k: int, proj: np.ndarray) -> Path:
-    """Writes shard ``k``'s projections ([rows, K], any float) as float16, atomically."""
+def write_shard(
+    out_dir: str | os.PathLike[str],
+    k: int,
+    proj: np.ndarray,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes shard ``k``'s projections ([rows, K], any float) as float16, atomically, sealed
+    with ``meta`` (``outputs.shard_meta``; :mod:`resofilter_jax.data.sealed`)."""
     x = np.asarray(proj, np.float32)
     finite = np.isfinite(x)
     overflow = int(np.sum(finite & (np.abs(x) > _FP16_MAX)))
@@ -176,18 +182,23 @@ def write_shard(out_dir: str | os.PathLike[str], k: int, proj: np.ndarray) -> Pa
         )
     buf = io.BytesIO()
     np.save(buf, x.astype(np.float16), allow_pickle=False)
-    path = projection_path(out_dir, k)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return write_sealed(projection_path(out_dir, k), buf.getvalue(), meta or {})
 
 
-def shard_matches(out_dir: str | os.PathLike[str], k: int, rows: int, dim: int) -> bool:
-    """Whether shard ``k``'s file exists as float16 [rows, dim] (reads the header only)."""
-    path = projection_path(out_dir, k)
-    if not path.is_file():
+def shard_matches(
+    out_dir: str | os.PathLike[str],
+    k: int,
+    rows: int,
+    dim: int,
+    expect: Mapping[str, Any] | None = None,
+) -> bool:
+    """Whether shard ``k``'s file is complete, intact and sealed with ``expect`` (None: any
+    run), as float16 [rows, dim]."""
+    data, _ = read_sealed(projection_path(out_dir, k), expect or {})
+    if data is None:
         return False
     try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
+        x = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError):
         return False
     return x.dtype == np.float16 and x.shape == (rows, dim)

@@ -25,7 +25,7 @@ import functools
 import json
 import shutil
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,7 @@ def score_resonance(
     progress: bool = True,
     workers: int = 1,
     prefetch: int = 1,
+    stop: Callable[[], bool] | None = None,
     cache: EncodedCache | None = None,
     duplicate_of: np.ndarray | None = None,
 ) -> RunStats:
@@ -265,6 +266,8 @@ def score_resonance(
         progress: Show a tqdm bar.
         workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
         prefetch: Shards prepared ahead in a background thread (one process; see
+            :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
+        stop: Polled before each shard is started; True stops the loop there (see
             :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
         cache: Encoded shards on disk (:mod:`resofilter_jax.data.encoded_cache`); None:
             tokenize.
@@ -378,6 +381,7 @@ def score_resonance(
         desc="resonance",
         progress=progress,
         prefetch=prefetch,
+        stop=stop,
     )
 
 
@@ -393,6 +397,7 @@ def run_from_config(
     on_shard: ShardCallback,
     cache: EncodedCache | None = None,
     duplicate_of: np.ndarray | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> RunStats:
     """:func:`score_resonance` with the settings of a ``method="resonance"`` config.
 
@@ -410,6 +415,7 @@ def run_from_config(
     out_dir = Path(config.output_dir)
     ranges = outputs.shard_ranges(len(records), config.shard_size)
     pdir = out_dir / projection.PROJ_DIR
+    run = outputs.run_hash(out_dir)
     if lead:
         (pdir / projection.INDEX).unlink(missing_ok=True)
     write = on_shard
@@ -419,13 +425,16 @@ def run_from_config(
             shutil.rmtree(pdir)
     else:
         if lead:
-            projection_parts.merge_parts(out_dir, ranges, proj.dim)  # parts of a killed run
+            projection_parts.merge_parts(out_dir, ranges, proj.dim, run)  # of a killed run
         hosts.barrier("resofilter_projections_ready")
         todo = set(shards)
         redo = [
             k
             for k, (lo, hi) in enumerate(ranges)
-            if k not in todo and not projection.shard_matches(out_dir, k, hi - lo, proj.dim)
+            if k not in todo
+            and not projection.shard_matches(
+                out_dir, k, hi - lo, proj.dim, outputs.shard_meta(run, k, lo, hi)
+            )
         ]
         if redo:
             warnings.warn(
@@ -437,9 +446,11 @@ def run_from_config(
         def write(k: int, cols: dict[str, Any]) -> None:
             if hosts.multi:
                 part = (hosts.index, hosts.count)
-                projection_parts.write_part(out_dir, k, cols["projection"], part)
+                meta = outputs.shard_meta(run, k, *ranges[k], part)
+                projection_parts.write_part(out_dir, k, cols["projection"], part, meta)
             else:
-                projection.write_shard(out_dir, k, cols["projection"])  # before the score shard
+                meta = outputs.shard_meta(run, k, *ranges[k])  # written before the score shard
+                projection.write_shard(out_dir, k, cols["projection"], meta)
             on_shard(k, cols)
 
     stats = score_resonance(
@@ -463,11 +474,12 @@ def run_from_config(
         prefetch=host["prefetch"],
         cache=cache,
         duplicate_of=duplicate_of,
+        stop=stop,
     )
     if proj is not None:
         hosts.barrier("resofilter_projections_written")
         if lead:
-            projection_parts.merge_parts(out_dir, ranges, proj.dim)
+            projection_parts.merge_parts(out_dir, ranges, proj.dim, run)
             shapes = param_shapes(model)
             meta = projection.index_meta(
                 proj, {p: shapes[p] for p in spec.params}, _model_stamp(out_dir)

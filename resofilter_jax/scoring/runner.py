@@ -16,7 +16,7 @@ shard and all of them dispatch the same steps with the same shapes (see ``shard_
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,6 +114,7 @@ def score_ifd(
     progress: bool = True,
     workers: int = 1,
     prefetch: int = 1,
+    stop: Callable[[], bool] | None = None,
     cache: EncodedCache | None = None,
 ) -> RunStats:
     """Computes the IFD columns of ``records``, shard by shard.
@@ -141,6 +142,8 @@ def score_ifd(
         progress: Show a tqdm bar.
         workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
         prefetch: Shards prepared ahead in a background thread (one process; see
+            :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
+        stop: Polled before each shard is started; True stops the loop there (see
             :func:`~resofilter_jax.scoring.shard_loop.run_shards`).
         cache: Encoded shards on disk (:mod:`resofilter_jax.data.encoded_cache`), keyed
             for this tokenizer, template, ``max_length`` and data; None: tokenize.
@@ -205,6 +208,7 @@ def score_ifd(
         desc="ifd",
         progress=progress,
         prefetch=prefetch,
+        stop=stop,
     )
 
 

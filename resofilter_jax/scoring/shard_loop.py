@@ -36,7 +36,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from resofilter_jax.data import BatchPlan, Record, bucket_lengths, plan_batches
+from resofilter_jax.data import BatchPlan, Record, bucket_lengths, plan_batches, status_counts
 from resofilter_jax.scoring.distributed_plan import Hosts, plan_global_batches
 
 ShardCallback = Callable[[int, dict[str, Any]], None]
@@ -61,6 +61,8 @@ class RunStats:
             plan); with background preparation, only what the device did not hide.
         device_wait_s: Time the loop waited for device results (the device was the slower).
         statuses: Rows per status.
+        stopped: The loop stopped early at a shard boundary (``stop``); shards not started
+            are left for a resumed run.
     """
 
     rows: int = 0
@@ -76,6 +78,7 @@ class RunStats:
     host_wait_s: float = 0.0
     device_wait_s: float = 0.0
     statuses: dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped: bool = False
 
     @property
     def samples_per_s(self) -> float:
@@ -267,6 +270,7 @@ def run_shards(
     desc: str,
     progress: bool,
     prefetch: int = 1,
+    stop: Callable[[], bool] | None = None,
 ) -> RunStats:
     """Runs a scoring method over the shards ``shards`` of ``ranges``; returns its stats.
 
@@ -288,6 +292,9 @@ def run_shards(
         prefetch: One process: shards prepared ahead in a background thread while the
             device runs the current one (0: in the loop, as with several processes, whose
             plans agree through collectives). Results do not depend on it.
+        stop: Polled before each new shard is started (all processes agree: one
+            collective per shard); when True, the shards already started are finished and
+            written, nothing more is started, and ``stats.stopped`` is set.
     """
     todo = list(range(len(ranges))) if shards is None else sorted(shards)
     stats = RunStats(shards_skipped=len(ranges) - len(todo))
@@ -321,6 +328,9 @@ def run_shards(
 
     def batches() -> Iterator[tuple[_InFlight, BatchPlan | None, Batch | None]]:
         for k, work in prepared():
+            if stop is not None and hosts.any_process(stop()):
+                stats.stopped = True  # the shards in flight still finish (run_pipelined)
+                return
             shard = _InFlight(k, work, remaining=len(work.plans))
             if not work.plans:
                 yield shard, None, None
@@ -337,7 +347,7 @@ def run_shards(
             "turn": [r.turn for r in recs],
             **columns(shard.work.state),
         }
-        statuses.update(cols["status"])
+        statuses.update(status_counts(cols["status"]))  # duplicate_of:<i> folded
         if on_shard is not None:
             on_shard(shard.k, cols)
         stats.shards_computed += 1

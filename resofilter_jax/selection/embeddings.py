@@ -25,6 +25,7 @@ from tqdm import tqdm
 from resofilter_jax.data import Record, bucket_lengths, collate, encode_truncated, plan_batches
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.base import CausalLM
+from resofilter_jax.models.checks import check_max_length
 from resofilter_jax.models.precision import matmul_precision_scope
 from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
 
@@ -197,6 +198,7 @@ def load_embedder(
     devices (0: all of them). ``attention``: the attention backend (models/attention.py).
     """
     lm = cached_model(str(model_path), str(dtype), str(param_dtype))
+    check_max_length(lm.config, max_length, lm.source)  # per call: the model may be cached
     configure_attention(lm.model, attention, packed=False)  # one text per row
     devices = jax.local_devices()
     mesh = make_mesh(devices[:num_devices] if num_devices > 0 else devices)

@@ -274,7 +274,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     enable_compilation_cache(config.get("compilation_cache_dir", ""))
     model_path = config.model.path or str(assets.smollm2_gguf())
     data_path = config.data.path or str(assets.gsm8k_test())
-    lm = load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    lm = load_model(
+        model_path,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        max_length=config.max_length,
+    )
     # Held-out loss rows are unpacked; generation (KV cache) always uses the reference.
     attention = configure_attention(lm.model, config.model.get("attention", "auto"), packed=False)
     records, _ = read_records(config, data_path, limit=config.data.limit)

@@ -143,13 +143,16 @@ def loaded(name: str, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
     return model, out
 
 
-def save_tiny_model(name: str, tokenizer: Any, path: Any, seed: int = 0) -> Any:
+def save_tiny_model(name: str, tokenizer: Any, path: Any, seed: int = 0, positions: int = 0) -> Any:
     """Saves a tiny random HF model of parity case ``name`` (vocab fitted to ``tokenizer``).
 
     Built like :func:`reference` (fp32, eager, perturbed 1-D params), with the vocabulary and
-    special ids of ``tokenizer``; model and tokenizer go to ``path``. Returns the torch model.
+    special ids of ``tokenizer``; model and tokenizer go to ``path``. ``positions`` > 0 sets
+    ``max_position_embeddings`` (RoPE models: no new weights). Returns the torch model.
     """
     config = HF_CONFIGS[name]()
+    if positions:
+        config.max_position_embeddings = positions
     config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id
