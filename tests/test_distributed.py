@@ -305,3 +305,25 @@ def test_resonance_duplicates_are_the_same_rows_on_two_processes(
     job = launch("reso_smollm2_gsm8k", settings, out, tmp_path / "logs")
     assert job.returncode == 0, job.stdout[-3000:] + tails(tmp_path / "logs")
     assert_same_scores(out, ref)
+
+
+def test_sigterm_on_one_process_stops_the_job_at_one_shard_boundary(
+    gpt2_dir: Path, sharegpt_path: Path, jax_cache: Path, ifd_ref: Path, tmp_path: Path
+) -> None:
+    """Process 1 alone gets SIGTERM after its second shard: both processes finish the shard
+    in flight and stop at the same boundary (no shard has one part only), exit 143 with a
+    resume hint, and the re-launched job completes to the one-process output."""
+    settings = ifd_settings(gpt2_dir, sharegpt_path, jax_cache)
+    out, logs = tmp_path / "stopped", tmp_path / "logs"
+    job = launch("ifd_gpt2_alpaca", settings, out, logs, RESOFILTER_TEST_TERM_AFTER_SHARDS="1:2")
+    assert job.returncode != 0 and not (out / "scores.parquet").exists()
+    texts = [p.read_text(errors="replace") for p in sorted(logs.glob("process-*.log"))]
+    assert "stopped by SIGTERM" in texts[1] and "stopped by a signal on another process" in texts[0]
+    names = {p.name for p in (out / "shards").glob("*.parquet")}
+    done = {k for k in range(5) if f"shard-{k:05d}.p0of2.parquet" in names}
+    assert done == {k for k in range(5) if f"shard-{k:05d}.p1of2.parquet" in names}
+    assert 2 <= len(done) < 5, done
+    job = launch("ifd_gpt2_alpaca", settings, out, tmp_path / "logs2")
+    assert job.returncode == 0, job.stdout[-3000:] + tails(tmp_path / "logs2")
+    assert json.loads((out / "run.json").read_text())["shards"]["reused"] == len(done)
+    assert_same_scores(out, ifd_ref)

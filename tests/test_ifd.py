@@ -131,6 +131,14 @@ def test_ifd_scores_host_function() -> None:
     assert cols["loss_direct"][0] == 0.5 and cols["loss_condition"][0] == 1.0
     assert cols["ifd"][0] == pytest.approx(math.exp(1.0) / math.exp(0.5))
     assert np.isnan(cols["ifd"][1:]).all() and list(cols["n_tokens_condition"]) == [3, 0, 0, 0]
+    # Scored tokens but a NaN or Inf loss (overflow, broken weights) is never a score, and is
+    # not mistaken for truncation either.
+    for value in (np.nan, np.inf):
+        cols = ifd_scores(
+            pairs, seq.owner, np.array([2.0, value, 1.0, 2.0]), np.array([4, 3, 4, 2])
+        )
+        assert cols["status"] == ["nonfinite_loss", "empty_output", "ok", "error:bad_json"]
+        assert np.isnan(cols["ifd"][0]) and cols["n_tokens_direct"][0] == 0
 
 
 def _sharegpt_samples(path: Path, n_short: int, n_long: int) -> list[Record]:

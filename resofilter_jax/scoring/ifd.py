@@ -125,6 +125,9 @@ def ifd_sequences(pairs: Sequence[IFDPair]) -> IFDSequences:
     return IFDSequences(seqs, starts, np.asarray(owner, np.int64))
 
 
+NONFINITE = "nonfinite_loss"  # status: response tokens were scored but the loss is NaN/Inf
+
+
 def ifd_scores(
     pairs: Sequence[IFDPair], owner: np.ndarray, loss_sum: np.ndarray, count: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -151,9 +154,11 @@ def ifd_scores(
     out["n_tokens_condition"] = np.zeros(n, np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = s / c  # [n_ok, 2]; 0/0 -> NaN (no scored token)
-    bad = ~np.isfinite(loss).all(axis=1)  # [n_ok]
+    empty = (c == 0).any(axis=1)  # [n_ok] a sequence kept no response token
+    bad = empty | ~np.isfinite(loss).all(axis=1)  # [n_ok]
     for k in np.nonzero(bad)[0]:
-        status[int(owner[k])] = "no_response_tokens"
+        # Tokens scored but a NaN/Inf loss (overflow, broken weights): never a silent score.
+        status[int(owner[k])] = "no_response_tokens" if empty[k] else NONFINITE
     good = owner[~bad]
     loss = loss[~bad]  # [n_good, 2]
     ppl = np.exp(loss)

@@ -101,6 +101,7 @@ def _scan_input(
 
 
 KILL_ENV = "RESOFILTER_TEST_KILL_AFTER_SHARDS"  # test hook: "P:N" = process P dies after N
+TERM_ENV = "RESOFILTER_TEST_TERM_AFTER_SHARDS"  # test hook: "P:N" = P gets SIGTERM after N
 
 
 def shard_writer(
@@ -112,12 +113,17 @@ def shard_writer(
     """``on_shard`` callback: this process's part (or, alone, the whole shard) of shard k,
     sealed with the run's fingerprint hash and its row range (``outputs.shard_meta``).
 
-    Test hook: with ``RESOFILTER_TEST_KILL_AFTER_SHARDS=P:N`` in the environment, process P
-    SIGKILLs itself right after writing its N-th shard file (a crash mid-run).
+    Test hooks: with ``RESOFILTER_TEST_KILL_AFTER_SHARDS=P:N`` in the environment, process P
+    SIGKILLs itself right after writing its N-th shard file (a crash mid-run); with
+    ``RESOFILTER_TEST_TERM_AFTER_SHARDS=P:N`` it sends itself SIGTERM instead (a preemption
+    notice that reaches one process of a job).
     """
     part = (hosts.index, hosts.count)
-    hook = os.environ.get(KILL_ENV, "")
-    victim, after = (int(x) for x in hook.split(":")) if hook else (-1, 0)
+    hooks = []
+    for env, sig in ((KILL_ENV, signal.SIGKILL), (TERM_ENV, signal.SIGTERM)):
+        if os.environ.get(env, ""):
+            victim, after = (int(x) for x in os.environ[env].split(":"))
+            hooks.append((victim, after, sig))
     written = [0]
     run = outputs.run_hash(out_dir)
 
@@ -125,8 +131,9 @@ def shard_writer(
         meta = outputs.shard_meta(run, k, *ranges[k], part)
         outputs.write_shard(out_dir, k, cols, schema, part, meta)
         written[0] += 1
-        if victim == hosts.index and written[0] >= after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        for victim, after, sig in hooks:
+            if victim == hosts.index and written[0] == after:
+                os.kill(os.getpid(), sig)
 
     return write
 
