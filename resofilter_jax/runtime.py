@@ -19,6 +19,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 # Packages whose versions every run.json records (absent ones are reported as "absent").
@@ -88,3 +89,35 @@ def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = "absent"
     return out
+
+
+_LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # every executable built
+_BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"  # XLA compiles (cache misses)
+_compile_counts = [0, 0]  # [executables built, XLA backend compiles] in this process
+_listening = threading.Lock()
+_registered = [False]
+
+
+def _count_compile(event: str, duration: float, **kw: object) -> None:
+    del duration, kw
+    if event == _LOWER_EVENT:
+        _compile_counts[0] += 1
+    elif event == _BACKEND_EVENT:
+        _compile_counts[1] += 1
+
+
+def compile_counts() -> tuple[int, int]:
+    """(executables built, XLA backend compilations) so far in this process.
+
+    Counted from JAX's monitoring events: every jit specialisation that is lowered counts as
+    built; it is compiled by XLA unless the persistent compilation cache has it. The first
+    call registers the listener (earlier compilations are not counted).
+    """
+    with _listening:
+        if not _registered[0]:
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(_count_compile)
+            _registered[0] = True
+    return _compile_counts[0], _compile_counts[1]
+

@@ -37,6 +37,7 @@ import jax
 from tqdm import tqdm
 
 from resofilter_jax.data import BatchPlan, Record, bucket_lengths, plan_batches, status_counts
+from resofilter_jax.runtime import compile_counts
 from resofilter_jax.scoring.distributed_plan import Hosts, plan_global_batches
 
 ShardCallback = Callable[[int, dict[str, Any]], None]
@@ -54,7 +55,11 @@ class RunStats:
         batches: Batches dispatched.
         tokens: Real (non-padding) tokens scored.
         padded_tokens: Tokens including padding (batch rows x bucket length).
-        shapes: Distinct (rows, length) batch shapes (each compiles once).
+        shapes: Distinct batch shapes: (rows, length), plus the segment slots of packed
+            resonance batches (each compiles once).
+        compilations: Executables built during the loop (lowered; each is compiled by XLA
+            or read from the persistent compilation cache); backend_compilations: those
+            compiled by XLA (``runtime.compile_counts``).
         seconds: Wall time of the loop; first_result_s: until the first batch came back
             (includes compilation).
         host_wait_s: Time the loop waited for the host to prepare a shard (tokenize, pack,
@@ -72,7 +77,9 @@ class RunStats:
     batches: int = 0
     tokens: int = 0
     padded_tokens: int = 0
-    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    shapes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    compilations: int = 0
+    backend_compilations: int = 0
     seconds: float = 0.0
     first_result_s: float = 0.0
     host_wait_s: float = 0.0
@@ -198,7 +205,7 @@ def run_pipelined(
     collect: Callable[[Any, BatchPlan, Batch, int, Any], None],
     finish: Callable[[Any], None],
     stats: RunStats,
-    shapes: set[tuple[int, int]],
+    shapes: set[tuple[int, ...]],
 ) -> None:
     """Dispatches every batch and collects batch n only after batch n + 1 is dispatched.
 
@@ -214,7 +221,8 @@ def run_pipelined(
             continue
         rows = int(plan.rows.size)
         n_tokens = int((batch["attention_mask"] > 0).sum())  # segment ids: > 0 is real
-        shapes.add((rows, plan.length))
+        slots = batch.get("slots")  # packed resonance compiles per segment-slot count too
+        shapes.add((rows, plan.length) if slots is None else (rows, plan.length, int(slots)))
         stats.batches += 1
         packed = batch.get("segments")
         stats.sequences += len(packed) if packed is not None else int((plan.rows >= 0).sum())
@@ -299,8 +307,9 @@ def run_shards(
     todo = list(range(len(ranges))) if shards is None else sorted(shards)
     stats = RunStats(shards_skipped=len(ranges) - len(todo))
     stats.rows = sum(hi - lo for lo, hi in (hosts.rows(*ranges[k]) for k in todo))
-    shapes: set[tuple[int, int]] = set()
+    shapes: set[tuple[int, ...]] = set()
     statuses: collections.Counter[str] = collections.Counter()
+    compiled0 = compile_counts()
 
     def prepared() -> Iterator[tuple[int, ShardWork]]:
         """Shards in order; one process: prepared ``prefetch`` shards ahead in a thread."""
@@ -372,6 +381,9 @@ def run_shards(
     bar.close()
     stats.seconds = bar.elapsed()
     stats.shapes = sorted(shapes)
+    compiled = compile_counts()
+    stats.compilations = compiled[0] - compiled0[0]
+    stats.backend_compilations = compiled[1] - compiled0[1]
     stats.statuses = dict(sorted(statuses.items()))
     stats.host_wait_s, stats.device_wait_s = bar.host_wait, bar.device_wait
     if progress:
