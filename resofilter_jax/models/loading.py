@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,10 @@ import jax.numpy as jnp
 from resofilter_jax.models import checks
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.config import ModelConfig, config_from_hf
-from resofilter_jax.models.registry import abstract_model, load_state_dict
+from resofilter_jax.models.registry import abstract_model, load_state_dict, named_params
+
+# HF name -> shape  ->  HF name -> final sharding (e.g. parallel.param_shardings on a mesh).
+ShardingsFn = Callable[[Mapping[str, tuple[int, ...]]], Mapping[str, jax.sharding.Sharding]]
 
 log = logging.getLogger("resofilter_jax.models")
 
@@ -73,13 +76,21 @@ def _filled(
     dtype: jnp.dtype,
     param_dtype: jnp.dtype,
     source: str,
+    shardings: ShardingsFn | None = None,
 ) -> CausalLM:
-    """An abstract (shape-only) model of `config` filled from streamed (HF name, array) pairs."""
+    """An abstract (shape-only) model of `config` filled from streamed (HF name, array) pairs;
+    with `shardings`, each tensor is placed straight to its final sharding."""
+    model = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+    placed = None
+    if shardings is not None:
+        shapes = {name: tuple(p.shape) for name, p in named_params(model).items()}
+        placed = dict(shardings(shapes))
     return load_state_dict(
-        abstract_model(config, dtype=dtype, param_dtype=param_dtype),
+        model,
         tensors,
         ignore=checkpoint_ignores(config),
         source=source,
+        shardings=placed,
     )
 
 
@@ -101,14 +112,24 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, jax.Array]]:
-    """Yields (name, array) from safetensors files, one tensor at a time (bf16 kept)."""
+def iter_safetensors(
+    files: Iterable[Path], *, host: bool = False
+) -> Iterator[tuple[str, jax.Array]]:
+    """Yields (name, array) from safetensors files, one tensor at a time (bf16 kept).
+
+    ``host``: the arrays stay in host memory (JAX's CPU device), to be placed shard by shard.
+    """
     from safetensors import safe_open
 
     for f in files:
         with safe_open(str(f), framework="flax") as handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                if host:  # read under the CPU device, yielded outside the context
+                    with jax.default_device(jax.devices("cpu")[0]):
+                        value = handle.get_tensor(name)
+                else:
+                    value = handle.get_tensor(name)
+                yield name, value
 
 
 _MULTIMODAL_PREFIXES = (
@@ -210,6 +231,7 @@ def load_model(
     param_dtype: str | jnp.dtype = jnp.float32,
     tokenizer: bool = True,
     max_length: int | None = None,
+    shardings: ShardingsFn | None = None,
 ) -> LoadedModel:
     """Loads a model (and tokenizer) from a HF directory, a `.gguf` file, or a hub id.
 
@@ -223,6 +245,9 @@ def load_model(
         dtype: compute dtype; param_dtype: storage dtype of the parameters.
         tokenizer: also load the tokenizer.
         max_length: the run's longest sequence (None: not checked).
+        shardings: maps {HF name: shape} to {HF name: sharding}; every tensor is read on the
+            host and placed shard by shard with its final sharding (no whole copy on one
+            device: a model larger than one device loads for fsdp). None: default device.
 
     Raises:
         checks.BadModelError: a ValueError (MaxLengthError, TokenizerMismatchError,
@@ -236,7 +261,14 @@ def load_model(
         g = GGUFFile(path)
         config = config_from_hf(g.hf_config())
         checks.check_max_length(config, max_length, str(path))
-        model = _filled(config, g.tensors(), dtype=dtype, param_dtype=param_dtype, source=str(path))
+        model = _filled(
+            config,
+            g.tensors(),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            source=str(path),
+            shardings=shardings,
+        )
         tok = load_tokenizer(path.parent, gguf_file=path.name) if tokenizer else None
         return _checked(LoadedModel(model, tok, config, str(path)))
     if not path.exists():
@@ -251,10 +283,12 @@ def load_model(
     checks.check_max_length(config, max_length, str(path))
     files = _safetensors_files(path)
     log.info("loading %s (%s, %d shard(s))", path, config.model_type, len(files))
-    tensors = iter_safetensors(files)
+    tensors = iter_safetensors(files, host=shardings is not None)
     if "text_config" in raw_config:  # multimodal checkpoint: load its text model
         tensors = text_model_tensors(tensors)
-    model = _filled(config, tensors, dtype=dtype, param_dtype=param_dtype, source=str(path))
+    model = _filled(
+        config, tensors, dtype=dtype, param_dtype=param_dtype, source=str(path), shardings=shardings
+    )
     tok = load_tokenizer(path) if tokenizer else None
     return _checked(LoadedModel(model, tok, config, str(path)))
 

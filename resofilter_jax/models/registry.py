@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resofilter_jax.models.base import CausalLM
@@ -75,6 +76,7 @@ def load_state_dict(
     ignore: tuple[str, ...] = (),
     strict: bool = True,
     source: str = "checkpoint",
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
 ) -> ModelT:
     """Fills the parameters of `model` from HF-named tensors, cast to each parameter's dtype.
 
@@ -93,6 +95,9 @@ def load_state_dict(
         strict: raise when a model parameter has no tensor or a tensor has no parameter
             (shape and dtype mismatches always raise).
         source: what the tensors came from, for error messages (a path).
+        shardings: HF name -> the parameter's final sharding. Such a tensor is placed shard
+            by shard from the host (``jax.make_array_from_callback``): no device ever holds
+            more than its own shard, so a model larger than one device loads for fsdp.
 
     Returns:
         `model`.
@@ -128,6 +133,8 @@ def load_state_dict(
                 f"tensor {name!r} has dtype {value.dtype} but the model expects floating point "
                 f"({jnp.dtype(var.dtype).name})"
             )
+        elif not wrong and shardings is not None and name in shardings:
+            values[name] = _place(value, var.dtype, shardings[name])
         elif not wrong:  # after a mismatch only the checks go on
             values[name] = jnp.asarray(value, dtype=var.dtype)
     missing = sorted(set(by_name) - seen)
@@ -147,6 +154,14 @@ def load_state_dict(
         flat[by_name[name]].set_value(value)
     nnx.update(model, state)
     return model
+
+
+def _place(value: Any, dtype: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """``value`` (host or CPU array) cast to ``dtype`` and placed shard by shard."""
+    host = np.asarray(value)  # [shape] on the host; zero-copy for numpy / CPU jax arrays
+    return jax.make_array_from_callback(
+        host.shape, sharding, lambda index: np.asarray(host[index], dtype=dtype)
+    )
 
 
 def _some(names: list[str], n: int = 6) -> str:
