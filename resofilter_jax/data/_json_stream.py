@@ -109,8 +109,10 @@ def iter_json_array(
     Raises:
         TruncatedInputError: After the last complete element, if the file ends before the
             closing ``]`` (the exception carries the record count and byte offsets).
-        DataError: Invalid UTF-8, a syntax error (with record number and byte offset), a
-            top level that is not an array, or data after the closing ``]``.
+        DataError: Invalid UTF-8, a syntax error (with record number and byte offset), an
+            element the decoder cannot represent (nested too deeply, an integer with more
+            digits than ``sys.get_int_max_str_digits()``), a top level that is not an
+            array, or data after the closing ``]``.
     """
     path = str(path)
     decoder = json.JSONDecoder()
@@ -149,6 +151,12 @@ def iter_json_array(
                 f"{feed.byte_offset(at)}: {what}"
             )
 
+        def undecodable(what: str, at: int) -> DataError:
+            return DataError(
+                f"{path}: cannot decode record {count} (0-based) at byte "
+                f"{feed.byte_offset(at)}: {what}"
+            )
+
         pos = last_end
         while True:
             pos = feed.skip_ws(pos)
@@ -167,10 +175,16 @@ def iter_json_array(
                         raise cut_off() from e
                     feed.more()
                     continue
-                if end == len(feed.buf) and not isinstance(value, dict | list | str):
+                except RecursionError:
+                    raise undecodable("nested too deeply for the JSON decoder", pos) from None
+                except ValueError as e:  # e.g. an integer longer than int_max_str_digits
+                    raise undecodable(str(e), pos) from e
+                # A number or literal followed only by characters that may continue it (the
+                # buffer ends at "1." or "2e") may go on in the next chunk, or be cut off.
+                if not isinstance(value, dict | list | str) and _PARTIAL.fullmatch(feed.buf, end):
                     if feed.eof:
-                        raise cut_off()  # a number or literal cut off at EOF may be partial
-                    feed.more()  # ... or may go on in the next chunk
+                        raise cut_off()
+                    feed.more()
                     continue
                 break
             yield count, value

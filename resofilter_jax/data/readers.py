@@ -92,9 +92,13 @@ def iter_raw_rows(
       fatal :class:`DataError` (an array cannot be resynchronised); an element that is not
       an object is a ``not_an_object`` row error.
     * ``jsonl``: one JSON object per non-blank line. Blank (whitespace-only) lines are
-      skipped and are not rows. Per-line errors: ``invalid_utf8``, ``bad_json``,
+      skipped and are not rows. Per-line errors: ``invalid_utf8``, ``bad_json`` (also a
+      line nested too deeply for the decoder or with an over-long integer),
       ``not_an_object``; messages use the 1-based physical line number.
-    * ``parquet``: rows of the file's record batches (pyarrow).
+    * ``parquet``: rows of the file's record batches (pyarrow). Per-row errors:
+      ``invalid_utf8`` (a string column holding invalid UTF-8) and ``bad_value`` (a value
+      with no Python form, e.g. a timestamp beyond year 9999); a file pyarrow cannot read
+      is a fatal :class:`DataError`.
     * ``hf``: a ``save_to_disk`` directory (``load_from_disk``) or a dataset name
       (``load_dataset(name, split=split)``); needs ``pip install resofilter_jax[hf]``.
     * ``tfds``: a prepared TFDS dataset directory or a registered name, in stored order,
@@ -219,12 +223,31 @@ def _iter_jsonl(path: str | os.PathLike[str]) -> Iterator[RawRow]:
                     row = _check_object(json.loads(text), where)
                 except json.JSONDecodeError as e:
                     row = RowError("bad_json", f"{where}: {e.msg} at column {e.colno}")
+                except RecursionError:
+                    row = RowError("bad_json", f"{where}: nested too deeply for the JSON decoder")
+                except ValueError as e:  # e.g. an integer longer than int_max_str_digits
+                    row = RowError("bad_json", f"{where}: {e}")
             yield row_number, row
             row_number += 1
 
 
+def _parquet_row(batch: Any, i: int, where: str) -> dict[str, Any] | RowError:
+    """Row ``i`` of a record batch, or a row error naming the first column whose value
+    has no Python form (invalid UTF-8 in a string, a date out of Python's range)."""
+    row = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            row[name] = column[i].as_py()
+        except UnicodeDecodeError as e:
+            return RowError("invalid_utf8", f"{where}: column {name!r}: invalid UTF-8 ({e.reason})")
+        except (ValueError, OverflowError) as e:
+            return RowError("bad_value", f"{where}: column {name!r}: {e}")
+    return row
+
+
 def _iter_parquet(path: str | os.PathLike[str]) -> Iterator[RawRow]:
-    """Reads a Parquet file batch by batch."""
+    """Reads a Parquet file batch by batch; a batch that does not convert to Python as a
+    whole is converted row by row, the failing rows becoming row errors."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -232,7 +255,13 @@ def _iter_parquet(path: str | os.PathLike[str]) -> Iterator[RawRow]:
         pf = pq.ParquetFile(path)
         row_number = 0
         for batch in pf.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
+            try:
+                rows: list[dict[str, Any] | RowError] = batch.to_pylist()
+            except (ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
+                rows = [
+                    _parquet_row(batch, i, f"row {row_number + i}") for i in range(batch.num_rows)
+                ]
+            for row in rows:
                 yield row_number, row
                 row_number += 1
     except (pa.ArrowException, OSError) as e:

@@ -103,7 +103,8 @@ class ReadReport:
         path: The path or dataset name that was read.
         rows_read: Rows yielded (good rows and error rows, after shard filtering).
         errors: How many of those rows were reader errors (bad JSON, invalid UTF-8, not an
-            object); field errors found later by the format conversion are not counted.
+            object, a Parquet value with no Python form); field errors found later by the
+            format conversion are not counted.
         truncated: Whether the input ended in the middle of a JSON array.
         bytes_total: Size of the input file in bytes (0 for hub/TFDS datasets).
         bytes_unparsed: Bytes after the last complete record when truncated, else 0.

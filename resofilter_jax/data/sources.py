@@ -15,7 +15,7 @@ from typing import Any
 
 from resofilter_jax.data.formats import to_records
 from resofilter_jax.data.readers import iter_raw_rows
-from resofilter_jax.data.records import LOGGER_NAME, ReadReport, Record
+from resofilter_jax.data.records import LOGGER_NAME, DataError, ReadReport, Record
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -54,7 +54,17 @@ def iter_records(
         sharegpt_turns=d.sharegpt_turns,
         on_error=d.on_error,
     )
-    return records, report
+    return _naming_the_file(records, data_path), report
+
+
+def _naming_the_file(records: Iterator[Record], path: str) -> Iterator[Record]:
+    """``records``, with the path put in front of a DataError that does not name it."""
+    try:
+        yield from records
+    except DataError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise DataError(f"{path}: {e}") from e
 
 
 def read_records(
