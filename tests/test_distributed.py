@@ -214,7 +214,7 @@ def test_ifd_two_processes_equal_one_process(
     assert_same_scores(out, ifd_ref)
     statuses = set(pq.read_table(out / "scores.parquet").column("status").to_pylist())
     assert "ok" in statuses and len(statuses) > 1  # real rows: scored ones and bad ones
-    parts = sorted(p.name for p in (out / "shards").iterdir())
+    parts = sorted(p.name for p in (out / "shards").glob("*.parquet"))
     assert parts == [f"shard-{k:05d}.p{p}of2.parquet" for k in range(5) for p in range(2)]
     run = json.loads((out / "run.json").read_text())
     assert run["distributed"]["process_count"] == 2 and len(run["devices"]) == 8

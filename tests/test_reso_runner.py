@@ -25,6 +25,7 @@ from support.models import save_tiny_model
 from support.scoring import data_rows, make_config
 
 from resofilter_jax.data import collate, encode_sft_examples, plan_batches
+from resofilter_jax.data.sealed import seal_path
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.parallel import make_mesh, shard_batch
@@ -277,14 +278,15 @@ def test_killed_run_resumes_to_identical_output(
         args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 300
-    while not shard_path(out, 0).exists():
+    while not seal_path(shard_path(out, 0)).exists():  # sealed last: a finished shard
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no shard appeared"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    written = sorted((out / "shards").glob("shard-*.parquet"))
+    # Finished shards: sealed (a file the kill caught before its seal is recomputed).
+    written = sorted(f for f in (out / "shards").glob("shard-*.parquet") if seal_path(f).exists())
     assert 1 <= len(written) < len(SIZES4) and not (out / "scores.parquet").exists()
     assert not (out / "projections" / "index.json").exists()
     for f in written:  # a score shard never exists without its projection

@@ -23,6 +23,7 @@ from support.models import save_tiny_model
 from support.scoring import alpaca_rows
 
 from resofilter_jax.configuration import load_config
+from resofilter_jax.data.sealed import seal_path
 from resofilter_jax.scoring import pipeline as score
 from resofilter_jax.scoring.outputs import FingerprintMismatchError, shard_path
 
@@ -224,7 +225,7 @@ def test_run_killed_with_a_full_prefetch_queue_resumes_to_identical_output(
         args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 240
-    while not shard_path(out, 0).exists():
+    while not seal_path(shard_path(out, 0)).exists():  # sealed last: a finished shard
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no shard appeared"
         time.sleep(0.01)
@@ -232,7 +233,7 @@ def test_run_killed_with_a_full_prefetch_queue_resumes_to_identical_output(
     proc.wait()
     proc.stderr.close()
     n_shards = math.ceil(len(rows) / 4)
-    written = sorted((out / "shards").glob("shard-*.parquet"))
+    written = sorted(f for f in (out / "shards").glob("shard-*.parquet") if seal_path(f).exists())
     assert 1 <= len(written) < n_shards and not (out / "scores.parquet").exists()
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
