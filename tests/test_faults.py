@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from support.data import build_tokenizer, write_jsonl
+from support.faults import resize, small_filesystem
 from support.models import save_tiny_model
 from support.scoring import alpaca_rows
 
@@ -230,30 +231,6 @@ def test_bad_projection_files_and_parts_are_not_used(tmp_path: Path) -> None:
 
 
 # ---- a full disk ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size_bytes: int) -> Iterator[Path]:
-    """A tmpfs of ``size_bytes`` mounted at ``path`` (skips the test when it cannot mount)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root on Linux (CI runs the tests as root)")
-    got = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if got.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def resize(path: Path, size_bytes: int) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(path)], check=True)
 
 
 def leftovers(out: Path) -> list[str]:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from support.models import save_tiny_model
 from support.scoring import alpaca_rows
 
 from resofilter_jax.configuration import load_config
+from resofilter_jax.data.sealed import seal_path
 from resofilter_jax.run_lock import LOCK_NAME, RunLock, RunLockedError
 from resofilter_jax.scoring import outputs
 from resofilter_jax.scoring import pipeline as score
@@ -63,7 +65,9 @@ def config(model_dir: Path, data: Path, out: Path, cache: Path) -> Any:
     return load_config(ROOT / "configs/ifd_gpt2_alpaca.py", {**over, **SETTINGS})
 
 
-def start_scorer(model_dir: Path, data: Path, out: Path, cache: Path) -> subprocess.Popen:
+def start_scorer(
+    model_dir: Path, data: Path, out: Path, cache: Path, **over: Any
+) -> subprocess.Popen:
     args = [
         sys.executable,
         "-m",
@@ -73,7 +77,7 @@ def start_scorer(model_dir: Path, data: Path, out: Path, cache: Path) -> subproc
         f"--config.data.path={data}",
         f"--config.output_dir={out}",
         f"--config.compilation_cache_dir={cache}",
-        *(f"--config.{k}={v}" for k, v in SETTINGS.items()),
+        *(f"--config.{k}={v}" for k, v in {**SETTINGS, **over}.items()),
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
@@ -135,21 +139,32 @@ def test_a_live_run_holds_the_directory_and_sigterm_stops_it_at_a_shard_boundary
 def test_a_second_signal_stops_at_once_leaving_only_whole_files(
     model_dir: Path, data_path: Path, tmp_path: Path
 ) -> None:
+    """Shards of 150 rows: the second SIGINT comes (once the first is logged) while the
+    shard in flight still runs, and stops the scorer there."""
     out, cache = tmp_path / "out", tmp_path / "jax_cache"
-    proc = start_scorer(model_dir, data_path, out, cache)
+    proc = start_scorer(model_dir, data_path, out, cache, shard_size=150)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     try:
-        wait_for(proc, outputs.shard_path(out, 0))
+        wait_for(proc, seal_path(outputs.shard_path(out, 0)))
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)
+        deadline = time.monotonic() + 60
+        while not any("SIGINT received: stopping once" in x for x in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.005)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         proc.kill()
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode != 0, err[-3000:]
-    assert "SIGINT received again: stopping now" in err
-    ranges = outputs.shard_ranges(600, 4)
-    _, problems = outputs.verify_shards(out, ranges, outputs.run_hash(out), remove=False)
+    assert "SIGINT received again: stopping now" in err, err[-3000:]
+    ranges = outputs.shard_ranges(600, 150)
+    missing, problems = outputs.verify_shards(out, ranges, outputs.run_hash(out), remove=False)
     assert problems == [] and not list(out.rglob("*.tmp"))
+    assert 0 in set(range(4)) - set(missing)  # shard 0 stayed, whole and sealed
 
 
 def test_a_lock_of_a_live_process_is_refused_and_of_a_dead_one_taken_over(

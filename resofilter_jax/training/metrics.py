@@ -10,12 +10,16 @@ needs TensorFlow) is importable; nothing is installed for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from absl import logging
+
+from resofilter_jax.data.atomic import atomic_write_bytes
+from resofilter_jax.training.run_control import disk_full_error, is_disk_full
 
 
 def _tensorboard_writer(logdir: Path) -> Any | None:
@@ -46,20 +50,25 @@ def _tensorboard_writer(logdir: Path) -> Any | None:
 def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
     """Drops records with ``step > last_step`` (written after the checkpoint a run resumes).
 
+    The file is rewritten atomically (a full disk leaves it as it was) when that changes it.
+
     Returns:
         The records kept, in file order.
     """
     if not path.is_file():
         return []
     kept = []
-    for line in path.read_text().splitlines():
+    old = path.read_text()
+    for line in old.splitlines():
         try:
             record = json.loads(line)
             if int(record["step"]) <= last_step:
                 kept.append(record)
         except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a kill
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            continue  # a line cut by a kill or a full disk
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if text != old:
+        atomic_write_bytes(path, text.encode())
     return kept
 
 
@@ -112,8 +121,7 @@ class MetricsLogger:
         self.last = record
         if self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._write(record)
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, float | int):
@@ -137,8 +145,7 @@ class MetricsLogger:
         self.last_eval = record
         if self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._write(record)
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, float | int):
@@ -147,6 +154,25 @@ class MetricsLogger:
             self._eval_postfix = f"{record.get('eval_loss', math.nan):.4f}"
         else:
             logging.info("step %d eval: %s", step, json.dumps(record))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` as one line, flushed.
+
+        Raises:
+            DiskFullError: If the disk is full (the file is closed; a cut line is dropped
+                by the next run's :func:`truncate_jsonl`).
+        """
+        line = json.dumps(record) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            with contextlib.suppress(OSError):
+                self._file.close()  # its flush fails again; the descriptor is closed anyway
+            self._file = None
+            raise disk_full_error(self.path, len(line.encode()), e) from e
 
     def close(self) -> None:
         """Closes the file, the bar and the TensorBoard writer."""

@@ -9,11 +9,18 @@ The same function runs as a multi-process ``jax.distributed`` job (``config.dist
 SLURM or a TPU pod; see ``launch/README.md``): the mesh spans every process's devices, each
 process collates its own rows of every batch, orbax checkpoints are written by all processes,
 and process 0 writes the other files (see ``resofilter_jax.training.multihost``).
+
+Faults (``resofilter_jax.training.run_control``): one live run per WORKDIR (a lock);
+SIGTERM / SIGINT stop after a checkpoint of the current step; a full disk raises
+``DiskFullError`` naming the file, with only complete checkpoints and no partial export left.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +34,7 @@ from absl import logging
 from resofilter_jax import assets
 from resofilter_jax.configuration import check_config, host_settings
 from resofilter_jax.data import encode_sft_examples, status_counts
+from resofilter_jax.data.atomic import atomic_write_bytes
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.export import export_hf
@@ -35,11 +43,19 @@ from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.models.registry import named_params
 from resofilter_jax.parallel import initialize_distributed, make_train_mesh, num_devices
 from resofilter_jax.runtime import enable_compilation_cache, versions
+from resofilter_jax.scoring.distributed_plan import Hosts
+from resofilter_jax.stop_signals import Interrupted, StopSignals
 from resofilter_jax.training import multihost
 from resofilter_jax.training.checkpoints import Checkpointer
 from resofilter_jax.training.metrics import MetricsLogger
 from resofilter_jax.training.optim import optimizer_from_config
 from resofilter_jax.training.periodic_eval import HeldoutEval, check_eval_config
+from resofilter_jax.training.run_control import (
+    disk_full_error,
+    hold_workdir,
+    is_disk_full,
+    stopped_message,
+)
 from resofilter_jax.training.sft_data import (
     BatchPlan,
     Row,
@@ -164,8 +180,13 @@ def _train_steps(
     ckpt: Checkpointer,
     data_state: Callable[[int], dict[str, Any]],
     evaluator: HeldoutEval | None = None,
-) -> int:
-    """Runs optimizer steps ``steps`` (0-based), logging and checkpointing; returns the tokens.
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> tuple[int, int]:
+    """Runs optimizer steps ``steps`` (0-based), logging and checkpointing.
+
+    Returns:
+        (tokens trained on, steps done): ``steps.stop`` unless ``stop_requested`` (polled
+        after every step, the same answer on every process) said to stop early.
 
     Metrics of a step are fetched after the next step is dispatched, so the host builds the
     next batch while the device works; before a checkpoint they are flushed, so the metrics
@@ -245,16 +266,29 @@ def _train_steps(
             flush_all()  # metrics up to a checkpoint are on disk before it is
             ckpt.save(step + 1, trainer.state(), data_state(step + 1))
         multihost.maybe_kill(step + 1, kill)
+        if stop_requested() and step + 1 < steps.stop:  # a signal: the caller saves here
+            flush_all()
+            return total_tokens, step + 1
     flush_all()
-    return total_tokens
+    return total_tokens, steps.stop
 
 
 @with_matmul_precision
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains ``config.model`` on ``config.data``; resumes from WORKDIR's newest checkpoint.
 
+    One live run per WORKDIR (a lock, taken by process 0). SIGTERM / SIGINT stop the run
+    after the current step, once a checkpoint of it is saved (every process stops at the
+    same step); a second signal stops at once.
+
     Returns:
         A summary: steps done, final metrics, paths (also written to WORKDIR/run.json).
+
+    Raises:
+        RunLockedError: If a live run holds WORKDIR.
+        Interrupted: If a signal stopped the run (the message says how to resume).
+        DiskFullError: If a checkpoint, metrics.jsonl, run.json or the export ran out of
+            space (a re-run resumes from the newest complete checkpoint).
     """
     t0 = time.perf_counter()
     check_config(config)
@@ -265,10 +299,30 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     dist = initialize_distributed(config)  # before any other JAX use; no-op on one process
     mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp, multihost.train_devices())
     multihost.check_mesh(mesh)
-    primary = multihost.is_primary()
     accum = _check_config(config, num_devices(mesh))
     workdir = Path(config.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = hold_workdir(workdir, Hosts(mesh))  # before anything in WORKDIR is touched
+    try:
+        with StopSignals("a checkpoint is saved") as stop:
+            return _run_locked(config, t0, dist, mesh, accum, workdir, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    config: ml_collections.ConfigDict,
+    t0: float,
+    dist: dict[str, Any],
+    mesh: Any,
+    accum: int,
+    workdir: Path,
+    stop: StopSignals,
+) -> dict[str, Any]:
+    """:func:`run` once WORKDIR is locked and signals are caught."""
+    primary = multihost.is_primary()
+    vote = multihost.StopVote(mesh)
     enable_compilation_cache(config.compilation_cache_dir)
     model_path = config.model.path or str(assets.smollm2_gguf())
     data_path = config.data.path or str(assets.gsm8k_test())
@@ -307,7 +361,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         use_async=config.checkpoint.use_async,
     )
     start = _resume(ckpt, trainer, plan, data_state)
-    stop = min(total, config.train.stop_after_steps) if config.train.stop_after_steps else total
+    stop_at = min(total, config.train.stop_after_steps) if config.train.stop_after_steps else total
+
+    def interrupted(done: int, ran: bool) -> Interrupted:
+        name = stop.name or "a signal on another process"
+        message = stopped_message(name, done, total, workdir, ran)
+        return Interrupted(message, stop.signum or signal.SIGTERM)
+
+    if vote.now(stop.requested):  # a signal during the set-up: stop before the first step
+        ckpt.close()
+        raise interrupted(start, False)
     logger = MetricsLogger(
         workdir,
         total_steps=total,
@@ -317,12 +380,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         write=primary,
     )
     t_loop = time.perf_counter()
-    n_tokens = _train_steps(
+    n_tokens, stop_at = _train_steps(
         config,
         trainer,
         rows,
         plan,
-        range(start, stop),
+        range(start, stop_at),
         accum=accum,
         pad_id=pad_id,
         lr_at=lr_at,
@@ -330,14 +393,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         ckpt=ckpt,
         data_state=data_state,
         evaluator=evaluator,
+        stop_requested=lambda: vote.poll(stop.requested),
     )
-    if stop > start:
-        ckpt.save(stop, trainer.state(), data_state(stop))
-    ckpt.close()
+    if stop_at > start:  # the last step, or the one a signal stopped at (no-op if saved)
+        ckpt.save(stop_at, trainer.state(), data_state(stop_at))
+    ckpt.close()  # background saves are on disk (or have raised)
     logger.close()
+    if vote.now(stop.requested):  # every process stops here, with the checkpoint saved
+        raise interrupted(stop_at, stop_at > start)
     t_train = time.perf_counter()
     hf_dir = None
-    if stop == total and config.export.enabled:
+    if stop_at == total and config.export.enabled:
         hf_dir = _export(config, trainer, workdir / "hf", lm.tokenizer)
     t_end = time.perf_counter()
     summary = {
@@ -347,8 +413,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "steps": {
             "total": total,
             "start": start,
-            "done": stop,
-            "finished": stop == total,
+            "done": stop_at,
+            "finished": stop_at == total,
             "warmup": warmup,
             "per_epoch": plan.steps_per_epoch,
             "accumulation": accum,
@@ -387,7 +453,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "vocab_size": lm.config.vocab_size,
         },
     }
-    (workdir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    atomic_write_bytes(workdir / "run.json", json.dumps(record, indent=2, default=str).encode())
     logging.info("summary: %s", json.dumps(summary, default=str))
     return summary
 
@@ -395,13 +461,38 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _export(config: ml_collections.ConfigDict, trainer: Trainer, out: Path, tokenizer: Any) -> str:
     """Writes the trained model as a HF directory; returns its path.
 
-    With several processes the parameters are sharded over them: every process gathers them
-    to its host, process 0 writes.
+    The directory is written as ``<out>.tmp`` and renamed when complete, so ``out`` is
+    never a partial export. With several processes the parameters are sharded over them:
+    every process gathers them to its host, process 0 writes.
+
+    Raises:
+        DiskFullError: If the export ran out of space (nothing of it is left).
     """
     dtype = as_dtype(config.export.dtype) if config.export.dtype else None
+    primary = multihost.is_primary()
+    tmp = out.with_name(out.name + ".tmp")
+    error: Exception | None = None
     if jax.process_count() == 1:
-        return str(export_hf(trainer.model(), out, tokenizer=tokenizer, dtype=dtype))
-    model = merge_model(trainer.parts, multihost.gather_to_host(trainer.params))
-    if multihost.is_primary():
-        export_hf(model, out, tokenizer=tokenizer, dtype=dtype)
+        model = trainer.model()
+    else:
+        model = merge_model(trainer.parts, multihost.gather_to_host(trainer.params))
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+        try:
+            export_hf(model, tmp, tokenizer=tokenizer, dtype=dtype)
+            shutil.rmtree(out, ignore_errors=True)  # the export of an earlier run
+            os.replace(tmp, out)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = e
+    if Hosts(trainer.mesh).any_process(error is not None):  # no process waits for a failed one
+        if error is None:
+            raise RuntimeError("the export failed on process 0 (see its log)")
+        if is_disk_full(error):
+            nbytes = sum(
+                v.size * (jax.numpy.dtype(dtype or v.dtype).itemsize)
+                for v in trainer.params.values()
+            )
+            raise disk_full_error(out, int(nbytes), error, about=True) from error
+        raise error
     return str(out)
