@@ -22,6 +22,9 @@ cosine with the mean of the target's normalised gradients, as LESS does), ``repo
 ``report.md``. The target is another run's projections (same model, parameters, K and seed,
 else an error) or ``rows:SPEC``, rows of A by ``index`` (half-open ranges ``a:b`` and numbers).
 
+Only the ``index``, ``turn``, ``status`` and score columns of a ``scores.parquet`` are read,
+so millions of rows fit in a few numbers per row (``bench/bench_memory.py``).
+
 The command only parses flags; the library is :mod:`resofilter_jax.analysis`
 (``analysis.pipeline.run(AnalyzeConfig(...))``).
 """

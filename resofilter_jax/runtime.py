@@ -120,4 +120,3 @@ def compile_counts() -> tuple[int, int]:
             jax.monitoring.register_event_duration_secs_listener(_count_compile)
             _registered[0] = True
     return _compile_counts[0], _compile_counts[1]
-

@@ -56,6 +56,13 @@ records as the scorer built them (format, fields and ShareGPT mode are read from
 scorer's ``run_config.json`` next to the score file; ``--data_format`` and
 ``--sharegpt_turns`` override them).
 
+Memory: a ``scores.parquet`` is read column by column (only the key, status and score
+columns the policy needs; the attached columns only for the selected rows, streamed), and
+``--data`` is read once, in input order, parsing only the selected rows (JSONL, Parquet); the
+output files are written as the rows arrive (a file in another order, e.g. the IFD ranking, is
+filled from a temporary file of encoded rows next to it). Memory grows with a few numbers per
+score row, not with the data (about 0.5-1 GiB for 10M rows; ``bench/bench_memory.py``).
+
 The command only parses flags; the library is :mod:`resofilter_jax.selection`
 (``selection.pipeline.run(SelectConfig(...))``).
 """

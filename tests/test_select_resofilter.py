@@ -225,6 +225,7 @@ def test_real_resonance_scores_from_the_scorer(tmp_path: Path) -> None:
     from support.models import save_tiny_model
     from support.scoring import data_rows, make_config
 
+    from resofilter_jax.data.sources import read_records
     from resofilter_jax.scoring import pipeline as score
 
     model_dir = tmp_path / "llama"
@@ -250,7 +251,7 @@ def test_real_resonance_scores_from_the_scorer(tmp_path: Path) -> None:
     dups = sum(s.startswith("duplicate_of:") for s in status)
     assert summary["scored"] == len(ok) and summary["statuses"]["duplicate_of"] == dups
     order = sorted(ok, key=lambda i: (-cols["score"][i], i))  # the reference's ranking
-    records, _ = score.read_records(config, str(data_path))
+    records, _ = read_records(config, str(data_path))
     for o, p in zip(summary["outputs"], (0.25, 0.5, 0.75), strict=True):
         want = sorted(order[int(len(ok) * p) :])
         rows = jsonl(Path(o["output"]))

@@ -30,6 +30,7 @@ from resofilter_jax.analysis.report import (
     usable,
 )
 from resofilter_jax.scoring.outputs import write_json
+from resofilter_jax.selection.score_file import release_memory
 
 __all__ = ["MODES", "AnalyzeConfig", "run", "run_gradient_cosine", "run_scores"]
 
@@ -77,6 +78,8 @@ def run_scores(config: AnalyzeConfig) -> dict[str, Any]:
     series = [(f["label"], d["values"][usable(d)]) for f, d in zip(files, loaded, strict=True)]
     plot_args = {"threshold": threshold, "scale": config.scale}
     plot_hist(series, out / "hist.png", xlabel=column, bins=config.bins, **plot_args)
+    del a, b, loaded, series  # only the matched pairs are needed from here on
+    release_memory()
     if m is not None:
         x, y = m["a"], m["b"]
         report["counts"] = m["counts"]

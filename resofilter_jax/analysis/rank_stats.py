@@ -32,29 +32,42 @@ def _pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _statistic(fn: Callable[[np.ndarray, np.ndarray], Any], x: np.ndarray, y: np.ndarray) -> float:
-    """``fn(x, y).statistic`` as a float in [-1, 1]; NaN for degenerate inputs."""
+    """``fn(x, y)`` as a float in [-1, 1]; NaN for degenerate inputs."""
     xy = _pair(x, y)
     if xy is None:
         return math.nan
     with warnings.catch_warnings():  # near-constant input: scipy warns, the value stands
         warnings.simplefilter("ignore")
-        value = float(fn(*xy).statistic)
+        value = float(fn(*xy))
     return float(np.clip(value, -1.0, 1.0)) if math.isfinite(value) else math.nan
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation; NaN when either input is constant or has < 2 values."""
-    return _statistic(stats.pearsonr, x, y)
+    return _statistic(lambda a, b: stats.pearsonr(a, b).statistic, x, y)
+
+
+def _spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
+    """``scipy.stats.spearmanr(x, y).statistic`` of NaN-free, non-constant inputs, bit for bit.
+
+    scipy stacks x and y into an [n, 2] array, ranks its columns and takes ``np.corrcoef`` of
+    the [2, n] transposed ranks; building that [2, n] array directly gives the same numbers
+    with about half the memory (no stacked copy of the inputs, one rank vector at a time).
+    """
+    ranked = np.empty((2, len(x)), np.float64)  # [2, n]
+    ranked[0] = stats.rankdata(x)
+    ranked[1] = stats.rankdata(y)
+    return float(np.corrcoef(ranked)[1, 0])
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rho: the Pearson correlation of average ranks. O(n log n)."""
-    return _statistic(stats.spearmanr, x, y)
+    return _statistic(_spearman_rho, x, y)
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
     """Kendall tau-b (ties in x and y accounted for). O(n log n); NaN when x or y is constant."""
-    return _statistic(lambda a, b: stats.kendalltau(a, b, variant="b"), x, y)
+    return _statistic(lambda a, b: stats.kendalltau(a, b, variant="b").statistic, x, y)
 
 
 def count_inversions(r: np.ndarray) -> int:

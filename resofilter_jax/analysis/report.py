@@ -15,11 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from resofilter_jax.data import status_counts
-from resofilter_jax.selection.policies import superfiltering_select
-from resofilter_jax.selection.rows import read_scores
+from resofilter_jax.selection.policies import first_k, superfiltering_select
+from resofilter_jax.selection.score_file import ScoreFile, Statuses, status_summary
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def _ranking(values: np.ndarray, threshold: float | None, top: str, k: int | None) -> np.ndarray:
+    """The first ``k`` (None: all) rows below ``threshold`` in top-set order: ``high`` is
+    Superfiltering's (value descending), ``low`` ascending; ties: lower position first."""
+    if top not in ("high", "low"):
+        raise ValueError(f"top must be 'high' or 'low', got {top!r}")
+    thr = math.inf if threshold is None else threshold
+    values = np.asarray(values, np.float64)
+    eligible = np.nonzero(np.isfinite(values) & (values < thr))[0]  # [m] ascending
+    keys = -values[eligible] if top == "high" else values[eligible]
+    return first_k(keys, eligible, k)
 
 
 def top_set(values: np.ndarray, *, rate: float, threshold: float | None, top: str) -> np.ndarray:
@@ -28,26 +39,28 @@ def top_set(values: np.ndarray, *, rate: float, threshold: float | None, top: st
     ``top == "high"`` is Superfiltering's order (delegated to ``superfiltering_select``);
     ``"low"`` orders ascending. Ties: lower position first.
     """
-    thr = math.inf if threshold is None else threshold
     if top == "high":
+        thr = math.inf if threshold is None else threshold
         return superfiltering_select(values, rate=rate, threshold=thr)
-    if top != "low":
-        raise ValueError(f"top must be 'high' or 'low', got {top!r}")
-    values = np.asarray(values, np.float64)
-    k = math.floor(rate * len(values))
-    eligible = np.nonzero(np.isfinite(values) & (values < thr))[0]
-    return eligible[np.lexsort((eligible, values[eligible]))][:k]
+    return _ranking(values, threshold, top, math.floor(rate * len(values)))
 
 
 def overlap(
     a: np.ndarray, b: np.ndarray, *, rates: Sequence[float], threshold: float | None, top: str
 ) -> list[dict[str, Any]]:
-    """Per rate: k, the set sizes, |A∩B|, |A∩B|/k and Jaccard |A∩B|/|A∪B|."""
+    """Per rate: k, the set sizes, |A∩B|, |A∩B|/k and Jaccard |A∩B|/|A∪B|.
+
+    Each file is ranked once; the top set of a rate is the first k of that ranking.
+    """
+    sizes = [math.floor(r * n) for r in rates for n in (len(a), len(b))]
+    most = max(sizes, default=0) if min(sizes, default=0) >= 0 else None  # None: all
+    rank_a, rank_b = _ranking(a, threshold, top, most), _ranking(b, threshold, top, most)
     rows = []
     for rate in rates:
-        sa = set(top_set(a, rate=rate, threshold=threshold, top=top).tolist())
-        sb = set(top_set(b, rate=rate, threshold=threshold, top=top).tolist())
-        k, inter, union = math.floor(rate * len(a)), len(sa & sb), len(sa | sb)
+        k = math.floor(rate * len(a))
+        sa, sb = rank_a[:k], rank_b[: math.floor(rate * len(b))]
+        inter = len(np.intersect1d(sa, sb, assume_unique=True))
+        union = len(sa) + len(sb) - inter
         row = {"rate": rate, "k": k, "size_a": len(sa), "size_b": len(sb), "intersection": inter}
         row["overlap"] = inter / k if k else math.nan
         row["jaccard"] = inter / union if union else math.nan
@@ -72,7 +85,7 @@ def _floats(col: np.ndarray) -> np.ndarray:
     """[n] float64, None / non-numbers -> NaN."""
     col = np.asarray(col)
     if col.dtype.kind in "fiub":
-        return col.astype(np.float64)
+        return col.astype(np.float64, copy=False)
     out = np.full(len(col), np.nan)
     for i, v in enumerate(col):
         if isinstance(v, int | float | np.number) and not isinstance(v, bool):
@@ -82,6 +95,8 @@ def _floats(col: np.ndarray) -> np.ndarray:
 
 def _ints(col: np.ndarray, name: str, path: Path) -> np.ndarray:
     """[n] int64; raises on missing values."""
+    if col.dtype.kind in "iu":
+        return col.astype(np.int64, copy=False)
     f = _floats(col)
     if not np.all(np.isfinite(f)):
         raise ValueError(f"{path}: column `{name}` has missing values")
@@ -89,45 +104,76 @@ def _ints(col: np.ndarray, name: str, path: Path) -> np.ndarray:
 
 
 def load(path: str, column: str = "") -> dict[str, Any]:
-    """Reads one score file: keys (``index``, ``turn`` or 0), statuses and the score column.
+    """Reads the columns of one score file it needs: ``index``, ``turn`` (or 0), ``status``
+    (as an ok mask and counts) and the score column.
 
     Raises:
         ValueError: If ``index`` or the column is missing (the message names the columns).
     """
     p = _resolve_path(path)
-    cols = read_scores(p)
-    available = ", ".join(cols) or "(none)"
-    if "index" not in cols:
+    scores = ScoreFile(p)
+    available = ", ".join(scores.names) or "(none)"
+    if "index" not in scores:
         raise ValueError(f"{p} has no `index` column; columns: {available}")
-    column = column or ("ifd" if "ifd" in cols else "score")
-    if column not in cols:
+    column = column or ("ifd" if "ifd" in scores else "score")
+    if column not in scores:
         raise ValueError(f"{p} has no column `{column}`; available columns: {available}")
-    n = len(cols["index"])
-    status = cols["status"].astype(str) if "status" in cols else np.full(n, "ok")
+    n = scores.num_rows
+    turn = _ints(scores.column("turn"), "turn", p) if "turn" in scores else np.zeros(n, np.int64)
+    status = scores.statuses()
     return {
         "path": str(p),
         "column": column,
-        "index": _ints(cols["index"], "index", p),
-        "turn": _ints(cols["turn"], "turn", p) if "turn" in cols else np.zeros(n, np.int64),
-        "status": np.asarray(status, dtype=object),
-        "values": _floats(cols[column]),
+        "index": _ints(scores.column("index"), "index", p),
+        "turn": turn,
+        "ok": status.ok,
+        "statuses": status.counts,
+        "values": _floats(scores.column(column)),
     }
 
 
-def _keys(d: dict[str, Any], lo: int, span: int) -> np.ndarray:
-    """[n] int64 keys index * span + (turn - lo); raises when two rows share one."""
-    keys = d["index"] * span + (d["turn"] - lo)
+def _statuses(d: dict[str, Any]) -> Statuses:
+    """The ok mask and counts of a loaded file, or of a dict with a raw ``status`` array."""
+    if "ok" in d:
+        return Statuses(d["ok"], d["statuses"])
+    return status_summary(np.asarray(d["status"], dtype=object), len(d["status"]))
+
+
+def _keys(d: dict[str, Any], lo: int, span: int) -> tuple[np.ndarray, bool]:
+    """[n] int64 keys index * span + (turn - lo) and whether they ascend; raises when two rows
+    share one."""
+    if span == 1 and lo == 0:
+        keys = d["index"]  # every turn is 0: the index is the key
+    else:
+        keys = d["index"] * span
+        keys += d["turn"]
+        keys -= lo
+    if len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):
+        return keys, True  # strictly ascending (files in input order): no sort needed
     uniq, counts = np.unique(keys, return_counts=True)
     if np.any(counts > 1):
         dup = int(uniq[np.argmax(counts > 1)])
         where = f"index {dup // span}, turn {dup % span + lo}"
         raise ValueError(f"{d['path']}: several rows have the same key ({where})")
-    return keys
+    return keys, False
+
+
+def _intersect(ka: np.ndarray, kb: np.ndarray, ascending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in ``ka`` and ``kb`` of their common keys, by key, as ``np.intersect1d(ka, kb,
+    assume_unique=True, return_indices=True)`` gives them."""
+    if not ascending:
+        return np.intersect1d(ka, kb, assume_unique=True, return_indices=True)[1:]
+    if not len(kb):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    at = np.searchsorted(kb, ka)  # [len(ka)]
+    np.minimum(at, len(kb) - 1, out=at)
+    ia = np.flatnonzero(kb[at] == ka)
+    return ia, at[ia]
 
 
 def usable(d: dict[str, Any]) -> np.ndarray:
     """[n] bool: status ok and a finite score."""
-    return (d["status"] == "ok") & np.isfinite(d["values"])
+    return _statuses(d).ok & np.isfinite(d["values"])
 
 
 def match(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -136,24 +182,24 @@ def match(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: If no key is in both files, or no common row is usable in both.
     """
-    turns = np.concatenate([a["turn"], b["turn"]])
-    lo, span = int(turns.min(initial=0)), int(turns.max(initial=0) - turns.min(initial=0)) + 1
-    ka, kb = _keys(a, lo, span), _keys(b, lo, span)
-    common, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
-    if len(common) == 0:
+    lo = min(int(a["turn"].min(initial=0)), int(b["turn"].min(initial=0)))
+    span = max(int(a["turn"].max(initial=0)), int(b["turn"].max(initial=0))) - lo + 1
+    (ka, up_a), (kb, up_b) = _keys(a, lo, span), _keys(b, lo, span)
+    ia, ib = _intersect(ka, kb, up_a and up_b)
+    if len(ia) == 0:
         raise ValueError(
             f"{a['path']} ({len(ka)} rows) and {b['path']} ({len(kb)} rows) have no rows in "
             "common (rows are matched by `index` and `turn`): are they scores of the same data?"
         )
-    sa, sb = a["status"][ia] != "ok", b["status"][ib] != "ok"
+    sa, sb = ~_statuses(a).ok[ia], ~_statuses(b).ok[ib]
     fa, fb = ~sa & ~np.isfinite(a["values"][ia]), ~sb & ~np.isfinite(b["values"][ib])
     keep = ~(sa | sb | fa | fb)
     counts = {
         "rows_a": len(ka),
         "rows_b": len(kb),
-        "common": len(common),
-        "only_in_a": len(ka) - len(common),
-        "only_in_b": len(kb) - len(common),
+        "common": len(ia),
+        "only_in_a": len(ka) - len(ia),
+        "only_in_b": len(kb) - len(ia),
         "status_not_ok_a": int(sa.sum()),
         "status_not_ok_b": int(sb.sum()),
         "ok_but_not_finite_a": int(fa.sum()),
@@ -163,7 +209,7 @@ def match(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     }
     if not keep.any():
         raise ValueError(
-            f"{a['path']} and {b['path']} have {len(common)} rows in common but none is ok "
+            f"{a['path']} and {b['path']} have {len(ia)} rows in common but none is ok "
             f"with a finite `{a['column']}` in both: {counts}"
         )
     return {"a": a["values"][ia][keep], "b": b["values"][ib][keep], "counts": counts}
@@ -171,9 +217,10 @@ def match(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def summary(d: dict[str, Any], threshold: float | None) -> dict[str, Any]:
     """Count, mean, std, quantiles and fraction below the threshold of one file's usable rows."""
-    v = d["values"][usable(d)]
+    status = _statuses(d)
+    v = d["values"][status.ok & np.isfinite(d["values"])]
     out: dict[str, Any] = {"rows": len(d["values"]), "count": len(v)}
-    out["statuses"] = status_counts(d["status"]) if len(d["status"]) else {}
+    out["statuses"] = status.counts if len(d["values"]) else {}
     if len(v):
         out.update(mean=float(v.mean()), std=float(v.std()), min=float(v.min()))
         out.update({f"q{100 * q:g}": float(np.quantile(v, q)) for q in QUANTILES})
@@ -187,8 +234,11 @@ def summary(d: dict[str, Any], threshold: float | None) -> dict[str, Any]:
 def _log_scale(values: Sequence[np.ndarray], scale: str) -> bool:
     if scale != "auto":
         return scale == "log"
-    allv = np.concatenate([np.asarray(v) for v in values])
-    return bool(len(allv) and allv.min() > 0 and allv.max() / allv.min() > 10)
+    arrays = [np.asarray(v) for v in values if len(v)]  # no concatenated copy
+    if not arrays:
+        return False
+    lo, hi = min(a.min() for a in arrays), max(a.max() for a in arrays)
+    return bool(lo > 0 and hi / lo > 10)
 
 
 def _log_axis(axis: Any) -> None:
@@ -214,7 +264,10 @@ def plot_hist(
 
     log = _log_scale([v for _, v in series], scale)
     allv = np.concatenate([v for _, v in series])
-    lo, hi = (np.quantile(allv, [0.001, 0.999]) if len(allv) else (0.0, 1.0)).tolist()
+    # allv is a fresh concatenation: partition it in place (same quantiles, no copy)
+    lo, hi = (
+        np.quantile(allv, [0.001, 0.999], overwrite_input=True) if len(allv) else (0.0, 1.0)
+    ).tolist()
     hi = hi if hi > lo else lo + 1.0
     edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
     fig = Figure(figsize=(7, 4.5))

@@ -54,10 +54,10 @@ def iter_records(
         sharegpt_turns=d.sharegpt_turns,
         on_error=d.on_error,
     )
-    return _naming_the_file(records, data_path), report
+    return naming_the_file(records, data_path), report
 
 
-def _naming_the_file(records: Iterator[Record], path: str) -> Iterator[Record]:
+def naming_the_file(records: Iterator[Record], path: str) -> Iterator[Record]:
     """``records``, with the path put in front of a DataError that does not name it."""
     try:
         yield from records

@@ -2,7 +2,11 @@
 
 * :mod:`~resofilter_jax.selection.policies`: the Superfiltering and ResoFilter policies.
 * :mod:`~resofilter_jax.selection.pipeline`: ``SelectConfig`` and ``run`` (score file -> rows).
-* :mod:`~resofilter_jax.selection.rows`: score files, the scored data, output rows and names.
+* :mod:`~resofilter_jax.selection.score_file`: score files read column by column.
+* :mod:`~resofilter_jax.selection.rows`: the scored data read back in one pass, output rows.
+* :mod:`~resofilter_jax.selection.assemble`: output rows, made in the data file's order.
+* :mod:`~resofilter_jax.selection.output`: output files written incrementally (JSON / JSONL).
+* :mod:`~resofilter_jax.selection.settings`: output names, the scorer's recorded settings.
 * :mod:`~resofilter_jax.selection.diversity`: Superfiltering.D (IFD stage + facility location),
   over :mod:`~resofilter_jax.selection.facility_location` and
   :mod:`~resofilter_jax.selection.embeddings` (these three import jax).

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from resofilter_jax.data import Record, status_counts
+from resofilter_jax.data import Record
+from resofilter_jax.selection.assemble import ScoreKeys, row_maker
+from resofilter_jax.selection.output import write_outputs
 from resofilter_jax.selection.policies import (
     EMBED_TYPES,
     FEATURE_PREFIX,
@@ -28,21 +29,18 @@ from resofilter_jax.selection.policies import (
     SCORE_KEYS,
     check_drop_rate,
     detect_policy,
-    resofilter_select,
+    resofilter_keep,
     superfiltering_select,
 )
 from resofilter_jax.selection.rows import (
     RowKey,
     ScoredData,
-    as_float,
+    ScoreFile,
     embedding_model,
     kept_label,
     rate_output_path,
-    read_scores,
-    row_keys,
-    row_maker,
-    write_rows,
 )
+from resofilter_jax.selection.score_file import is_sorted, release_memory
 
 __all__ = ["SelectConfig", "run"]
 
@@ -140,7 +138,7 @@ def _check_diversity(config: SelectConfig, policy: str) -> None:
 
 
 def _diversity(
-    config: SelectConfig, cols: Mapping[str, np.ndarray], candidates: np.ndarray
+    config: SelectConfig, keys: ScoreKeys, candidates: np.ndarray
 ) -> tuple[np.ndarray, dict[RowKey, Record], dict[str, Any]]:
     """Superfiltering.D over the IFD stage ``candidates``.
 
@@ -154,10 +152,10 @@ def _diversity(
         raise ValueError(
             f"--fla_num={config.fla_num} is more than the {len(candidates)} rows of the IFD stage"
         )
-    key = row_keys(cols)
-    records = _source(config).records({key[i] for i in candidates})
+    key = list(zip(keys.index[candidates].tolist(), keys.turns(candidates).tolist(), strict=True))
+    records = _source(config).records(key)
     texts = diversity_texts(
-        [records[key[i]] for i in candidates],
+        [records[k] for k in key],
         config.embed_type,  # type: ignore[arg-type]
         input_line=config.embed_input_line,
     )
@@ -195,38 +193,44 @@ def _diversity(
     return res.positions, records, info
 
 
-def _superfiltering(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _superfiltering(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
     """The IFD ranking, then optionally Superfiltering.D's facility location, then the rows."""
+    ifd = scores.floats("ifd")  # [n]
     picked = superfiltering_select(
-        cols["ifd"],
-        rate=config.rate,
-        count=config.ifd_num or config.count,
-        threshold=config.threshold,
+        ifd, rate=config.rate, count=config.ifd_num or config.count, threshold=config.threshold
     )
+    n, eligible = len(ifd), int(np.sum(np.isfinite(ifd) & (ifd < config.threshold)))
+    del ifd
+    release_memory()
+    keys = ScoreKeys.read(scores)
     records: dict[RowKey, Record] | None = None
     info: dict[str, Any] = {}
-    fla_rank: dict[int, int] = {}
+    extra: dict[str, dict[int, int]] = {}
     if config.fla_num:
         candidates = picked
-        picked, records, info = _diversity(config, cols, candidates)  # greedy order
-        fla_rank = {int(i): r for r, i in enumerate(picked)}
+        picked, records, info = _diversity(config, keys, candidates)  # greedy order
+        if config.format == "rows":
+            extra["fla_rank"] = {int(i): r for r, i in enumerate(picked)}
         if config.order == "score":  # IFD order, as the candidates are
             picked = candidates[np.isin(candidates, picked)]
     if _order(config, "superfiltering") == "original":
         picked = np.sort(picked)
-    make = row_maker(_source(config), config.format, cols, picked, SCORE_KEYS, records)
-    rows = [make(i) for i in picked]
-    if fla_rank and config.format == "rows":
-        for row, i in zip(rows, picked, strict=True):
-            row["fla_rank"] = fla_rank[int(i)]
-    out = write_rows(config.output, rows)
-    ifd = as_float(cols["ifd"])
-    eligible = int(np.sum(np.isfinite(ifd) & (ifd < config.threshold)))
-    summary = {"rows": len(ifd), "eligible": eligible, "selected": len(picked), "output": str(out)}
+    make, stream = row_maker(
+        _source(config),
+        config.format,
+        scores,
+        keys,
+        np.unique(picked),
+        SCORE_KEYS,
+        records,
+        extra,
+    )
+    (out,) = write_outputs([(config.output, picked)], make, stream)
+    summary = {"rows": n, "eligible": eligible, "selected": len(picked), "output": str(out)}
     return {**summary, **info}
 
 
-def _resofilter(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _resofilter(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
     """Drops the first int(N x p) of the resonance ranking for each rate; one file per rate."""
     if config.keep not in KEEPS:
         raise ValueError(f"keep must be one of {KEEPS}, got {config.keep!r}")
@@ -238,42 +242,47 @@ def _resofilter(config: SelectConfig, cols: Mapping[str, np.ndarray]) -> dict[st
     labels = [kept_label(p) for p in rates]
     if len(set(labels)) != len(labels):
         raise ValueError(f"drop rates must differ, got {list(rates)} (files {labels})")
-    n = len(cols["index"])
-    status = cols["status"] if "status" in cols else np.full(n, "ok", dtype=object)
-    ok = np.asarray([s == "ok" for s in status], bool)  # [n]
-    score = np.where(ok, as_float(cols["score"]), np.nan)  # [n] NaN = not a candidate
+    status = scores.statuses()
+    n = scores.num_rows
+    score = np.where(status.ok, scores.floats("score"), np.nan)  # [n] NaN = not a candidate
+    ok = int(status.ok.sum())
     scored = int(np.isfinite(score).sum())  # N
-    if scored < int(ok.sum()):
-        logging.warning("%d ok rows have no finite score: not selected", int(ok.sum()) - scored)
-    turn = cols["turn"] if "turn" in cols else np.zeros(n, np.int64)
-    by_input = np.lexsort((np.asarray(turn, np.int64), np.asarray(cols["index"], np.int64)))
-    rank = np.empty(n, np.int64)
-    rank[by_input] = np.arange(n)  # [n] position of each row in input order
+    if scored < ok:
+        logging.warning("%d ok rows have no finite score: not selected", ok - scored)
+    keys = ScoreKeys.read(scores)
+    rank = None  # the file is in input order: positions are the input order
+    if not is_sorted(keys.index, keys.turn):
+        by_input = np.lexsort((keys.turns(np.arange(n)), keys.index))
+        rank = np.empty(n, np.int64)
+        rank[by_input] = np.arange(n)  # [n] position of each row in input order
     order = _order(config, "resofilter")
-    kept = [resofilter_select(score, p, keep=config.keep, rank=rank, order=order) for p in rates]
-    keys = list(RESO_KEYS)
+    kept = resofilter_keep(score, rates, keep=config.keep, rank=rank, order=order)
+    del score, rank
+    release_memory()
+    attach = list(RESO_KEYS)
     if config.with_features:
-        keys += [c for c in cols if c.startswith(FEATURE_PREFIX)]
+        attach += [c for c in scores.names if c.startswith(FEATURE_PREFIX)]
     union = np.unique(np.concatenate(kept))
-    make = row_maker(_source(config), config.format, cols, union, keys)
-    outputs = []
-    for p, label, picked in zip(rates, labels, kept, strict=True):
-        path = rate_output_path(config.output, p) if config.drop_rates else config.output
-        out = write_rows(path, [make(i) for i in picked])
-        outputs.append(
-            {
-                "drop_rate": p,
-                "kept": label,
-                "dropped": scored - len(picked),
-                "selected": len(picked),
-                "output": str(out),
-            }
-        )
+    make, stream = row_maker(_source(config), config.format, scores, keys, union, attach)
+    paths = [
+        rate_output_path(config.output, p) if config.drop_rates else config.output for p in rates
+    ]
+    written = write_outputs(list(zip(paths, kept, strict=True)), make, stream)
+    outputs = [
+        {
+            "drop_rate": p,
+            "kept": label,
+            "dropped": scored - len(picked),
+            "selected": len(picked),
+            "output": str(out),
+        }
+        for p, label, picked, out in zip(rates, labels, kept, written, strict=True)
+    ]
     return {
         "policy": "resofilter",
         "keep": config.keep,
         "rows": n,
-        "statuses": status_counts(status),
+        "statuses": status.counts,
         "scored": scored,
         "outputs": outputs,
     }
@@ -288,18 +297,18 @@ def run(config: SelectConfig) -> dict[str, Any]:
     """
     if config.format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {config.format!r}")
-    cols = read_scores(config.scores)
-    if "index" not in cols:
+    scores = ScoreFile(config.scores)
+    if "index" not in scores:
         raise ValueError(f"{config.scores} has no `index` column (is it a score file?)")
-    policy = detect_policy(list(cols)) if config.policy == "auto" else config.policy
+    policy = detect_policy(scores.names) if config.policy == "auto" else config.policy
     if policy not in POLICIES:
         raise ValueError(f"policy must be 'auto' or one of {POLICIES}, got {config.policy!r}")
     _order(config, policy)  # a bad --order fails here, not after the embedding
     _check_diversity(config, policy)
     if policy == "superfiltering":
-        if "ifd" not in cols:
+        if "ifd" not in scores:
             raise ValueError(f"{config.scores} has no `ifd` column (is it an IFD score file?)")
-        return _superfiltering(config, cols)
-    if "score" not in cols:
+        return _superfiltering(config, scores)
+    if "score" not in scores:
         raise ValueError(f"{config.scores} has no `score` column (is it a resonance score file?)")
-    return _resofilter(config, cols)
+    return _resofilter(config, scores)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from resofilter_jax.selection.rows import as_float
+from resofilter_jax.selection.score_file import as_float
 
 POLICIES = ("superfiltering", "resofilter")
 FORMATS = ("rows", "reference")
@@ -48,6 +48,8 @@ __all__ = [
     "SCORE_KEYS",
     "check_drop_rate",
     "detect_policy",
+    "first_k",
+    "resofilter_keep",
     "resofilter_select",
     "superfiltering_select",
 ]
@@ -70,6 +72,26 @@ def detect_policy(columns: Sequence[str]) -> str:
     return "superfiltering" if has_ifd else "resofilter"
 
 
+def first_k(
+    keys: np.ndarray, pos: np.ndarray, k: int | None, ties: np.ndarray | None = None
+) -> np.ndarray:
+    """``pos`` ordered by ``keys`` ascending, then ``ties`` (default: ``pos``, ascending); the
+    first ``k`` (None: all).
+
+    A small ``k`` only sorts the rows whose key is at most the k-th smallest (np.partition);
+    every row tied with the k-th is among them, so the result is that of the full sort.
+    """
+    if k == 0:
+        return pos[:0]
+    if k is not None and 0 < k < len(pos):
+        kth = np.partition(keys, k - 1)[k - 1]
+        near = keys <= kth  # [m] the k rows in front and every row tied with the k-th
+        keys, pos = keys[near], pos[near]
+        ties = None if ties is None else ties[near]
+    order = np.argsort(keys, kind="stable") if ties is None else np.lexsort((ties, keys))
+    return pos[order][:k]
+
+
 def superfiltering_select(
     ifd: np.ndarray, *, rate: float, count: int = 0, threshold: float = 1.0
 ) -> np.ndarray:
@@ -83,9 +105,8 @@ def superfiltering_select(
     """
     values = as_float(ifd)  # [n]
     k = count if count > 0 else math.floor(rate * len(values))
-    eligible = np.nonzero(np.isfinite(values) & (values < threshold))[0]
-    order = eligible[np.lexsort((eligible, -values[eligible]))]  # IFD desc, then position
-    return order[:k]
+    eligible = np.nonzero(np.isfinite(values) & (values < threshold))[0]  # [m] ascending
+    return first_k(-values[eligible], eligible, k)  # IFD desc, then position
 
 
 def check_drop_rate(p: float) -> None:
@@ -112,17 +133,43 @@ def resofilter_select(
             (default: the positions).
         order: ``original``: kept positions in input order; ``score``: in ranking order.
     """
-    check_drop_rate(drop_rate)
+    (kept,) = resofilter_keep(score, (drop_rate,), keep=keep, rank=rank, order=order)
+    return kept
+
+
+def resofilter_keep(
+    score: Sequence[Any],
+    drop_rates: Sequence[float],
+    *,
+    keep: str = "low",
+    rank: Sequence[int] | None = None,
+    order: str = "original",
+) -> list[np.ndarray]:
+    """:func:`resofilter_select` for several drop rates, from one ranking."""
+    for p in drop_rates:
+        check_drop_rate(p)
     if keep not in KEEPS:
         raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
-    values = as_float(score)  # [n]
-    rank = np.arange(len(values)) if rank is None else np.asarray(rank, np.int64)
-    scored = np.nonzero(np.isfinite(values))[0]  # [N]
-    sign = -1.0 if keep == "low" else 1.0
-    ranking = scored[np.lexsort((rank[scored], sign * values[scored]))]
-    kept = ranking[int(len(scored) * drop_rate) :]
-    if order == "score":
-        return kept
-    if order != "original":
+    if order not in ("score", "original"):
         raise ValueError(f"order must be 'score' or 'original', got {order!r}")
-    return kept[np.argsort(rank[kept], kind="stable")]
+    values = as_float(score)  # [n]
+    scored = np.nonzero(np.isfinite(values))[0]  # [N] ascending
+    keys = (-1.0 if keep == "low" else 1.0) * values[scored]  # [N] ranking: keys ascending
+    ranks = None if rank is None else np.asarray(rank, np.int64)
+    ties = None if ranks is None or _ascending(ranks[scored]) else ranks[scored]
+    drops = [int(len(scored) * p) for p in drop_rates]
+    if order == "score":
+        ranking = first_k(keys, scored, None, ties)
+        return [ranking[d:] for d in drops]
+    front = first_k(keys, scored, max(drops, default=0), ties)  # the rows any rate drops
+    out = []
+    for d in drops:
+        dropped = np.zeros(len(values), bool)
+        dropped[front[:d]] = True
+        kept = scored[~dropped[scored]]  # ascending positions
+        out.append(kept if ties is None else kept[np.argsort(ranks[kept], kind="stable")])
+    return out
+
+
+def _ascending(a: np.ndarray) -> bool:
+    return len(a) < 2 or bool(np.all(a[1:] > a[:-1]))
