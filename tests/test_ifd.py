@@ -178,3 +178,37 @@ def test_smollm2_matches_torch_on_sharegpt(smollm2, smollm2_torch, sharegpt_path
     enc = [len(smollm2.tokenizer.encode(r.instruction + "\n" + r.output)) for r in records]
     assert sum(n > max_length for n in enc) >= 6  # long samples hit truncation
     print(f"smollm2 ifd: {stats.summary()}")
+
+
+def test_shards_are_written_in_a_background_thread_in_order_and_errors_surface(
+    tiny_root: str,
+) -> None:
+    """``on_shard`` runs in the writer thread, shard after shard; a failing write stops the
+    run with its own error (the next shard's submit or the end of the loop raises it)."""
+    import threading
+
+    from resofilter_jax.scoring.runner import score_ifd
+
+    lm, _, _ = tiny("llama", "bos", tiny_root)
+    records = records_of(alpaca_rows(40, seed=5))
+    kw = dict(max_length=MAX_LENGTH, min_bucket=16, progress=False, shard_size=8)
+    seen: list[tuple[int, str]] = []
+    score_ifd(
+        lm.model,
+        lm.tokenizer,
+        records,
+        on_shard=lambda k, cols: seen.append((k, threading.current_thread().name)),
+        **kw,
+    )
+    assert [k for k, _ in seen] == list(range(6))
+    assert all(name.startswith("resofilter-write") for _, name in seen)
+
+    def fail_on_2(k: int, cols: dict) -> None:
+        if k == 2:
+            raise OSError(28, "disk full while writing shard 2")
+        seen.append((k, "late"))
+
+    seen.clear()
+    with pytest.raises(OSError, match="shard 2"):
+        score_ifd(lm.model, lm.tokenizer, records, on_shard=fail_on_2, **kw)
+    assert [k for k, _ in seen] in ([0, 1], [0, 1, 3], [0, 1, 3, 4])  # at most 2 queued after

@@ -8,8 +8,8 @@ shard (:class:`ShardWork`: length-bucketed, token-budgeted batch plans from
 dispatched before the results of batch n are pulled to host, so host work overlaps device
 work through JAX's asynchronous dispatch), hands every batch's results to the method to
 scatter into the shard's columns, and finishes a shard once all of its batches are back:
-statuses counted, ``on_shard(k, columns)`` called (e.g. a Parquet writer), progress bar
-advanced. Counters and timings go to one :class:`RunStats`.
+statuses counted, ``on_shard(k, columns)`` queued to a background writer thread
+(:class:`ShardWriter`: e.g. the sealed Parquet writer, in order), progress bar advanced. Counters and timings go to one :class:`RunStats`.
 
 A method supplies only what differs: how a shard's rows are encoded and planned, the batch
 function, how a batch's results land in the shard's columns, and the shard's final columns
@@ -265,6 +265,40 @@ class _InFlight:
     remaining: int
 
 
+class ShardWriter:
+    """Runs ``on_shard`` calls in one background thread, in order, at most ``ahead`` queued.
+
+    The device loop does not wait for Parquet encoding and disk writes. The first error of a
+    write is raised in the loop at the next submit, or when the block ends; leaving the block
+    (normally or by an exception) waits for every queued write, so files stay whole.
+    """
+
+    def __init__(self, ahead: int = 2) -> None:
+        self.ahead = ahead
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="resofilter-write")
+        self._queued: collections.deque = collections.deque()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queues ``fn(*args)``; raises the error of an earlier write, if any."""
+        while self._queued and (self._queued[0].done() or len(self._queued) >= self.ahead):
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(fn, *args))
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            while self._queued:
+                future = self._queued.popleft()
+                if exc_type is None:
+                    future.result()
+                else:
+                    future.exception()  # wait; the loop's own error wins
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def run_shards(
     hosts: Hosts,
     ranges: Sequence[tuple[int, int]],
@@ -358,7 +392,7 @@ def run_shards(
         }
         statuses.update(status_counts(cols["status"]))  # duplicate_of:<i> folded
         if on_shard is not None:
-            on_shard(shard.k, cols)
+            writes.submit(on_shard, shard.k, cols)
         stats.shards_computed += 1
         bar.add(shard.work.unscored, 0)
 
@@ -375,9 +409,10 @@ def run_shards(
         if shard.remaining == 0:
             finish(shard)
 
-    run_pipelined(
-        batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
-    )
+    with ShardWriter() as writes:  # shard files are written in a background thread
+        run_pipelined(
+            batches(), dispatch=dispatch, collect=collect, finish=finish, stats=stats, shapes=shapes
+        )
     bar.close()
     stats.seconds = bar.elapsed()
     stats.shapes = sorted(shapes)
@@ -397,6 +432,7 @@ __all__ = [
     "ShardCallback",
     "ShardProgress",
     "ShardWork",
+    "ShardWriter",
     "length_buckets",
     "print_summary",
     "run_pipelined",
