@@ -6,6 +6,11 @@
 - ``support.scoring``: IFD and resonance scoring helpers (Alpaca rows, the tiny-model
   resonance runs and their float64-loop checks, packed rows, the resonance job's config).
 - ``support.training``: the character tokenizer, tiny HF models and configs of the SFT tests.
+- ``support.faults``: a small tmpfs mounted as an output directory (full-disk tests; root).
+- ``support.fuzz``: the hypothesis generators of the reader and format fuzz tests, and the
+  model of what each generated file must read back as.
+- ``support.selection``: score files and data files of the select tests.
+- ``support.gguf_writer``: GGUF files of the tiny parity models.
 
 Test modules import helpers from here, never from each other.
 """
