@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,4 +167,32 @@ class RunLock:
         self.release()
 
 
-__all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "describe"]
+def hold_for_job(
+    out_dir: str | os.PathLike[str],
+    command: str,
+    *,
+    lead: bool,
+    any_process: Callable[[bool], bool],
+) -> RunLock | None:
+    """The lead process's lock of ``out_dir`` for a whole (multi-process) job.
+
+    ``any_process(flag)``: whether any process of the job passed True (a collective every
+    process calls). Returns the lock on the lead process, None elsewhere; release it when
+    the job is done.
+
+    Raises:
+        RunLockedError: On every process, when a live run holds ``out_dir``.
+    """
+    lock = RunLock(out_dir, command) if lead else None
+    refused = ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            refused = str(e)
+    if any_process(bool(refused)):
+        raise RunLockedError(refused or f"{out_dir} is in use by another run")
+    return lock
+
+
+__all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "describe", "hold_for_job"]

@@ -2,7 +2,9 @@
 
 A write that runs out of space (ENOSPC, or EDQUOT on a quota) raises :class:`DiskFullError`
 naming the path, the bytes the write needed (or had written when it failed) and the space
-left; its temporary file is removed, so nothing partial is left behind.
+left; its temporary file is removed, so nothing partial is left behind. The training side
+(orbax checkpoints, metrics, export) raises the same error through :func:`is_disk_full` and
+:func:`disk_full_error`.
 """
 
 from __future__ import annotations
@@ -19,34 +21,61 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+# How ENOSPC / EDQUOT reads in errors that are not OSErrors with an errno (pyarrow,
+# tensorstore under orbax, Rust writers).
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
 
 
 class DiskFullError(OSError):
     """A write ran out of space on its filesystem (the message says where and how much)."""
 
 
-def _free_bytes(path: Path) -> int:
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it was raised from is ENOSPC / EDQUOT."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        if any(text in str(e) for text in _FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (for the free space)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def disk_full_error(
+    path: Path,
+    needed: int,
+    cause: BaseException,
+    *,
+    how: str = "",
+    resume: str = "where it stopped",
+) -> DiskFullError:
+    """The error of a write to ``path`` that found the disk full.
+
+    ``how``: "" (``needed`` is exact), ``"about"`` (an estimate) or ``"more than"`` (the bytes
+    written when it failed); ``resume``: where a re-run starts again.
+    """
     try:
-        return shutil.disk_usage(path).free
+        free = f"{shutil.disk_usage(_existing(Path(path))).free:,}"
     except OSError:
-        return -1
-
-
-def _disk_full(path: Path, needed: int, exact: bool, cause: OSError) -> DiskFullError:
-    need = f"{needed:,} bytes" if exact else f"more than the {needed:,} bytes written so far"
+        free = "?"
+    need = f"{how} {needed:,} bytes" if how else f"{needed:,} bytes"
+    errno_ = cause.errno if isinstance(cause, OSError) and cause.errno else errno.ENOSPC
     return DiskFullError(
-        cause.errno,
-        f"no space left to write {path}: it needed {need} and the filesystem has "
-        f"{_free_bytes(path.parent):,} bytes free; free some space (or choose another "
-        "directory) and run the same command again: it resumes where it stopped",
+        errno_,
+        f"no space left to write {path}: it needs {need} and the filesystem has {free} bytes "
+        "free; free some space (or choose another directory) and run the same command again: "
+        f"it resumes {resume}",
     )
-
-
-def _is_full(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT, also when pyarrow reports it as an OSError with the text only."""
-    if isinstance(e, OSError) and e.errno in _FULL:
-        return True
-    return isinstance(e, OSError | pa.ArrowException) and "No space left on device" in str(e)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -62,8 +91,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if _is_full(e):
-            raise _disk_full(path, len(data), True, e) from e
+        if is_disk_full(e):
+            raise disk_full_error(path, len(data), e) from e
         raise
 
 
@@ -82,8 +111,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException as e:
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
-        if _is_full(e):
-            raise _disk_full(path, written, False, e) from e
+        if is_disk_full(e):
+            raise disk_full_error(path, written, e, how="more than") from e
         raise
 
 

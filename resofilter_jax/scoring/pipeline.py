@@ -32,7 +32,7 @@ from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
 from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
-from resofilter_jax.run_lock import RunLock, RunLockedError
+from resofilter_jax.run_lock import hold_for_job
 from resofilter_jax.runtime import enable_compilation_cache, versions
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.distributed_plan import Hosts
@@ -237,15 +237,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     fp = fingerprint(config, model_path, data_path)
     outputs.check_output_dir(config.output_dir, fp, overwrite=config.overwrite)  # all raise
     # One live run per output directory: process 0 holds the lock for the whole job.
-    lock = RunLock(config.output_dir, "resofilter_jax.score") if hosts.index == 0 else None
-    refused = ""
-    if lock is not None:
-        try:
-            lock.acquire()
-        except RunLockedError as e:
-            refused = str(e)
-    if hosts.any_process(bool(refused)):
-        raise RunLockedError(refused or f"{config.output_dir} is in use by another run")
+    lock = hold_for_job(
+        config.output_dir,
+        "resofilter_jax.score",
+        lead=hosts.index == 0,
+        any_process=hosts.any_process,
+    )
     try:
         with StopSignals("the shard in flight is written") as stop:
             if hosts.index == 0:

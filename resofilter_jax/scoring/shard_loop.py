@@ -9,7 +9,8 @@ dispatched before the results of batch n are pulled to host, so host work overla
 work through JAX's asynchronous dispatch), hands every batch's results to the method to
 scatter into the shard's columns, and finishes a shard once all of its batches are back:
 statuses counted, ``on_shard(k, columns)`` queued to a background writer thread
-(:class:`ShardWriter`: e.g. the sealed Parquet writer, in order), progress bar advanced. Counters and timings go to one :class:`RunStats`.
+(:class:`ShardWriter`: e.g. the sealed Parquet writer, in order), progress bar advanced.
+Counters and timings go to one :class:`RunStats`.
 
 A method supplies only what differs: how a shard's rows are encoded and planned, the batch
 function, how a batch's results land in the shard's columns, and the shard's final columns

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from resofilter_jax.training.run_control import disk_full_error, is_disk_full
+from resofilter_jax.data.atomic import disk_full_error, is_disk_full
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name of a checkpoint still being written
 # Test hook: "N" = SIGKILL this process while checkpoint N is finalized (all its files are
@@ -136,7 +136,7 @@ class Checkpointer:
             for tmp in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         raise disk_full_error(
-            self.directory / str(step), needed, error, about=True, resume=resume
+            self.directory / str(step), needed, error, how="about", resume=f"from {resume}"
         ) from error
 
 

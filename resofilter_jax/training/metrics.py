@@ -18,8 +18,7 @@ from typing import Any
 
 from absl import logging
 
-from resofilter_jax.data.atomic import atomic_write_bytes
-from resofilter_jax.training.run_control import disk_full_error, is_disk_full
+from resofilter_jax.data.atomic import atomic_write_bytes, disk_full_error, is_disk_full
 
 
 def _tensorboard_writer(logdir: Path) -> Any | None:

@@ -34,7 +34,7 @@ from absl import logging
 from resofilter_jax import assets
 from resofilter_jax.configuration import check_config, host_settings
 from resofilter_jax.data import encode_sft_examples, status_counts
-from resofilter_jax.data.atomic import atomic_write_bytes
+from resofilter_jax.data.atomic import atomic_write_bytes, disk_full_error, is_disk_full
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.export import export_hf
@@ -51,9 +51,7 @@ from resofilter_jax.training.metrics import MetricsLogger
 from resofilter_jax.training.optim import optimizer_from_config
 from resofilter_jax.training.periodic_eval import HeldoutEval, check_eval_config
 from resofilter_jax.training.run_control import (
-    disk_full_error,
     hold_workdir,
-    is_disk_full,
     stopped_message,
 )
 from resofilter_jax.training.sft_data import (
@@ -493,6 +491,8 @@ def _export(config: ml_collections.ConfigDict, trainer: Trainer, out: Path, toke
                 v.size * (jax.numpy.dtype(dtype or v.dtype).itemsize)
                 for v in trainer.params.values()
             )
-            raise disk_full_error(out, int(nbytes), error, about=True) from error
+            raise disk_full_error(
+                out, int(nbytes), error, how="about", resume="from its newest checkpoint"
+            ) from error
         raise error
     return str(out)

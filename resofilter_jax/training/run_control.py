@@ -6,24 +6,20 @@
   raises :class:`~resofilter_jax.run_lock.RunLockedError` when it is refused.
 * :func:`stopped_message`: what an :class:`~resofilter_jax.stop_signals.Interrupted` run
   says (the step, the checkpoint saved, how to resume).
-* :func:`is_disk_full` / :func:`disk_full_error`: a write that ran out of space, as
-  :class:`~resofilter_jax.data.atomic.DiskFullError` naming the path and the bytes needed
-  (orbax reports ENOSPC as tensorstore's ``ValueError`` text, not as an ``OSError``).
+
+A full disk is turned into :class:`~resofilter_jax.data.atomic.DiskFullError` by
+:func:`resofilter_jax.data.atomic.disk_full_error` (orbax reports ENOSPC as tensorstore's
+``ValueError`` text, which :func:`~resofilter_jax.data.atomic.is_disk_full` recognises).
 """
 
 from __future__ import annotations
 
-import errno
-import shutil
 from pathlib import Path
 
-from resofilter_jax.data.atomic import DiskFullError
-from resofilter_jax.run_lock import RunLock, RunLockedError
+from resofilter_jax.run_lock import RunLock, hold_for_job
 from resofilter_jax.scoring.distributed_plan import Hosts
 
 COMMAND = "resofilter_jax.train"
-# How ENOSPC / EDQUOT reads in errors that are not OSErrors (tensorstore under orbax, Rust).
-_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
 
 
 def hold_workdir(workdir: Path, hosts: Hosts) -> RunLock | None:
@@ -32,59 +28,7 @@ def hold_workdir(workdir: Path, hosts: Hosts) -> RunLock | None:
     Raises:
         RunLockedError: On every process, when a live run holds ``workdir``.
     """
-    lock = RunLock(workdir, COMMAND) if hosts.index == 0 else None
-    refused = ""
-    if lock is not None:
-        try:
-            lock.acquire()
-        except RunLockedError as e:
-            refused = str(e)
-    if hosts.any_process(bool(refused)):
-        raise RunLockedError(refused or f"{workdir} is in use by another run")
-    return lock
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """Whether ``error`` or an exception it was raised from is ENOSPC / EDQUOT."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(text in str(e) for text in _FULL_TEXT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def disk_full_error(
-    path: Path,
-    needed: int,
-    cause: BaseException,
-    *,
-    about: bool = False,
-    resume: str = "its newest complete checkpoint",
-) -> DiskFullError:
-    """The error of a write of ``needed`` bytes to ``path`` that found the disk full."""
-    try:
-        free = f"{shutil.disk_usage(_existing(path)).free:,}"
-    except OSError:
-        free = "?"
-    errno_ = cause.errno if isinstance(cause, OSError) and cause.errno else errno.ENOSPC
-    return DiskFullError(
-        errno_,
-        f"no space left to write {path}: it needs {'about ' if about else ''}{needed:,} bytes "
-        f"and the filesystem has {free} bytes free; free some space (or choose another "
-        f"workdir) and run the same command again: it resumes from {resume}",
-    )
-
-
-def _existing(path: Path) -> Path:
-    """``path`` or its nearest existing parent (for the free space)."""
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
+    return hold_for_job(workdir, COMMAND, lead=hosts.index == 0, any_process=hosts.any_process)
 
 
 def stopped_message(signal_name: str, done: int, total: int, workdir: Path, ran: bool) -> str:
