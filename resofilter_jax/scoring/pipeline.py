@@ -183,7 +183,7 @@ def _score_ifd(
     )
 
 
-def _stopped(config: ml_collections.ConfigDict, out_dir: Path, n: int, signal_name: str) -> str:
+def _stopped(out_dir: Path, n: int, signal_name: str) -> str:
     """The message of a run stopped by a signal: what is done and how to resume."""
     left = len(outputs.missing_shards(out_dir, n))
     return (
@@ -253,9 +253,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             ranges = outputs.shard_ranges(len(records), config.shard_size)
             # Finished shards are checked against their seals; bad ones are reported and (process 0)
             # removed. Every process computes the union of what any of them sees missing (lockstep).
-            missing, problems = outputs.verify_shards(
-                out_dir, ranges, outputs.run_hash(out_dir), remove=hosts.index == 0
-            )
+            run = outputs.run_hash(out_dir)  # seals this run's files
+            missing, problems = outputs.verify_shards(out_dir, ranges, run, remove=hosts.index == 0)
             if problems and hosts.index == 0:
                 logging.warning(
                     "recomputing %d shard file(s) that cannot be trusted:\n  %s",
@@ -302,7 +301,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             hosts.barrier("resofilter_scored")  # every part of every shard is written
             if stats.stopped:  # every process stopped at the same shard boundary
                 name = stop.name or "a signal on another process"
-                raise Interrupted(_stopped(config, out_dir, len(ranges), name), stop.signum or 15)
+                raise Interrupted(_stopped(out_dir, len(ranges), name), stop.signum or 15)
             if hosts.index == 0:
                 merged = outputs.merge_shards(
                     out_dir,
@@ -311,7 +310,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     with_turn=config.data.sharegpt_turns == "all",
                     expected_rows=len(records),
                     schema=schema,
-                    sealed_by=(outputs.run_hash(out_dir), ranges),
+                    sealed_by=(run, ranges),
                 )
             hosts.barrier("resofilter_merged")
             if hosts.index == 0:
