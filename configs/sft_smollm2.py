@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.stop_after_steps = 0  # > 0: end this invocation after that step (resume later)
     c.train.seed = 0  # row order of epoch e = permutation from (seed, e)
     c.train.shuffle = True
+    # Per-layer rematerialisation: none | layer (keep each layer's input, recompute the layer in
+    # the backward pass) | dots (also keep the matmul outputs). Same numbers, less memory.
+    c.train.remat = "none"
     # Held-out loss every N optimizer steps and at the last step (0 = off); needs eval.path.
     # Logged to metrics.jsonl as records {"step", "eval_loss", "eval_ppl", "eval_tokens",
     # "eval_time_s"} after the step's train record, TensorBoard eval/*, run.json "eval".

@@ -69,6 +69,7 @@ class CausalLM(nnx.Module):
     config: ModelConfig
     dtype: jnp.dtype
     scan_layers: bool = False  # run decoder layers with one lax.scan (see `run_layers`)
+    remat: str = "none"  # per-layer rematerialisation in backward passes (`REMAT_POLICIES`)
 
     def hidden_states(
         self,
@@ -158,21 +159,73 @@ def pick(flag: bool | Array, if_true: Any, if_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
+LayerStep = Callable[[nnx.Module, Array, Any], Array]
+
+# Per-layer rematerialisation (`CausalLM.remat`, the train config's `train.remat`): what a
+# backward pass keeps of a decoder layer's forward activations.
+#   none    keep what autodiff keeps (fastest, most memory)
+#   layer   keep only each layer's input; recompute the whole layer in the backward pass
+#   dots    keep the outputs of matmuls without batch dimensions (the projections and MLP);
+#           recompute the rest (attention products, norms, activations)
+REMAT_POLICIES = ("none", "layer", "dots")
+
+
+def check_remat(remat: str) -> str:
+    """``remat`` if it names a policy of :data:`REMAT_POLICIES`.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    return remat
+
+
+def remat_step(step: LayerStep, remat: str) -> LayerStep:
+    """``step(layer, x, flag)`` under ``jax.checkpoint`` with the policy ``remat`` names.
+
+    The layer's state is passed to the checkpointed function as an argument (NNX modules are
+    not pytrees), so its parameters get gradients as before; the numbers are unchanged, only
+    what the backward pass stores and recomputes.
+    """
+    if check_remat(remat) == "none":
+        return step
+    policy = (
+        jax.checkpoint_policies.nothing_saveable
+        if remat == "layer"
+        else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    )
+
+    def wrapped(layer: nnx.Module, x: Array, flag: Any) -> Array:
+        graphdef, state = nnx.split(layer)
+        traced = isinstance(flag, jax.Array)  # a scanned flag; Python values stay static
+
+        def pure(state: nnx.State, h: Array, flag_: Any) -> Array:
+            return step(nnx.merge(graphdef, state), h, flag_ if traced else flag)
+
+        return jax.checkpoint(pure, policy=policy)(state, x, flag if traced else None)
+
+    return wrapped
+
+
 def run_layers(
     layers: Sequence[nnx.Module],
     x: Array,
-    step: Callable[[nnx.Module, Array, bool | Array], Array],
+    step: LayerStep,
     *,
     local: Sequence[bool],
     scan: bool = False,
+    remat: str = "none",
 ) -> Array:
     """Applies decoder layers in order: `x = step(layer, x, local[i])`.
 
     With `scan=True` the layers' parameters are stacked on the fly and run by one `lax.scan`,
     so compile time no longer grows with depth (same numbers; `local[i]` then arrives as a
     traced bool, which `pick` handles). Keep it off where gradients must stop below a layer:
-    a scan's backward pass runs through every layer.
+    a scan's backward pass runs through every layer. `remat` wraps every layer in
+    :func:`remat_step`.
     """
+    step = remat_step(step, remat)
     if not scan or len(layers) < 2:
         for i, layer in enumerate(layers):
             x = step(layer, x, bool(local[i]))

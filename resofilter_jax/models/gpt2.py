@@ -189,5 +189,6 @@ class GPT2LMHeadModel(CausalLM):
             lambda block, h, _: block(h, mask),
             local=[False] * len(self.transformer.h),
             scan=self.scan_layers,
+            remat=self.remat,
         )
         return self.transformer.ln_f(x)

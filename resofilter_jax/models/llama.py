@@ -161,5 +161,6 @@ class LlamaForCausalLM(EmbedHeadLM):
             lambda layer, h, slide: layer(h, cos, sin, pick(slide, slide_mask, full_mask)),
             local=local,
             scan=self.scan_layers,
+            remat=self.remat,
         )
         return self.model.norm(x)

@@ -38,6 +38,7 @@ from resofilter_jax.data.atomic import atomic_write_bytes, disk_full_error, is_d
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.export import export_hf
+from resofilter_jax.models.base import check_remat
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.models.registry import named_params
@@ -133,6 +134,7 @@ def _check_config(config: ml_collections.ConfigDict, n_devices: int) -> int:
     if config.get("require_data_path", False) and not config.data.path:
         raise ValueError("this config needs --config.data.path=<local data file>")
     check_eval_config(config)
+    check_remat(t.get("remat", "none"))
     return t.batch_size // micro
 
 
@@ -173,7 +175,6 @@ def _train_steps(
     *,
     accum: int,
     pad_id: int,
-    lr_at: Callable[[int], Any],
     logger: MetricsLogger,
     ckpt: Checkpointer,
     data_state: Callable[[int], dict[str, Any]],
@@ -193,7 +194,7 @@ def _train_steps(
     A held-out evaluation (``evaluator``) is dispatched after its step and read, like the
     step's metrics, after the next step is dispatched; its record follows the step's.
     """
-    pending: tuple[int, dict[str, Any], int, float] | None = None
+    pending: tuple[int, dict[str, Any], int] | None = None
     pending_eval: tuple[int, Any] | None = None
     last = [time.perf_counter()]
     total_tokens = 0
@@ -208,10 +209,11 @@ def _train_steps(
         )
     kill = multihost.kill_hook()
 
-    def flush(entry: tuple[int, dict[str, Any], int, Any]) -> None:
-        step, metrics, n_tokens, lr = entry
+    def flush(entry: tuple[int, dict[str, Any], int]) -> None:
+        step, metrics, n_tokens = entry
+        # Read one step behind (the next step is already dispatched): the learning rate comes
+        # back with the step's metrics, so nothing waits for a step right after dispatching it.
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        lr = float(lr)  # read here, one step behind like the metrics: no wait per step
         now = time.perf_counter()
         dt, last[0] = now - last[0], now
         if step % config.log_every == 0 or step == steps.stop:
@@ -219,7 +221,7 @@ def _train_steps(
                 step,
                 {
                     "loss": values["loss"],
-                    "lr": lr,
+                    "lr": values["lr"],
                     "grad_norm": values["grad_norm"],
                     "target_tokens": values["tokens"],
                     "tokens": n_tokens,
@@ -257,7 +259,7 @@ def _train_steps(
         flush_all()
         n_tokens = batch_tokens(rows, plan, step)  # real (non-padding) tokens
         total_tokens += n_tokens
-        pending = (step + 1, metrics, n_tokens, lr_at(step))  # not read yet (see flush)
+        pending = (step + 1, metrics, n_tokens)  # not read yet (see flush)
         if evaluator is not None and evaluator.due(step + 1, steps.stop):
             pending_eval = (step + 1, evaluator.dispatch(trainer.params))  # not read yet
         if ckpt.should_save(step + 1):
@@ -331,6 +333,7 @@ def _run_locked(
         max_length=config.max_length,
     )
     lm.model.scan_layers = bool(config.model.scan_layers)
+    lm.model.remat = config.train.get("remat", "none")  # checked by _check_config
     attention = configure_attention(
         lm.model, config.model.get("attention", "auto"), packed=bool(config.data.packing)
     )
@@ -339,8 +342,7 @@ def _run_locked(
     fingerprint = rows_fingerprint(rows)
     shapes = {n: tuple(v.shape) for n, v in named_params(lm.model).items()}
     tx, schedule, warmup = optimizer_from_config(config.optim, shapes, total)
-    lr_at = jax.jit(schedule)  # one compiled program instead of one per jnp op
-    trainer = Trainer(lm.model, tx, mesh, ce_chunk=config.ce_chunk)
+    trainer = Trainer(lm.model, tx, mesh, ce_chunk=config.ce_chunk, schedule=schedule)
     lm.model = None  # the trainer holds the (copied, sharded) parameters now
     pad_id = lm.tokenizer.pad_token_id
     pad_id = lm.tokenizer.eos_token_id if pad_id is None else pad_id
@@ -386,7 +388,6 @@ def _run_locked(
         range(start, stop_at),
         accum=accum,
         pad_id=pad_id,
-        lr_at=lr_at,
         logger=logger,
         ckpt=ckpt,
         data_state=data_state,

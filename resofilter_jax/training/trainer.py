@@ -108,19 +108,41 @@ def loss_sums(
     return jnp.sum(sums), jnp.sum(counts)
 
 
+def schedule_count(opt_state: Any) -> Array:
+    """The step count of the optimizer's learning-rate schedule (int32 scalar, before update).
+
+    Raises:
+        ValueError: If the state holds no ``ScaleByScheduleState`` or more than one.
+    """
+    counts = [
+        count
+        for path, count in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        if getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState"
+    ]
+    if len(counts) != 1:
+        raise ValueError(
+            f"the optimizer state holds {len(counts)} learning-rate schedules; the step can "
+            "report the learning rate only for an optimizer with exactly one"
+        )
+    return counts[0]
+
+
 def make_step_fn(
     parts: ModelParts,
     tx: optax.GradientTransformation,
     *,
     ce_chunk: int = 256,
     grad_sharding: Mapping[str, NamedSharding] | None = None,
+    schedule: optax.Schedule | None = None,
 ) -> Callable[[Params, Any, dict[str, Array]], tuple[Params, Any, dict[str, Array]]]:
     """``step(params, opt_state, batch) -> (params, opt_state, metrics)`` (not jitted).
 
     ``batch`` leaves are [accum, rows, seq]; the micro-batches run one after another under
     ``lax.scan``, summing fp32 gradients, then one optimizer update is applied with the
     gradient of the step's token-mean loss. ``metrics``: ``loss`` (that mean),
-    ``grad_norm`` (its global norm before clipping) and ``tokens`` (target count).
+    ``grad_norm`` (its global norm before clipping) and ``tokens`` (target count); with
+    ``schedule`` (the one inside ``tx``) also ``lr``, the learning rate this update used
+    (read from the optimizer's own schedule count, so the caller never waits for it).
     ``grad_sharding`` pins the gradient accumulator to the parameters' shardings (fsdp).
     """
 
@@ -148,9 +170,11 @@ def make_step_fn(
         denom = jnp.maximum(n_sum, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
         grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": l_sum / denom, "grad_norm": grad_norm, "tokens": n_sum}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(schedule_count(opt_state)), jnp.float32)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": l_sum / denom, "grad_norm": grad_norm, "tokens": n_sum}
         return params, opt_state, metrics
 
     return step
@@ -173,10 +197,13 @@ class Trainer:
         ce_chunk: int = 256,
         rules: Sequence[tuple[str, PartitionSpec]] = PARTITION_RULES,
         donate: bool = True,
+        schedule: optax.Schedule | None = None,
     ):
         """Copies the model's parameters onto the mesh and builds the optimizer state.
 
         The model object itself is left untouched (its arrays are copied, never donated).
+        ``schedule``: the learning-rate schedule inside ``tx``; the step's metrics then
+        carry ``lr`` (see :func:`make_step_fn`).
         """
         self.mesh, self.tx = mesh, tx
         self.parts, params = split_model(model)
@@ -195,7 +222,13 @@ class Trainer:
         self.opt_state = jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params)
         self.batch_sharding = train_batch_sharding(mesh)
         self._step = jax.jit(
-            make_step_fn(self.parts, tx, ce_chunk=ce_chunk, grad_sharding=self.param_sharding),
+            make_step_fn(
+                self.parts,
+                tx,
+                ce_chunk=ce_chunk,
+                grad_sharding=self.param_sharding,
+                schedule=schedule,
+            ),
             in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding),
             out_shardings=(self.param_sharding, self.opt_sharding, rep),
             donate_argnums=(0, 1) if donate else (),
