@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from support.models import loaded
 from support.scoring import packed_batch, tiny_batch
@@ -91,3 +92,83 @@ def test_loading_places_each_tensor_straight_to_its_fsdp_shards(tmp_path, monkey
     ref = registry.named_params(load_model(tmp_path / "llama").model)
     for name, p in params.items():
         np.testing.assert_array_equal(np.asarray(p), np.asarray(ref[name]), err_msg=name)
+
+
+def _tiny_llama(tmp_path) -> tuple[object, object]:
+    """A saved tiny llama (a vocabulary that fits the test tokenizer) and that tokenizer."""
+    from support.data import build_tokenizer
+    from support.models import save_tiny_model
+
+    tok = build_tokenizer("bos")
+    save_tiny_model("llama", tok, tmp_path / "llama")
+    return tmp_path / "llama", tok
+
+
+def test_train_step_takes_over_the_loaded_shards_and_moves_only_the_batch(tmp_path) -> None:
+    """Training as the train pipeline builds it: the model loaded straight to its fsdp shards
+    is handed to the Trainer without a copy (same device buffers), and a steady-state step on
+    (data 2, fsdp 4) moves nothing between devices and nothing back to the host: only the
+    batch goes host -> device."""
+    import optax
+
+    from resofilter_jax.data import SFTExample
+    from resofilter_jax.models.loading import load_model
+    from resofilter_jax.models.registry import named_params
+    from resofilter_jax.parallel import make_train_mesh, param_shardings
+    from resofilter_jax.training.sft_data import collate_rows, single_rows
+    from resofilter_jax.training.trainer import Trainer
+
+    path, _ = _tiny_llama(tmp_path)
+    mesh = make_train_mesh(2, 4, jax.devices()[:8])
+    lm = load_model(path, shardings=lambda shapes: param_shardings(shapes, mesh))
+    loaded_buffers = {
+        n: [s.data.unsafe_buffer_pointer() for s in p.addressable_shards]
+        for n, p in named_params(lm.model).items()
+    }
+    schedule = optax.linear_schedule(1e-3, 0.0, 10)
+    trainer = Trainer(lm.model, optax.adamw(schedule), mesh, schedule=schedule, copy_params=False)
+    for name, p in trainer.params.items():
+        assert [s.data.unsafe_buffer_pointer() for s in p.addressable_shards] == loaded_buffers[
+            name
+        ], name  # taken over, not copied
+        assert p.sharding.is_equivalent_to(trainer.param_sharding[name], p.ndim), name
+    again = load_model(path, shardings=lambda shapes: param_shardings(shapes, mesh)).model
+    copied = Trainer(again, optax.adamw(schedule), mesh)  # the default: a copy on the devices
+    for name, p in named_params(again).items():
+        mine = [s.data.unsafe_buffer_pointer() for s in copied.params[name].addressable_shards]
+        assert mine != [s.data.unsafe_buffer_pointer() for s in p.addressable_shards], name
+    rng = np.random.default_rng(0)
+    examples = [
+        SFTExample(i, ids, ids.copy(), "ok")
+        for i, ids in enumerate(rng.integers(3, 60, size=(16, 20)).astype(np.int32))
+    ]
+    batch = collate_rows(single_rows(examples), np.arange(16), accum=2, length=32, pad_id=0)
+    jax.block_until_ready(trainer.step(batch))  # compiles
+    with jax.transfer_guard_device_to_device("disallow"):
+        with jax.transfer_guard_device_to_host("disallow"):
+            metrics = jax.block_until_ready(trainer.step(batch))
+    assert float(metrics["lr"]) == pytest.approx(float(schedule(1)))
+
+
+def test_heldout_loss_generation_and_embeddings_place_the_weights_once(tmp_path) -> None:
+    """The evaluation runners (held-out loss on the mesh, greedy generation) and select's
+    embedder, on 8 devices with the model on one: every per-batch call runs with implicit
+    device-to-device transfers disallowed, so the weights are placed once per run, explicitly,
+    not moved next to each batch."""
+    from resofilter_jax.data import Record
+    from resofilter_jax.models.generate import generate
+    from resofilter_jax.models.loading import load_model
+    from resofilter_jax.parallel import make_mesh
+    from resofilter_jax.selection.embeddings import embed_texts
+    from resofilter_jax.training.evaluation import heldout_loss
+
+    path, tok = _tiny_llama(tmp_path)
+    lm = load_model(path)
+    records = [Record(i, f"add {i} and {i + 1}", "", f"{2 * i + 1}") for i in range(12)]
+    with jax.transfer_guard_device_to_device("disallow"):
+        got = heldout_loss(lm.model, tok, records, template="none", max_length=64, batch_rows=8)
+        assert got["examples"] == 12 and np.isfinite(got["loss"])
+        out = generate(lm.model, [[1, 5, 6], [1, 7]], max_new_tokens=3, stop_ids=[2], batch_size=2)
+        assert len(out) == 2
+        emb = embed_texts(lm.model, tok, [r.instruction for r in records], mesh=make_mesh())
+        assert emb.shape[0] == 12

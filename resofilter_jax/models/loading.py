@@ -125,7 +125,7 @@ def iter_safetensors(
         with safe_open(str(f), framework="flax") as handle:
             for name in handle.keys():
                 if host:  # read under the CPU device, yielded outside the context
-                    with jax.default_device(jax.devices("cpu")[0]):
+                    with jax.default_device(jax.local_devices(backend="cpu")[0]):
                         value = handle.get_tensor(name)
                 else:
                     value = handle.get_tensor(name)

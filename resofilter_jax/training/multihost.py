@@ -95,15 +95,20 @@ def put_local_batch(
     return out
 
 
-def put_global(tree: Any, shardings: Any) -> Any:
+def put_global(tree: Any, shardings: Any, *, copy: bool = True) -> Any:
     """Host values (identical on every process) -> arrays with ``shardings`` (a matching tree).
 
-    Each process copies only the blocks of its own devices. Always a copy, never an alias.
+    Each process copies only the blocks of its own devices. An array that already has its
+    target sharding (e.g. loaded straight to it, ``load_model(shardings=...)``) is not moved
+    through the host: it is copied on its devices, or with ``copy=False`` taken as it is
+    (the caller hands its buffers over). Otherwise always a copy, never an alias.
     """
 
     def put(x: Any, s: NamedSharding) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
+            return jax.device_put(x, s, may_alias=not copy)
         if s.is_fully_addressable:
-            return jax.device_put(x, s, may_alias=False)
+            return jax.device_put(x, s, may_alias=not copy)
         host = np.asarray(jax.device_get(x))
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 

@@ -37,12 +37,17 @@ from resofilter_jax.data import encode_sft_examples, status_counts
 from resofilter_jax.data.atomic import atomic_write_bytes, disk_full_error, is_disk_full
 from resofilter_jax.data.sources import read_records
 from resofilter_jax.models.attention import configure_attention
-from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.base import check_remat
+from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.models.registry import named_params
-from resofilter_jax.parallel import initialize_distributed, make_train_mesh, num_devices
+from resofilter_jax.parallel import (
+    initialize_distributed,
+    make_train_mesh,
+    num_devices,
+    param_shardings,
+)
 from resofilter_jax.runtime import enable_compilation_cache, versions
 from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.stop_signals import Interrupted, StopSignals
@@ -326,11 +331,12 @@ def _run_locked(
     enable_compilation_cache(config.compilation_cache_dir)
     model_path = config.model.path or str(assets.smollm2_gguf())
     data_path = config.data.path or str(assets.gsm8k_test())
-    lm = load_model(
+    lm = load_model(  # each tensor read on the host and placed straight to its shards
         model_path,
         dtype=config.model.dtype,
         param_dtype=config.model.param_dtype,
         max_length=config.max_length,
+        shardings=lambda shapes: param_shardings(shapes, mesh),
     )
     lm.model.scan_layers = bool(config.model.scan_layers)
     lm.model.remat = config.train.get("remat", "none")  # checked by _check_config
@@ -342,8 +348,10 @@ def _run_locked(
     fingerprint = rows_fingerprint(rows)
     shapes = {n: tuple(v.shape) for n, v in named_params(lm.model).items()}
     tx, schedule, warmup = optimizer_from_config(config.optim, shapes, total)
-    trainer = Trainer(lm.model, tx, mesh, ce_chunk=config.ce_chunk, schedule=schedule)
-    lm.model = None  # the trainer holds the (copied, sharded) parameters now
+    trainer = Trainer(
+        lm.model, tx, mesh, ce_chunk=config.ce_chunk, schedule=schedule, copy_params=False
+    )
+    lm.model = None  # the trainer owns the (sharded) parameters now
     pad_id = lm.tokenizer.pad_token_id
     pad_id = lm.tokenizer.eos_token_id if pad_id is None else pad_id
     evaluator = None  # the held-out file is read, put on the mesh and compiled for once

@@ -198,19 +198,23 @@ class Trainer:
         rules: Sequence[tuple[str, PartitionSpec]] = PARTITION_RULES,
         donate: bool = True,
         schedule: optax.Schedule | None = None,
+        copy_params: bool = True,
     ):
         """Copies the model's parameters onto the mesh and builds the optimizer state.
 
-        The model object itself is left untouched (its arrays are copied, never donated).
+        The model object itself is left untouched (its arrays are copied, never donated),
+        unless ``copy_params=False``: then parameters that already have their target sharding
+        (loaded with ``load_model(shardings=...)``) are taken over without a copy, and the
+        caller must not use the model afterwards (the step donates those buffers).
         ``schedule``: the learning-rate schedule inside ``tx``; the step's metrics then
         carry ``lr`` (see :func:`make_step_fn`).
         """
         self.mesh, self.tx = mesh, tx
         self.parts, params = split_model(model)
         self.param_sharding = param_shardings({n: v.shape for n, v in params.items()}, mesh, rules)
-        # A copy (never an alias of the model's arrays): the step donates these buffers. With
-        # several processes each copies the blocks of its own devices.
-        self.params: Params = multihost.put_global(params, self.param_sharding)
+        # A copy unless handed over (the step donates these buffers). With several processes
+        # each copies the blocks of its own devices.
+        self.params: Params = multihost.put_global(params, self.param_sharding, copy=copy_params)
         rep = replicated(mesh)
         self.opt_sharding = optax.tree_utils.tree_map_params(
             tx,
