@@ -1,6 +1,7 @@
 """Analyses of scoring runs: ``run(AnalyzeConfig(...))``, the mode picked by ``config.mode``.
 
 ``scores``: the agreement of two score files (:mod:`resofilter_jax.analysis.report`);
+``compare``: N methods (score files or columns) pairwise (:mod:`resofilter_jax.analysis.compare`);
 ``gradient_cosine``: projected gradients vs a target set's mean direction
 (:mod:`resofilter_jax.analysis.gradient_cosine`, imported only for that mode: it imports jax).
 The command is ``python -m resofilter_jax.analyze``.
@@ -16,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from resofilter_jax.analysis.rank_stats import kendall_tau_b, pearson, spearman
+from resofilter_jax.analysis.compare import compare_methods
 from resofilter_jax.analysis.report import (
+    agreement,
     load,
     markdown_table,
     match,
-    overlap,
     plot_hist,
     plot_scatter,
     render_markdown,
@@ -32,20 +33,20 @@ from resofilter_jax.analysis.report import (
 from resofilter_jax.scoring.outputs import write_json
 from resofilter_jax.selection.score_file import release_memory
 
-__all__ = ["MODES", "AnalyzeConfig", "run", "run_gradient_cosine", "run_scores"]
+__all__ = ["MODES", "AnalyzeConfig", "run", "run_compare", "run_gradient_cosine", "run_scores"]
 
 
 @dataclasses.dataclass
 class AnalyzeConfig:
     """What to compare and where to write the report."""
 
-    a: str
     out: str
+    a: str = ""  # modes scores and gradient_cosine
     b: str = ""  # "" = summarise `a` alone
-    column: str = ""  # "" = `ifd` if present, else `score`
+    column: str = ""  # "" = the first of report.DEFAULT_COLUMNS present (ifd, rifd, score, ...)
     label_a: str = ""  # "" = "A"
     label_b: str = ""  # "" = "B"
-    threshold: float | str | None = "auto"  # "auto" = 1.0 for ifd, none otherwise
+    threshold: float | str | None = "auto"  # "auto" = 1.0 for the IFD family, none otherwise
     top: str = "high"  # high | low: which end of the order is "the top k%"
     rates: Sequence[float] = (0.05, 0.10, 0.15)
     max_scatter_points: int = 20_000  # larger inputs are subsampled (deterministically)
@@ -54,12 +55,19 @@ class AnalyzeConfig:
     bins: int = 60
     mode: str = "scores"
     target: str = ""  # gradient_cosine: a projection dir or rows:SPEC
+    # compare: one PATH[:COLUMN] per method, and per method (or empty: defaults) its label,
+    # top direction (high | low | auto) and threshold (a number | none | auto); see compare.py
+    inputs: Sequence[str] = ()
+    labels: Sequence[str] = ()
+    directions: Sequence[str] = ()
+    thresholds: Sequence[float | str | None] = ()
 
 
 def run_scores(config: AnalyzeConfig) -> dict[str, Any]:
     """The ``scores`` mode: agreement of two score files (or the summary of one)."""
     if config.top not in ("high", "low"):
         raise ValueError(f"top must be 'high' or 'low', got {config.top!r}")
+    _check_inputs(config, "scores")
     a = load(config.a, config.column)
     b = load(config.b, config.column or a["column"]) if config.b else None
     m = match(a, b) if b is not None else None  # errors before anything is written
@@ -83,13 +91,9 @@ def run_scores(config: AnalyzeConfig) -> dict[str, Any]:
     if m is not None:
         x, y = m["a"], m["b"]
         report["counts"] = m["counts"]
-        top = overlap(x, y, rates=config.rates, threshold=threshold, top=config.top)
-        report["metrics"] = {
-            "spearman": spearman(x, y),
-            "kendall_tau_b": kendall_tau_b(x, y),
-            "pearson": pearson(x, y),
-            "top_overlap": top,
-        }
+        metrics = agreement(x, y, rates=config.rates, threshold=threshold, top=config.top)
+        report["metrics"] = metrics
+        top = metrics["top_overlap"]
         short = [o for o in top if min(o["size_a"], o["size_b"]) < o["k"]]
         if short:
             report["notes"].append(
@@ -118,6 +122,7 @@ def run_gradient_cosine(config: AnalyzeConfig) -> dict[str, Any]:
     """The ``gradient_cosine`` mode: A's projected gradients vs a target set's mean (LESS)."""
     if not config.target:
         raise ValueError("mode gradient_cosine needs --target (a projection dir or rows:SPEC)")
+    _check_inputs(config, "gradient_cosine")
     from resofilter_jax.analysis import gradient_cosine  # imports jax: only for this mode
 
     res = gradient_cosine.gradient_cosine(config.a, config.target)  # errors before any write
@@ -152,8 +157,32 @@ def run_gradient_cosine(config: AnalyzeConfig) -> dict[str, Any]:
     return report
 
 
+def run_compare(config: AnalyzeConfig) -> dict[str, Any]:
+    """The ``compare`` mode: N methods (score files or columns of one) pairwise."""
+    if config.a or config.b:
+        raise ValueError("mode compare takes --inputs PATH[:COLUMN],... instead of --a / --b")
+    return compare_methods(
+        config.inputs,
+        config.out,
+        labels=config.labels,
+        directions=config.directions,
+        thresholds=config.thresholds,
+        rates=config.rates,
+        column=config.column,
+    )
+
+
+def _check_inputs(config: AnalyzeConfig, mode: str) -> None:
+    """``--a`` is required and ``--inputs`` (mode compare) refused by the other modes."""
+    if config.inputs:
+        raise ValueError(f"--inputs is for --mode compare; mode {mode} takes --a (and --b)")
+    if not config.a:
+        raise ValueError(f"mode {mode} needs --a")
+
+
 MODES: dict[str, Callable[[AnalyzeConfig], dict[str, Any]]] = {
     "scores": run_scores,
+    "compare": run_compare,
     "gradient_cosine": run_gradient_cosine,
 }
 

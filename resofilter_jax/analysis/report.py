@@ -1,8 +1,11 @@
-"""Score reports: load two score files, match their rows, compare them, plot and render.
+"""Score reports: load score files, match their rows, compare pairs, plot and render.
 
 Rows are matched by (``index``, ``turn``), turn 0 when a file has none; a row counts only
 when its status is ``ok`` and its score is finite in BOTH files. The top sets follow
-:func:`resofilter_jax.selection.policies.superfiltering_select` (``top="high"``).
+:func:`resofilter_jax.selection.policies.superfiltering_select` (``top="high"``). The pair
+mode (``analysis.pipeline.run_scores``) and the N-method comparison
+(:mod:`resofilter_jax.analysis.compare`) share :func:`load_columns`, :func:`match` and
+:func:`agreement`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from resofilter_jax.analysis.rank_stats import kendall_tau_b, pearson, spearman
 from resofilter_jax.selection.policies import first_k, superfiltering_select
 from resofilter_jax.selection.score_file import ScoreFile, Statuses, status_summary
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+# The IFD family: Superfiltering's policy keeps values below 1 (``--threshold auto``).
+THRESHOLD_ONE = ("ifd", "ifd_loss_ratio", "ifd_informative", "rifd", "rifd_loss_ratio")
+# A file's score column when none is named: the first of these it has (else ``score``).
+DEFAULT_COLUMNS = ("ifd", "rifd", "score", "rds_score", "cosine")
 
 
 def _ranking(values: np.ndarray, threshold: float | None, top: str, k: int | None) -> np.ndarray:
@@ -46,15 +54,23 @@ def top_set(values: np.ndarray, *, rate: float, threshold: float | None, top: st
 
 
 def overlap(
-    a: np.ndarray, b: np.ndarray, *, rates: Sequence[float], threshold: float | None, top: str
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    rates: Sequence[float],
+    threshold: float | None,
+    top: str,
+    rule_b: tuple[float | None, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Per rate: k, the set sizes, |A∩B|, |A∩B|/k and Jaccard |A∩B|/|A∪B|.
 
-    Each file is ranked once; the top set of a rate is the first k of that ranking.
+    ``threshold`` and ``top`` rank A, and B too unless ``rule_b`` = (threshold, top) gives
+    B its own. Each input is ranked once; the top set of a rate is the first k of that ranking.
     """
+    thr_b, top_b = rule_b if rule_b is not None else (threshold, top)
     sizes = [math.floor(r * n) for r in rates for n in (len(a), len(b))]
     most = max(sizes, default=0) if min(sizes, default=0) >= 0 else None  # None: all
-    rank_a, rank_b = _ranking(a, threshold, top, most), _ranking(b, threshold, top, most)
+    rank_a, rank_b = _ranking(a, threshold, top, most), _ranking(b, thr_b, top_b, most)
     rows = []
     for rate in rates:
         k = math.floor(rate * len(a))
@@ -68,7 +84,26 @@ def overlap(
     return rows
 
 
-def _resolve_path(path: str) -> Path:
+def agreement(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    rates: Sequence[float],
+    threshold: float | None,
+    top: str,
+    rule_b: tuple[float | None, str] | None = None,
+) -> dict[str, Any]:
+    """Spearman rho, Kendall tau-b, Pearson r and the top-set :func:`overlap` of two [n]
+    matched score vectors (``rule_b``: y's own (threshold, top), as in :func:`overlap`)."""
+    return {
+        "spearman": spearman(x, y),
+        "kendall_tau_b": kendall_tau_b(x, y),
+        "pearson": pearson(x, y),
+        "top_overlap": overlap(x, y, rates=rates, threshold=threshold, top=top, rule_b=rule_b),
+    }
+
+
+def resolve_path(path: str) -> Path:
     """A score file, or a run directory holding ``scores.parquet`` / ``scores.jsonl``."""
     p = Path(path)
     if p.is_dir():
@@ -103,33 +138,49 @@ def _ints(col: np.ndarray, name: str, path: Path) -> np.ndarray:
     return f.astype(np.int64)
 
 
-def load(path: str, column: str = "") -> dict[str, Any]:
+class MissingColumn(ValueError):
+    """A score file lacks a requested column (``column``)."""
+
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+
+
+def load_columns(path: str, columns: Sequence[str]) -> list[dict[str, Any]]:
     """Reads the columns of one score file it needs: ``index``, ``turn`` (or 0), ``status``
-    (as an ok mask and counts) and the score column.
+    (as an ok mask and counts) once, and each score column; one dict per column (``""``: the
+    first of :data:`DEFAULT_COLUMNS` the file has), sharing the key and status arrays.
 
     Raises:
-        ValueError: If ``index`` or the column is missing (the message names the columns).
+        ValueError: If ``index`` is missing; :class:`MissingColumn` if a score column is (the
+            messages name the file's columns).
     """
-    p = _resolve_path(path)
+    p = resolve_path(path)
     scores = ScoreFile(p)
     available = ", ".join(scores.names) or "(none)"
     if "index" not in scores:
         raise ValueError(f"{p} has no `index` column; columns: {available}")
-    column = column or ("ifd" if "ifd" in scores else "score")
-    if column not in scores:
-        raise ValueError(f"{p} has no column `{column}`; available columns: {available}")
+    default = next((c for c in DEFAULT_COLUMNS if c in scores), "score")
+    columns = [c or default for c in columns]
+    for column in columns:
+        if column not in scores:
+            message = f"{p} has no column `{column}`; available columns: {available}"
+            raise MissingColumn(column, message)
     n = scores.num_rows
     turn = _ints(scores.column("turn"), "turn", p) if "turn" in scores else np.zeros(n, np.int64)
     status = scores.statuses()
-    return {
-        "path": str(p),
-        "column": column,
-        "index": _ints(scores.column("index"), "index", p),
-        "turn": turn,
-        "ok": status.ok,
-        "statuses": status.counts,
-        "values": _floats(scores.column(column)),
-    }
+    base = {"path": str(p), "index": _ints(scores.column("index"), "index", p), "turn": turn}
+    base.update(ok=status.ok, statuses=status.counts)
+    values: dict[str, np.ndarray] = {}  # each column read once
+    for column in columns:
+        if column not in values:
+            values[column] = _floats(scores.column(column))
+    return [{**base, "column": c, "values": values[c]} for c in columns]
+
+
+def load(path: str, column: str = "") -> dict[str, Any]:
+    """:func:`load_columns` of one column (``""``: the file's default score column)."""
+    return load_columns(path, [column])[0]
 
 
 def _statuses(d: dict[str, Any]) -> Statuses:
@@ -213,6 +264,26 @@ def match(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             f"with a finite `{a['column']}` in both: {counts}"
         )
     return {"a": a["values"][ia][keep], "b": b["values"][ib][keep], "counts": counts}
+
+
+def common_rows(ds: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Keys (index, turn) present in every loaded input, and those usable (:func:`usable`)
+    in every one. Inputs that share one file's key arrays are keyed once."""
+    lo = min(int(d["turn"].min(initial=0)) for d in ds)
+    span = max(int(d["turn"].max(initial=0)) for d in ds) - lo + 1
+    keys: dict[int, np.ndarray] = {}  # id of an index array -> its [n] keys
+    every, ok_every = None, None
+    for d in ds:
+        if id(d["index"]) not in keys:
+            keys[id(d["index"])] = _keys(d, lo, span)[0]
+            k = keys[id(d["index"])]
+            every = k if every is None else np.intersect1d(every, k, assume_unique=True)
+        k_ok = keys[id(d["index"])][usable(d)]
+        ok_every = k_ok if ok_every is None else np.intersect1d(ok_every, k_ok, assume_unique=True)
+    return {
+        "rows_in_all": len(every) if every is not None else 0,
+        "usable_in_all": len(ok_every) if ok_every is not None else 0,
+    }
 
 
 def summary(d: dict[str, Any], threshold: float | None) -> dict[str, Any]:
@@ -319,6 +390,38 @@ def plot_scatter(
     fig.savefig(path, dpi=110)
 
 
+def plot_heatmap(
+    matrix: np.ndarray,
+    labels: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+    vmin: float,
+    vmax: float,
+    cmap: str,
+) -> None:
+    """An annotated [N, N] heatmap (NaN cells blank, labelled ``nan``)."""
+    from matplotlib.figure import Figure
+
+    m = np.asarray(matrix, np.float64)  # [N, N]
+    side = 1.6 + 0.9 * len(labels)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(m), vmin=vmin, vmax=vmax, cmap=cmap)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels, rotation=35, ha="right")
+    ax.set_yticks(ticks, labels)
+    for (i, j), v in np.ndenumerate(m):
+        r, g, b, _ = image.cmap(image.norm(v)) if math.isfinite(v) else (1, 1, 1, 1)
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark cells
+        text = "nan" if math.isnan(v) else f"{v:.2f}"
+        ax.text(j, i, text, ha="center", va="center", color="w" if dark else "k", fontsize=9)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.6g}"
@@ -368,10 +471,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def resolve_threshold(threshold: float | str | None, column: str) -> float | None:
-    """``"auto"`` -> 1.0 for ``ifd`` else None; ``"none"`` / ``""`` / None -> None."""
+    """``"auto"`` -> 1.0 for the :data:`THRESHOLD_ONE` columns (the IFD family) else None;
+    ``"none"`` / ``""`` / None -> None."""
     if isinstance(threshold, str):
         t = threshold.strip().lower()
         if t == "auto":
-            return 1.0 if column == "ifd" else None
+            return 1.0 if column in THRESHOLD_ONE else None
         return None if t in ("", "none") else float(t)
     return None if threshold is None else float(threshold)
