@@ -7,8 +7,19 @@
     python -m resofilter_jax.select --scores outputs/reso/scores.parquet \
         --data gsm8k.jsonl --drop_rates 0.25,0.5,0.75 --output sel.jsonl  # sel.p75/p50/p25.jsonl
 
-``--policy`` (default ``auto``: an ``ifd`` column means superfiltering, a ``score`` column
-resofilter; a file with both or neither is refused).
+``--policy`` (default ``auto``: an ``ifd`` column, or without one an ``rifd`` column, means
+superfiltering on that column, a ``score`` column resofilter; a file with both kinds or
+neither is refused). ``representation`` and ``gradient`` are chosen explicitly.
+
+``--column NAME``: the numeric column the superfiltering or resofilter policy ranks (default
+``ifd``, else ``rifd``, for superfiltering and ``score`` for resofilter), e.g.
+``ifd_loss_ratio``, ``ifd_informative``, ``loss_direct`` or ``reso/<param>/<feature>``, with
+that policy's rules unchanged. ``--threshold`` applies to whichever column superfiltering
+ranks (strictly below it; the 1.0 cut is the natural one for the ratio columns ``ifd``,
+``ifd_loss_ratio``, ``ifd_informative`` and ``rifd``; ``--threshold inf`` turns it off for
+a column such as a loss). The column is attached to the output rows when it is not among the
+usual ones, and the summary names it (and the threshold) when it is not the default.
+List columns (``token_losses_*``) and strings are refused.
 
 Superfiltering policy (docs/DESIGN.md §3.3): keep rows whose IFD is a number strictly below
 `--threshold` (1.0), order them by IFD descending (ties: lower index first) and keep the first
@@ -46,6 +57,30 @@ ResoFilter policy (docs/DESIGN.md §3.3, the reference's ``reso_filter.py``):
   ``sel.p25.jsonl``. One ranking serves all rates, so with either ``--keep`` a smaller subset
   is contained in every larger one.
 
+Target-aware policies (the budget: ``--count`` rows, else floor(``--rate`` x rows of the
+score file), at most the candidates; ``--order auto``/``score``: selection order,
+``original``: input order):
+
+* ``representation`` (RDS+, Ivison et al. 2025; :mod:`resofilter_jax.selection.representation`):
+  ``--target FILE`` (any data file the project reads, ``--target_format``, default auto; the
+  first ``--target_limit`` ok records) describes the task. Candidates are the ``ok`` rows of
+  ``--scores``, their texts rebuilt from ``--data``; every text is the whole formatted example
+  (the scorer's template prompt + response), embedded with the scoring model (``--model``
+  overrides) as the position-weighted mean of its final hidden states (weights 1..n),
+  L2-normalised, batched on the mesh and cached in ``<scores dir>/embeddings/`` (reused while
+  the model, pooling, max_length, template and rows are the same). ``rds_score`` = max cosine
+  over the targets. Selection: round-robin over the targets (target 1, 2, ..., T, 1, ...: each
+  takes its most similar row not yet taken; ties: the earlier row) until k rows, or with
+  ``--round_robin=false`` the top k by ``rds_score``. Columns ``rds_score`` and ``rds_target``
+  (the picking / nearest target's row number in ``--target``).
+* ``gradient`` (LESS, Xia et al. 2024; :mod:`resofilter_jax.selection.gradient`): a resonance
+  run's projected gradients (``--config.features.projection_dim=K``, next to ``--scores``);
+  ``--target_rows 0:100,205`` (rows of the run by ``index``) are the target. Default: the top
+  k by the cosine with the targets' mean direction, what ``analyze --mode gradient_cosine``
+  writes (column ``grad_cosine``); ``--round_robin``: max cosine over the target rows
+  (``grad_max_cosine``) with the round-robin above (``grad_target``: the picking target's
+  index).
+
 Output rows (``--format rows``, the default): the input's own rows with the score columns
 attached (IFD: losses, ppls, ifd, token counts; resonance: ``score, loss, ppl, n_tokens``,
 plus every ``reso/<param>/<feature>`` column with ``--with_features``), ``turn`` added in
@@ -62,6 +97,9 @@ columns the policy needs; the attached columns only for the selected rows, strea
 output files are written as the rows arrive (a file in another order, e.g. the IFD ranking, is
 filled from a temporary file of encoded rows next to it). Memory grows with a few numbers per
 score row, not with the data (about 0.5-1 GiB for 10M rows; ``bench/bench_memory.py``).
+The target-aware policies add a few numbers per candidate and, for round-robin, each
+target's first m candidates (m = ceil(k / targets) + 16, doubled while targets compete for
+the same rows); the embeddings / projections are read from their files block by block.
 
 The command only parses flags; the library is :mod:`resofilter_jax.selection`
 (``selection.pipeline.run(SelectConfig(...))``).
@@ -93,10 +131,15 @@ def _define_flags() -> None:
     flags.DEFINE_string("scores", None, "scores.parquet or scores.jsonl of a scoring run")
     flags.DEFINE_string("output", None, "output file (.json array or .jsonl)")
     flags.DEFINE_string("data", "", "the scored input file; rows are copied from it")
-    flags.DEFINE_enum("policy", "auto", ["auto", *POLICIES], "auto: from the ifd / score column")
-    flags.DEFINE_float("rate", 0.1, "superfiltering: fraction of this dataset's rows to keep")
-    flags.DEFINE_integer("count", 0, "superfiltering: number of rows (overrides --rate)")
-    flags.DEFINE_float("threshold", 1.0, "superfiltering: keep IFD strictly below this")
+    flags.DEFINE_enum(
+        "policy", "auto", ["auto", *POLICIES], "auto: from the ifd / rifd / score column"
+    )
+    flags.DEFINE_string("column", "", "superfiltering / resofilter: the numeric column ranked")
+    flags.DEFINE_float(
+        "rate", 0.1, "superfiltering, representation, gradient: fraction of the rows to keep"
+    )
+    flags.DEFINE_integer("count", 0, "number of rows (overrides --rate)")
+    flags.DEFINE_float("threshold", 1.0, "superfiltering: keep values strictly below this")
     flags.DEFINE_integer(
         "fla_num", 0, "Superfiltering.D: rows picked by facility location; 0 = off"
     )
@@ -107,12 +150,14 @@ def _define_flags() -> None:
     flags.DEFINE_enum("fla_ties", "low", list(FLA_TIES), "FL: equal gains go to the low/high index")
     flags.DEFINE_enum("embed_type", "whole", list(EMBED_TYPES), "FL: the text that is embedded")
     flags.DEFINE_bool("embed_input_line", True, "FL: keep the input line when the input is empty")
-    flags.DEFINE_string("model", "", "FL: embedding model (default: the scorer's, else SmolLM2)")
-    flags.DEFINE_string("dtype", "", "FL: float32 | bfloat16 (default: the scorer's)")
-    flags.DEFINE_integer("max_length", 0, "FL: tokens per text (0: the scorer's max_length)")
-    flags.DEFINE_integer("token_budget", 16384, "FL: padded tokens per embedding batch")
-    flags.DEFINE_integer("num_devices", 0, "FL: local devices to embed on (0: all)")
-    flags.DEFINE_bool("progress", False, "FL: show progress bars")
+    flags.DEFINE_string(
+        "model", "", "FL / representation: embedding model (default: the scorer's, else SmolLM2)"
+    )
+    flags.DEFINE_string("dtype", "", "FL / representation: float32 | bfloat16 (default: scorer's)")
+    flags.DEFINE_integer("max_length", 0, "FL / representation: tokens per text (0: scorer's)")
+    flags.DEFINE_integer("token_budget", 16384, "FL / representation: tokens per embedding batch")
+    flags.DEFINE_integer("num_devices", 0, "FL / representation: local devices to use (0: all)")
+    flags.DEFINE_bool("progress", False, "FL / representation: show progress bars")
     flags.DEFINE_float("drop_rate", 0.5, "resofilter: drop int(N x p) of the ranking")
     flags.DEFINE_list(
         "drop_rates",
@@ -120,6 +165,15 @@ def _define_flags() -> None:
         "resofilter: several rates, one file each (OUTPUT stem + .pXX, XX = % kept)",
     )
     flags.DEFINE_enum("keep", "low", list(KEEPS), "resofilter: keep low- or high-score rows")
+    flags.DEFINE_string("target", "", "representation: data file of the target rows")
+    flags.DEFINE_string("target_format", "auto", "representation: format of --target")
+    flags.DEFINE_integer("target_limit", 0, "representation: first N ok target rows (0: all)")
+    flags.DEFINE_string("target_rows", "", "gradient: target rows of the run, e.g. 0:100,205")
+    flags.DEFINE_bool(
+        "round_robin",
+        None,
+        "representation (default true) / gradient (default false): round-robin over targets",
+    )
     flags.DEFINE_enum("order", "auto", list(ORDERS), "output order (auto: per policy)")
     flags.DEFINE_enum("format", "rows", list(FORMATS), "input rows + scores | reference")
     flags.DEFINE_bool("with_features", False, "attach the reso/... feature columns")

@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.selection import FEATURE, jsonl, reso_inputs, write_inputs
+from support.selection import FEATURE, RESO_STATUS, jsonl, reso_inputs, write_inputs
 
 from resofilter_jax.selection.pipeline import SelectConfig, run
 from resofilter_jax.selection.policies import (
     detect_policy,
+    resofilter_select,
     superfiltering_select,
 )
 from resofilter_jax.selection.rows import (
@@ -377,3 +378,139 @@ def test_superfiltering_d_end_to_end_on_smollm2(
     assert summary["ifd_num"] == len(stage) == 6
     got = [ids.index(r["id"]) for r in jsonl(tmp_path / "d.jsonl")]
     assert got == superfiltering_d(stage, embed, ifd_num=None, fla_num=3).tolist()
+
+
+# --- --column: any numeric column, the policy's rules ------------------------------------------
+
+
+def _ifd_family(tmp_path: Path, fmt: str = "parquet", sf: str = "ifd", extra: bool = True) -> Path:
+    """An IFD-like score file over ``write_inputs``' 6 rows: the Superfiltering column ``sf``
+    (``ifd`` or ``rifd``), and with ``extra`` the new ratio columns and token-loss lists."""
+    cols = {
+        "index": list(range(6)),
+        "status": ["ok", "ok", "empty_output", "ok", "ok", "ok"],
+        "loss_direct": [2.0, 3.5, None, 1.0, 3.5, 0.5],
+        sf: [0.8, 0.3, None, 0.9, 1.2, 0.85],
+    }
+    if extra:
+        cols["ifd_loss_ratio"] = [0.95, 0.99, None, 0.2, 0.7, 1.3]
+        cols["ifd_informative"] = [0.5, 0.6, None, 0.7, 0.8, 0.9]
+        cols["token_losses_direct"] = [[1.0, 2.0], [3.0], None, [], [0.5], [1.5, 1.5]]
+    path = tmp_path / f"scores.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table(cols), path)
+    else:
+        rows = [{k: v[i] for k, v in cols.items()} for i in range(6)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_column_ranks_any_numeric_column_with_the_superfiltering_rules(
+    tmp_path: Path, fmt: str
+) -> None:
+    data, _ = write_inputs(tmp_path)
+    scores = _ifd_family(tmp_path, fmt)
+    out = tmp_path / "o.jsonl"
+    base = SelectConfig(scores=str(scores), data=str(data), output=str(out), rate=0.5)
+    summary = run(dataclasses.replace(base, column="ifd_loss_ratio"))
+    # < 1.0: rows 0 1 3 4 (row 5 is 1.3, row 2 has none), descending, k = 3
+    assert [r["extra"] for r in jsonl(out)] == [1, 0, 4]
+    assert [r["ifd_loss_ratio"] for r in jsonl(out)] == [0.99, 0.95, 0.7]
+    assert "ifd" in jsonl(out)[0]  # the usual columns stay
+    assert summary == {
+        "column": "ifd_loss_ratio",
+        "threshold": 1.0,
+        "rows": 6,
+        "eligible": 4,
+        "selected": 3,
+        "output": str(out),
+    }
+    # A loss: no natural cut, --threshold inf; ties (3.5) by the lower row.
+    summary = run(dataclasses.replace(base, column="loss_direct", threshold=math.inf, count=4))
+    assert [r["extra"] for r in jsonl(out)] == [1, 4, 0, 3]
+    assert summary["threshold"] is None and summary["eligible"] == 5
+    for column, match in (
+        ("token_losses_direct", "column `token_losses_direct` .* is not numeric"),
+        ("status", "is not numeric"),
+        ("nope", "no `nope` column"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            run(dataclasses.replace(base, column=column))
+    # The default selection does not change with the new columns in the file.
+    (tmp_path / "plain").mkdir()
+    plain = _ifd_family(tmp_path / "plain", fmt, extra=False)
+    for policy in ("auto", "superfiltering"):
+        run(dataclasses.replace(base, policy=policy, output=str(tmp_path / "new.json")))
+        run(dataclasses.replace(base, scores=str(plain), output=str(tmp_path / "old.json")))
+        assert (tmp_path / "new.json").read_bytes() == (tmp_path / "old.json").read_bytes()
+
+
+def test_an_rifd_file_is_superfiltering_on_rifd(tmp_path: Path) -> None:
+    data, _ = write_inputs(tmp_path)
+    scores = _ifd_family(tmp_path, sf="rifd", extra=False)
+    out = tmp_path / "o.json"
+    summary = run(SelectConfig(scores=str(scores), data=str(data), output=str(out), rate=0.5))
+    rows = json.loads(out.read_text())
+    assert [r["extra"] for r in rows] == [3, 5, 0]
+    assert [r["rifd"] for r in rows] == [0.9, 0.85, 0.8] and "ifd" not in rows[0]
+    assert summary["column"] == "rifd" and summary["selected"] == 3
+    assert detect_policy(["index", "rifd", "ifd_loss_ratio"]) == "superfiltering"
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"index": 0, "status": "ok", "rifd": 0.5, "score": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="both `rifd` and `score`"):
+        run(SelectConfig(scores=str(both), output=str(out)))
+    summary = run(SelectConfig(scores=str(both), output=str(out), policy="superfiltering"))
+    assert summary["column"] == "rifd" and summary["selected"] == 0  # floor(0.1 x 1)
+
+
+@pytest.mark.parametrize("keep", ["low", "high"])
+def test_column_ranks_a_resonance_column_with_the_resofilter_rules(
+    tmp_path: Path, keep: str
+) -> None:
+    data, scores = reso_inputs(tmp_path)
+    table = pq.read_table(scores)
+    loss = np.asarray([3.0, 1.0, 2.0, 9.0, 1.0, 0.5, 7.0, 4.0, 8.0, np.nan])
+    pq.write_table(table.set_column(table.schema.get_field_index("loss"), "loss", [loss]), scores)
+    out = tmp_path / "o.jsonl"
+    base = SelectConfig(scores=str(scores), data=str(data), output=str(out), keep=keep)
+    summary = run(dataclasses.replace(base, column="loss", drop_rate=0.4))
+    ok = np.array([s == "ok" for s in RESO_STATUS])
+    want = resofilter_select(np.where(ok, loss, np.nan), 0.4, keep=keep)
+    assert [r["extra"] for r in jsonl(out)] == want.tolist()
+    assert summary["column"] == "loss" and summary["scored"] == 6  # row 9 has no loss
+    assert summary["outputs"][0]["selected"] == 6 - int(6 * 0.4)
+    run(dataclasses.replace(base, column=FEATURE, drop_rate=0.5))
+    rows = jsonl(out)
+    assert FEATURE in rows[0] and "score" in rows[0]  # the ranked column is attached
+    feature = table.column(FEATURE).to_numpy(zero_copy_only=False)
+    want = resofilter_select(np.where(ok, feature, np.nan), 0.5, keep=keep)
+    assert [r["extra"] for r in rows] == want.tolist()
+    run(dataclasses.replace(base, column=FEATURE, with_features=True))
+    assert list(jsonl(out)[0]).count(FEATURE) == 1
+    with pytest.raises(ValueError, match="no `nope` column"):
+        run(dataclasses.replace(base, column="nope"))
+
+
+def test_new_flags_reach_the_config(tmp_path: Path) -> None:
+    data, _ = write_inputs(tmp_path)
+    scores = _ifd_family(tmp_path)
+    cmd = [sys.executable, "-m", "resofilter_jax.select", f"--scores={scores}", f"--data={data}"]
+    out = tmp_path / "o.jsonl"
+    done = subprocess.run(
+        [*cmd, "--column=ifd_loss_ratio", "--rate=0.5", f"--output={out}"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["column"] == "ifd_loss_ratio"
+    assert [r["extra"] for r in jsonl(out)] == [1, 0, 4]
+    bad = [
+        (["--policy=representation", "--target_limit=3"], "needs --target"),
+        (["--round_robin=false", "--target_rows=0:2"], "--target_rows, --round_robin do not apply"),
+    ]
+    for flags, message in bad:
+        done = subprocess.run(
+            [*cmd, *flags, f"--output={tmp_path / 'x.jsonl'}"],
+            capture_output=True, text=True, cwd=ROOT, check=False,
+        )  # fmt: skip
+        assert done.returncode != 0 and message in done.stderr, done.stderr

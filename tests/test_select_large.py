@@ -310,6 +310,14 @@ def test_only_the_needed_columns_are_read(
     run(SelectConfig(scores=str(alpaca["ifd"]), rate=0.1, output=str(tmp_path / "b.jsonl")))
     assert {c for cols in asked for c in cols} == {"index", "ifd", *SCORE_KEYS}
     asked.clear()
+    # --column reads that column instead (and attaches it: already among the usual ones).
+    run(SelectConfig(scores=str(alpaca["ifd"]), column="loss_direct", threshold=math.inf,
+                     rate=0.1, output=str(tmp_path / "c.jsonl")))  # fmt: skip
+    assert {c for cols in asked for c in cols} == {"index", *SCORE_KEYS}
+    asked.clear()
+    run(SelectConfig(scores=str(alpaca["reso"]), column="loss", output=str(tmp_path / "d.jsonl")))
+    assert {c for cols in asked for c in cols} == {"index", "status", *RESO_KEYS}
+    asked.clear()
     analyze(AnalyzeConfig(a=str(alpaca["reso"]), out=str(tmp_path / "rep")))
     analyze(AnalyzeConfig(a=str(alpaca["ifd"]), b=str(alpaca["ifd_b"]), out=str(tmp_path / "r")))
     assert {c for cols in asked for c in cols} == {"index", "status", "score", "ifd"}

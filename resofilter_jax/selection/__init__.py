@@ -10,4 +10,9 @@
 * :mod:`~resofilter_jax.selection.diversity`: Superfiltering.D (IFD stage + facility location),
   over :mod:`~resofilter_jax.selection.facility_location` and
   :mod:`~resofilter_jax.selection.embeddings` (these three import jax).
+* :mod:`~resofilter_jax.selection.target`: target-aware selection (max cosine, RDS+'s
+  round-robin) over blocks of vectors, used by :mod:`~resofilter_jax.selection.representation`
+  (RDS+ embeddings, cached by :mod:`~resofilter_jax.selection.embedding_cache`) and
+  :mod:`~resofilter_jax.selection.gradient` (LESS projected gradients); the latter two
+  import jax.
 """

@@ -1,12 +1,20 @@
-"""Texts and embeddings for Superfiltering.D (facility-location diversity).
+"""Texts and embeddings for Superfiltering.D (facility-location diversity) and the
+representation (RDS+) policy.
 
 The reference (Superfiltering ``code_diversity_fla/do_fla.py``) embeds
 ``instruction + "\\n" + input + "\\n" + output`` per row (``emb_type=whole``; the input line is
 there whenever the row has an ``input`` key, so an empty Alpaca input gives ``"...\\n\\n"``)
-with all-MiniLM-L6-v2 and L2-normalises the result. Here the embedding is the masked mean of
-the scoring model's final hidden states, L2-normalised, computed in length-bucketed,
-token-budget batches over the mesh's ``data`` axis. The selection itself lives in
-:mod:`resofilter_jax.selection.diversity`.
+with all-MiniLM-L6-v2 and L2-normalises the result. Here the embedding is a pooling of the
+scoring model's final hidden states, L2-normalised, computed in length-bucketed, token-budget
+batches over the mesh's ``data`` axis. Poolings (``POOLINGS``):
+
+* ``mean`` (Superfiltering.D): the masked mean over the real tokens.
+* ``weighted_mean`` (RDS+, Ivison et al. 2025, after SGPT): the real tokens' hidden states
+  weighted by their 1-based position, ``sum_i i * h_i / sum_i i`` over ``i = 1..n`` (later
+  tokens have seen more of the text), so the last token weighs ``n`` times the first.
+
+The selections live in :mod:`resofilter_jax.selection.diversity` and
+:mod:`resofilter_jax.selection.representation`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_bat
 
 __all__ = [
     "EMB_TYPES",
+    "POOLINGS",
     "EmbType",
     "cached_model",
     "diversity_text",
@@ -42,6 +51,7 @@ __all__ = [
 
 EmbType = Literal["whole", "instruction", "response"]
 EMB_TYPES: tuple[str, ...] = ("whole", "instruction", "response")
+POOLINGS: tuple[str, ...] = ("mean", "weighted_mean")
 Array = jax.Array
 
 
@@ -75,21 +85,35 @@ def diversity_texts(
     return [diversity_text(r, emb_type, input_line=input_line) for r in records]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="pooling")
 def pooled_embeddings(
-    graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    input_ids: Array,
+    attention_mask: Array,
+    pooling: str = "mean",
 ) -> Array:
-    """Unit-norm masked mean of the final hidden states: [B, hidden] float32.
+    """Unit-norm pooled final hidden states: [B, hidden] float32.
 
-    Jitted with the graph static, so each (model, batch shape) compiles once per process.
-    Rows with no real token give a zero vector.
+    ``pooling``: ``mean`` (masked mean) or ``weighted_mean`` (weights 1, 2, ..., n over the
+    real tokens of a right-padded row). Jitted with the graph and the pooling static, so each
+    (model, pooling, batch shape) compiles once per process. Rows with no real token give a
+    zero vector.
     """
     model = nnx.merge(graphdef, state)
     hidden = model.hidden_states(input_ids, attention_mask).astype(jnp.float32)  # [B, L, H]
-    real = attention_mask[..., None] > 0  # [B, L, 1]
-    summed = jnp.where(real, hidden, 0.0).sum(axis=1)  # [B, H]; where: no NaN from pads
-    count = attention_mask.sum(axis=1, keepdims=True).astype(jnp.float32)  # [B, 1]
-    mean = summed / jnp.maximum(count, 1e-9)  # [B, H]
+    real = attention_mask > 0  # [B, L]
+    if pooling == "weighted_mean":
+        position = jnp.arange(1, input_ids.shape[1] + 1, dtype=jnp.float32)  # [L] 1-based
+        weight = jnp.where(real, position[None, :], 0.0)  # [B, L]
+    elif pooling == "mean":
+        weight = real.astype(jnp.float32)  # [B, L]
+    else:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    # where: no NaN from pads reaches the sum
+    summed = jnp.where(real[..., None], hidden * weight[..., None], 0.0).sum(axis=1)  # [B, H]
+    total = weight.sum(axis=1, keepdims=True)  # [B, 1]
+    mean = summed / jnp.maximum(total, 1e-9)  # [B, H]
     norm = jnp.linalg.norm(mean, axis=-1, keepdims=True)  # [B, 1]
     return mean / jnp.maximum(norm, 1e-12)  # [B, H]
 
@@ -104,8 +128,9 @@ def embed_texts(
     min_bucket: int = 64,
     mesh: Mesh | None = None,
     progress: bool = False,
+    pooling: str = "mean",
 ) -> np.ndarray:
-    """Unit-norm mean-pooled final hidden states of ``texts``: [n, hidden] float32.
+    """Unit-norm pooled final hidden states of ``texts``: [n, hidden] float32.
 
     Each text is encoded as ``tokenizer.encode(text, truncation=True, max_length=...)``
     (special tokens as the tokenizer adds them), the sequences are cut into length-bucketed
@@ -122,9 +147,12 @@ def embed_texts(
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
         mesh: Device mesh with a ``data`` axis (default: all local devices).
         progress: Show a tqdm bar over texts.
+        pooling: ``mean`` or ``weighted_mean`` (see :func:`pooled_embeddings`).
     """
     from resofilter_jax.scoring.shard_loop import RunStats, run_pipelined
 
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     n, width = len(texts), int(model.config.hidden_size)
     out = np.zeros((n, width), np.float32)  # [n, hidden]
     if n == 0:
@@ -152,7 +180,8 @@ def embed_texts(
 
     def dispatch(batch: dict[str, np.ndarray]) -> Array:
         arrays = shard_batch({k: batch[k] for k in ("input_ids", "attention_mask")}, mesh)
-        return pooled_embeddings(graphdef, state, arrays["input_ids"], arrays["attention_mask"])
+        ids, mask = arrays["input_ids"], arrays["attention_mask"]
+        return pooled_embeddings(graphdef, state, ids, mask, pooling=pooling)
 
     def collect(_: None, plan: Any, batch: dict, n_tokens: int, result: Array) -> None:
         del batch, n_tokens
@@ -191,11 +220,13 @@ def load_embedder(
     num_devices: int = 0,
     progress: bool = False,
     attention: str = "auto",
+    pooling: str = "mean",
 ) -> Callable[[Sequence[str]], np.ndarray]:
     """Loads a model (HF dir, ``.gguf`` file or hub id) and returns ``texts -> [n, hidden]``.
 
-    The function is :func:`embed_texts` over a mesh of the first ``num_devices`` local
-    devices (0: all of them). ``attention``: the attention backend (models/attention.py).
+    The function is :func:`embed_texts` (with ``pooling``) over a mesh of the first
+    ``num_devices`` local devices (0: all of them). ``attention``: the attention backend
+    (models/attention.py).
     """
     lm = cached_model(str(model_path), str(dtype), str(param_dtype))
     check_max_length(lm.config, max_length, lm.source)  # per call: the model may be cached
@@ -213,6 +244,7 @@ def load_embedder(
                 token_budget=token_budget,
                 mesh=mesh,
                 progress=progress,
+                pooling=pooling,
             )
 
     return embed

@@ -1,8 +1,10 @@
 """Select rows from a score file and write them: ``run(SelectConfig(...))``.
 
-The behaviour (policies, Superfiltering.D, ResoFilter's drop rates, output formats and
-orders) is documented with the command, :mod:`resofilter_jax.select`. Superfiltering.D's
-modules import jax: they are imported only when ``fla_num`` is set.
+The behaviour (policies, ``--column``, Superfiltering.D, ResoFilter's drop rates, the
+target-aware policies, output formats and orders) is documented with the command,
+:mod:`resofilter_jax.select`. Superfiltering.D's modules and the target-aware policies
+(:mod:`~resofilter_jax.selection.representation`, :mod:`~resofilter_jax.selection.gradient`)
+import jax: they are imported only when used.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from resofilter_jax.selection.policies import (
     POLICIES,
     RESO_KEYS,
     SCORE_KEYS,
+    TARGET_POLICIES,
     check_drop_rate,
+    default_column,
     detect_policy,
     resofilter_keep,
     superfiltering_select,
+    target_budget,
 )
 from resofilter_jax.selection.rows import (
     RowKey,
@@ -40,7 +45,7 @@ from resofilter_jax.selection.rows import (
     kept_label,
     rate_output_path,
 )
-from resofilter_jax.selection.score_file import is_sorted, release_memory
+from resofilter_jax.selection.score_file import is_sorted, jsonable, release_memory
 
 __all__ = ["SelectConfig", "run"]
 
@@ -52,11 +57,13 @@ class SelectConfig:
     scores: str
     output: str
     data: str = ""  # the scored input; "" = write only the score rows
-    policy: str = "auto"  # auto | superfiltering | resofilter
-    # Superfiltering.
+    policy: str = "auto"  # auto | superfiltering | resofilter | representation | gradient
+    # superfiltering / resofilter: the numeric column ranked; "" = ifd (else rifd) / score
+    column: str = ""
+    # Superfiltering (rate / count: also the budget of the target-aware policies).
     rate: float = 0.1
     count: int = 0  # an absolute number of rows; overrides rate when > 0
-    threshold: float = 1.0
+    threshold: float = 1.0  # on any --column (inf: no cut)
     # Superfiltering.D: facility location over embeddings of the IFD stage's rows.
     fla_num: int = 0  # rows picked by facility location; 0 = off
     ifd_num: int = 0  # rows of the IFD stage; 0 = the rows rate / count keep
@@ -74,6 +81,14 @@ class SelectConfig:
     drop_rate: float = 0.5
     drop_rates: tuple[float, ...] = ()  # non-empty: overrides drop_rate, files sel.pXX.jsonl
     keep: str = "low"  # low: drop the largest scores | high: drop the smallest
+    # Target-aware policies. representation: the target rows, a data file; gradient: rows of
+    # the projection run (parse_rows syntax). round_robin: None = representation yes,
+    # gradient no (the analysis' cosine with the targets' mean direction).
+    target: str = ""
+    target_format: str = "auto"
+    target_limit: int = 0  # the first N ok target records; 0 = all
+    target_rows: str = ""
+    round_robin: bool | None = None
     # Output.
     order: str = "auto"  # auto (IFD: score, IFD + FL: greedy, reso: original) | score | original
     format: str = "rows"  # rows (input rows + scores) | reference (ResoFilter training rows)
@@ -98,9 +113,10 @@ def _source(config: SelectConfig) -> ScoredData:
 
 
 def _order(config: SelectConfig, policy: str) -> str:
-    """``score`` or ``original`` (``auto`` with Superfiltering.D: greedy order, as ``score``)."""
+    """``score`` or ``original`` (``auto``: ``original`` for resofilter, else ``score``, the
+    selection order: Superfiltering.D's greedy order, the target-aware policies' pick order)."""
     if config.order == "auto":
-        return "score" if policy == "superfiltering" else "original"
+        return "original" if policy == "resofilter" else "score"
     if config.order not in ("score", "original"):
         raise ValueError(f"order must be 'auto', 'score' or 'original', got {config.order!r}")
     return config.order
@@ -193,9 +209,9 @@ def _diversity(
     return res.positions, records, info
 
 
-def _superfiltering(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
-    """The IFD ranking, then optionally Superfiltering.D's facility location, then the rows."""
-    ifd = scores.floats("ifd")  # [n]
+def _superfiltering(config: SelectConfig, scores: ScoreFile, column: str) -> dict[str, Any]:
+    """The ranking by ``column`` (IFD), then optionally Superfiltering.D, then the rows."""
+    ifd = scores.numeric_column(column)  # [n]
     picked = superfiltering_select(
         ifd, rate=config.rate, count=config.ifd_num or config.count, threshold=config.threshold
     )
@@ -221,17 +237,24 @@ def _superfiltering(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
         scores,
         keys,
         np.unique(picked),
-        SCORE_KEYS,
+        _attach(SCORE_KEYS, column),
         records,
         extra,
     )
     (out,) = write_outputs([(config.output, picked)], make, stream)
     summary = {"rows": n, "eligible": eligible, "selected": len(picked), "output": str(out)}
+    if column != "ifd":
+        summary = {"column": column, "threshold": jsonable(config.threshold), **summary}
     return {**summary, **info}
 
 
-def _resofilter(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
-    """Drops the first int(N x p) of the resonance ranking for each rate; one file per rate."""
+def _attach(keys: tuple[str, ...] | list[str], column: str) -> list[str]:
+    """The columns attached to output rows: ``keys``, then ``column`` if not among them."""
+    return [*keys, *([] if column in keys else [column])]
+
+
+def _resofilter(config: SelectConfig, scores: ScoreFile, column: str) -> dict[str, Any]:
+    """Drops the first int(N x p) of the ``column`` ranking for each rate; one file per rate."""
     if config.keep not in KEEPS:
         raise ValueError(f"keep must be one of {KEEPS}, got {config.keep!r}")
     if config.with_features and config.format != "rows":
@@ -244,11 +267,11 @@ def _resofilter(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
         raise ValueError(f"drop rates must differ, got {list(rates)} (files {labels})")
     status = scores.statuses()
     n = scores.num_rows
-    score = np.where(status.ok, scores.floats("score"), np.nan)  # [n] NaN = not a candidate
+    score = np.where(status.ok, scores.numeric_column(column), np.nan)  # [n] NaN: no candidate
     ok = int(status.ok.sum())
     scored = int(np.isfinite(score).sum())  # N
     if scored < ok:
-        logging.warning("%d ok rows have no finite score: not selected", ok - scored)
+        logging.warning("%d ok rows have no finite %s: not selected", ok - scored, column)
     keys = ScoreKeys.read(scores)
     rank = None  # the file is in input order: positions are the input order
     if not is_sorted(keys.index, keys.turn):
@@ -263,7 +286,9 @@ def _resofilter(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
     if config.with_features:
         attach += [c for c in scores.names if c.startswith(FEATURE_PREFIX)]
     union = np.unique(np.concatenate(kept))
-    make, stream = row_maker(_source(config), config.format, scores, keys, union, attach)
+    make, stream = row_maker(
+        _source(config), config.format, scores, keys, union, _attach(attach, column)
+    )
     paths = [
         rate_output_path(config.output, p) if config.drop_rates else config.output for p in rates
     ]
@@ -278,14 +303,71 @@ def _resofilter(config: SelectConfig, scores: ScoreFile) -> dict[str, Any]:
         }
         for p, label, picked, out in zip(rates, labels, kept, written, strict=True)
     ]
+    head = {"policy": "resofilter", "keep": config.keep}
+    if column != "score":
+        head["column"] = column
+    return {**head, "rows": n, "statuses": status.counts, "scored": scored, "outputs": outputs}
+
+
+def _targeted(config: SelectConfig, scores: ScoreFile, policy: str) -> dict[str, Any]:
+    """The representation (RDS+) or gradient (LESS) policy, then the rows."""
+    status = scores.statuses()
+    n = scores.num_rows
+    keys = ScoreKeys.read(scores)
+    target_budget(n, 0, rate=config.rate, count=config.count)  # bad values fail before any work
+
+    def k_of(candidates: int) -> int:
+        return target_budget(n, candidates, rate=config.rate, count=config.count)
+
+    if policy == "representation":
+        from resofilter_jax.selection.representation import select_representation
+
+        picks = select_representation(config, keys, status.ok, _source(config), k_of)
+    else:
+        from resofilter_jax.selection.gradient import select_gradient
+
+        picks = select_gradient(config, keys, status.ok, k_of)
+    picked = picks.positions  # selection order
+    if _order(config, policy) == "original":
+        picked = keys.data_order(np.sort(picked))
+    attach = [c for c in (*SCORE_KEYS, "rifd", *RESO_KEYS) if c in scores]
+    extra = picks.extra if config.format == "rows" else {}
+    make, stream = row_maker(
+        _source(config), config.format, scores, keys, np.unique(picked), attach, None, extra
+    )
+    (out,) = write_outputs([(config.output, picked)], make, stream)
     return {
-        "policy": "resofilter",
-        "keep": config.keep,
+        "policy": policy,
         "rows": n,
         "statuses": status.counts,
-        "scored": scored,
-        "outputs": outputs,
+        **picks.info,
+        "selected": len(picked),
+        "output": str(out),
     }
+
+
+def _check_target_options(config: SelectConfig, policy: str) -> None:
+    """Refuses options of a policy other than ``policy`` (before any heavy work)."""
+    target = policy in TARGET_POLICIES
+    if config.column and target:
+        raise ValueError("--column applies to the superfiltering and resofilter policies")
+    given = [
+        f"--{name}"
+        for name, value, wanted in (
+            ("target", config.target, policy == "representation"),
+            ("target_limit", config.target_limit, policy == "representation"),
+            ("target_rows", config.target_rows, policy == "gradient"),
+            ("round_robin", config.round_robin is not None, target),
+        )
+        if value and not wanted
+    ]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise ValueError(f"{', '.join(given)} {verb} not apply to the {policy} policy")
+    if policy == "representation" and not config.target:
+        raise ValueError("--policy representation needs --target (a data file of target rows)")
+    if config.target_limit < 0:
+        raise ValueError(f"--target_limit must be >= 0, got {config.target_limit}")
 
 
 def run(config: SelectConfig) -> dict[str, Any]:
@@ -305,10 +387,16 @@ def run(config: SelectConfig) -> dict[str, Any]:
         raise ValueError(f"policy must be 'auto' or one of {POLICIES}, got {config.policy!r}")
     _order(config, policy)  # a bad --order fails here, not after the embedding
     _check_diversity(config, policy)
+    _check_target_options(config, policy)
+    if policy in TARGET_POLICIES:
+        return _targeted(config, scores, policy)
+    column = config.column or default_column(policy, scores.names)
     if policy == "superfiltering":
-        if "ifd" not in scores:
-            raise ValueError(f"{config.scores} has no `ifd` column (is it an IFD score file?)")
-        return _superfiltering(config, scores)
-    if "score" not in scores:
-        raise ValueError(f"{config.scores} has no `score` column (is it a resonance score file?)")
-    return _resofilter(config, scores)
+        if column not in scores:
+            raise ValueError(f"{config.scores} has no `{column}` column (is it an IFD score file?)")
+        return _superfiltering(config, scores, column)
+    if column not in scores:
+        raise ValueError(
+            f"{config.scores} has no `{column}` column (is it a resonance score file?)"
+        )
+    return _resofilter(config, scores, column)

@@ -1,7 +1,9 @@
 """The selection policies: which rows of a score file Superfiltering and ResoFilter keep.
 
 Pure functions of the score columns (no files, no jax); :mod:`resofilter_jax.selection.pipeline`
-applies them to a score file and writes the rows.
+applies them to a score file and writes the rows. The target-aware policies
+(``representation``, ``gradient``) live in :mod:`resofilter_jax.selection.target` and the
+modules it names.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import numpy as np
 
 from resofilter_jax.selection.score_file import as_float
 
-POLICIES = ("superfiltering", "resofilter")
+POLICIES = ("superfiltering", "resofilter", "representation", "gradient")
+TARGET_POLICIES = ("representation", "gradient")
+# The column each policy selects on by default: the first of these the score file has.
+DEFAULT_COLUMNS = {"superfiltering": ("ifd", "rifd"), "resofilter": ("score",)}
 FORMATS = ("rows", "reference")
 ORDERS = ("auto", "score", "original")
 KEEPS = ("low", "high")
@@ -36,6 +41,7 @@ FLA_TIES = ("low", "high")
 EMBED_TYPES = ("whole", "instruction", "response")
 
 __all__ = [
+    "DEFAULT_COLUMNS",
     "EMBED_TYPES",
     "FEATURE_PREFIX",
     "FLA_METRICS",
@@ -46,30 +52,51 @@ __all__ = [
     "POLICIES",
     "RESO_KEYS",
     "SCORE_KEYS",
+    "TARGET_POLICIES",
     "check_drop_rate",
+    "default_column",
     "detect_policy",
     "first_k",
     "resofilter_keep",
     "resofilter_select",
     "superfiltering_select",
+    "target_budget",
 ]
 
 
 def detect_policy(columns: Sequence[str]) -> str:
-    """``superfiltering`` for a score file with an ``ifd`` column, ``resofilter`` for ``score``.
+    """``superfiltering`` for a score file with an ``ifd`` (or, without one, an ``rifd``)
+    column, ``resofilter`` for a ``score`` column.
 
     Raises:
-        ValueError: If the file has both columns or neither.
+        ValueError: If the file has a Superfiltering column and ``score``, or neither.
     """
-    has_ifd, has_score = "ifd" in columns, "score" in columns
-    if has_ifd and has_score:
-        raise ValueError("the score file has both `ifd` and `score` columns: pass --policy")
-    if not (has_ifd or has_score):
+    sf = [c for c in DEFAULT_COLUMNS["superfiltering"] if c in columns]
+    has_score = "score" in columns
+    if sf and has_score:
+        raise ValueError(f"the score file has both `{sf[0]}` and `score` columns: pass --policy")
+    if not (sf or has_score):
         raise ValueError(
-            "the score file has neither an `ifd` (Superfiltering) nor a `score` (ResoFilter) "
-            f"column; its columns: {sorted(columns)[:12]}"
+            "the score file has neither an `ifd` or `rifd` (Superfiltering) nor a `score` "
+            f"(ResoFilter) column; its columns: {sorted(columns)[:12]}"
         )
-    return "superfiltering" if has_ifd else "resofilter"
+    return "superfiltering" if sf else "resofilter"
+
+
+def default_column(policy: str, columns: Sequence[str]) -> str:
+    """The column ``policy`` selects on without ``--column``: the first of its
+    ``DEFAULT_COLUMNS`` in ``columns`` (else the first of them, which the caller reports
+    missing)."""
+    names = DEFAULT_COLUMNS[policy]
+    return next((c for c in names if c in columns), names[0])
+
+
+def target_budget(rows: int, candidates: int, *, rate: float, count: int = 0) -> int:
+    """Rows a target-aware policy selects: ``count`` if > 0, else floor(rate x rows of the
+    score file), at most the ``candidates``."""
+    if count < 0 or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"--count must be >= 0 and --rate in [0, 1], got {count}, {rate}")
+    return min(candidates, count if count > 0 else math.floor(rate * rows))
 
 
 def first_k(

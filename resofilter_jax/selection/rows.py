@@ -352,7 +352,9 @@ class ScoredData:
     reader: str = "auto"
     allow_truncated: bool = True
 
-    def _record_options(self) -> dict[str, Any]:
+    def record_options(self) -> dict[str, Any]:
+        """How the records are read: format, fields, ShareGPT mode (the scorer's unless
+        overridden), reader, allow_truncated."""
         scored = scored_data_settings(self.scores)
         return {
             "fmt": self.data_format or scored.get("format", "auto"),
@@ -364,11 +366,11 @@ class ScoredData:
 
     def records(self, wanted: Iterable[RowKey]) -> dict[RowKey, Record]:
         """The records of the ``wanted`` keys (see :func:`read_records`)."""
-        return read_records(self.data, wanted, **self._record_options())
+        return read_records(self.data, wanted, **self.record_options())
 
     def iter_records(self, index: np.ndarray, turn: np.ndarray) -> Iterator[Record]:
         """The record of each sorted (index, turn) key, in one pass (:func:`iter_records_for`)."""
-        return iter_records_for(self.data, index, turn, **self._record_options())
+        return iter_records_for(self.data, index, turn, **self.record_options())
 
     def raw_rows(self, wanted: Iterable[int]) -> dict[int, Any]:
         """The input's own rows by row number (see :func:`read_raw_rows`); {} without data."""

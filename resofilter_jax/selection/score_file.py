@@ -155,6 +155,32 @@ class ScoreFile:
         """[n] float64 of a numeric column (None -> NaN)."""
         return as_float(self.column(name))
 
+    def is_numeric(self, name: str) -> bool:
+        """Whether column ``name`` holds numbers (ints, floats, nulls; not bools or lists)."""
+        if self._pf is not None:
+            t = self._pf.schema_arrow.field(name).type
+            return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+        assert self._cols is not None
+        return all(
+            v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+            for v in self._cols[name]
+        )
+
+    def numeric_column(self, name: str) -> np.ndarray:
+        """[n] float64 of the numeric column ``name`` (None -> NaN).
+
+        Raises:
+            ValueError: If the file has no such column or it is not numeric.
+        """
+        if name not in self:
+            raise ValueError(f"{self.path} has no `{name}` column")
+        if not self.is_numeric(name):
+            numeric = [c for c in self.names if self.is_numeric(c)]
+            raise ValueError(
+                f"column `{name}` of {self.path} is not numeric; numeric columns: {numeric[:20]}"
+            )
+        return self.floats(name)
+
     def keys(self) -> tuple[np.ndarray, np.ndarray | None]:
         """[n] ``index`` and [n] ``turn`` (None when the file has no ``turn``), as read."""
         turn = self.column("turn") if "turn" in self else None

@@ -17,6 +17,7 @@ __all__ = [
     "rate_output_path",
     "scored_data_settings",
     "scored_model_settings",
+    "scored_template",
 ]
 
 
@@ -42,6 +43,14 @@ def scored_data_settings(scores: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     data = json.loads(path.read_text()).get("data", {})
     return {k: data[k] for k in ("format", "fields", "sharegpt_turns") if k in data}
+
+
+def scored_template(scores: str | os.PathLike[str]) -> str:
+    """The scorer's prompt template (``run_config.json``), ``none`` when not recorded."""
+    path = Path(scores).parent / RUN_CONFIG
+    if not path.is_file():
+        return "none"
+    return str(json.loads(path.read_text()).get("template", "none"))
 
 
 def scored_model_settings(scores: str | os.PathLike[str]) -> dict[str, Any]:
