@@ -72,7 +72,9 @@ score file), at most the candidates; ``--order auto``/``score``: selection order
   over the targets. Selection: round-robin over the targets (target 1, 2, ..., T, 1, ...: each
   takes its most similar row not yet taken; ties: the earlier row) until k rows, or with
   ``--round_robin=false`` the top k by ``rds_score``. Columns ``rds_score`` and ``rds_target``
-  (the picking / nearest target's row number in ``--target``).
+  (the picking / nearest target's row number in ``--target``). ``--scores_out FILE.parquet``
+  also writes every row's ``rds_score`` (a score file: ``index``, ``turn``, ``status``; NaN
+  where not a candidate), e.g. for ``analyze --mode compare``.
 * ``gradient`` (LESS, Xia et al. 2024; :mod:`resofilter_jax.selection.gradient`): a resonance
   run's projected gradients (``--config.features.projection_dim=K``, next to ``--scores``);
   ``--target_rows 0:100,205`` (rows of the run by ``index``) are the target. Default: the top
@@ -173,6 +175,9 @@ def _define_flags() -> None:
         "round_robin",
         None,
         "representation (default true) / gradient (default false): round-robin over targets",
+    )
+    flags.DEFINE_string(
+        "scores_out", "", "representation / gradient: also write every row's score (parquet)"
     )
     flags.DEFINE_enum("order", "auto", list(ORDERS), "output order (auto: per policy)")
     flags.DEFINE_enum("format", "rows", list(FORMATS), "input rows + scores | reference")

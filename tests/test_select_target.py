@@ -194,8 +194,17 @@ def test_representation_scores_picks_and_cache(tmp_path: Path, tiny_llama: tuple
     got_index = [r["extra"] for r in rows]
     assert 9 not in got_index or got_index.index(4) < got_index.index(9)
 
-    # Plain top-k by the max cosine, input order, reusing both arrays (no model is loaded).
-    summary = run(dataclasses.replace(base, round_robin=False, order="original"))
+    # Plain top-k by the max cosine, input order, reusing both arrays (no model is loaded);
+    # --scores_out: every row's max cosine (NaN for the rows that are not candidates).
+    every = tmp_path / "rds_scores.parquet"
+    summary = run(
+        dataclasses.replace(base, round_robin=False, order="original", scores_out=str(every))
+    )
+    written = pq.read_table(every).to_pydict()
+    assert written["index"] == list(range(14)) and summary["scores_out"] == str(every)
+    got = np.asarray(written["rds_score"])
+    assert np.isnan(got[[2, 11]]).all() and written["status"][2] != "ok"
+    np.testing.assert_allclose(got[cand], sim.max(0), atol=2e-5)
     assert all(e["reused"] for e in summary["embeddings"].values())
     assert summary["seconds"]["load_model"] == 0.0
     best = sim.max(0)
@@ -218,6 +227,7 @@ def test_representation_scores_picks_and_cache(tmp_path: Path, tiny_llama: tuple
         ({"target_rows": "0:3"}, "--target_rows does not apply"),
         ({"column": "ifd"}, "--column applies"),
         ({"count": -1}, "--count must be"),
+        ({"policy": "superfiltering", "target": "", "scores_out": "x.parquet"}, "--scores_out"),
     ):
         with pytest.raises(ValueError, match=match):
             run(dataclasses.replace(base, **change))
@@ -273,6 +283,9 @@ def test_gradient_policy_is_the_analysis_and_round_robin_the_definition(tmp_path
     assert [r["grad_cosine"] for r in rows] == cos[top].tolist()  # the analysis' own values
     assert summary["candidates"] == 39 and summary["score"] == "grad_cosine"
     assert summary["target"]["used"] == 5 and not summary["round_robin"]
+    every = tmp_path / "grad_scores.parquet"
+    run(dataclasses.replace(base, scores_out=str(every)))
+    np.testing.assert_array_equal(pq.read_table(every).column("grad_cosine").to_numpy(), cos)
 
     # Round-robin over the target rows (max cosine), against the definition in float64.
     summary = run(dataclasses.replace(base, round_robin=True))

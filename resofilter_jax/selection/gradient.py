@@ -105,7 +105,7 @@ def select_gradient(
         picked = top_k(cos, k_of(usable))
         extra = {"grad_cosine": dict(zip(picked.tolist(), cos[picked].tolist(), strict=True))}
         info.update(candidates=usable, target=res["info"]["target"], score="grad_cosine")
-        return Picks(picked, extra, info)
+        return Picks(picked, extra, info, {"grad_cosine": cos})
     want = parse_rows(spec)
     missing = np.setdiff1d(want, proj["index"])
     if len(missing):
@@ -141,4 +141,4 @@ def select_gradient(
         target={"rows_of_a": f"rows:{spec}", "used": len(targets), "skipped": skipped},
         score="grad_max_cosine",
     )
-    return Picks(picked, extra, info)
+    return Picks(picked, extra, info, {"grad_max_cosine": scores.score[where]})

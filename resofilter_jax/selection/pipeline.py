@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,9 @@ class SelectConfig:
     target_limit: int = 0  # the first N ok target records; 0 = all
     target_rows: str = ""
     round_robin: bool | None = None
+    # Target-aware policies: also write every row's score (index, turn, status, the score
+    # column; NaN where not a candidate) to this parquet file, e.g. for analyze --mode compare.
+    scores_out: str = ""
     # Output.
     order: str = "auto"  # auto (IFD: score, IFD + FL: greedy, reso: original) | score | original
     format: str = "rows"  # rows (input rows + scores) | reference (ResoFilter training rows)
@@ -336,6 +340,7 @@ def _targeted(config: SelectConfig, scores: ScoreFile, policy: str) -> dict[str,
         _source(config), config.format, scores, keys, np.unique(picked), attach, None, extra
     )
     (out,) = write_outputs([(config.output, picked)], make, stream)
+    written = {"scores_out": str(_write_scores(config.scores_out, scores, picks))}
     return {
         "policy": policy,
         "rows": n,
@@ -343,7 +348,29 @@ def _targeted(config: SelectConfig, scores: ScoreFile, policy: str) -> dict[str,
         **picks.info,
         "selected": len(picked),
         "output": str(out),
+        **(written if config.scores_out else {}),
     }
+
+
+def _write_scores(path: str, scores: ScoreFile, picks: Any) -> Path | None:
+    """``--scores_out``: a score file of every row (``index``, ``turn`` when the score file
+    has one, ``status`` and the policy's score column), written atomically; None without a
+    path."""
+    if not path:
+        return None
+    import pyarrow as pa
+
+    from resofilter_jax.data.atomic import atomic_write_table
+
+    index, turn = scores.keys()
+    table = {"index": np.asarray(index, np.int64)}
+    if turn is not None:
+        table["turn"] = np.asarray(turn, np.int64)
+    table["status"] = scores.column("status") if "status" in scores else np.full(len(index), "ok")
+    table.update({name: np.asarray(v, np.float64) for name, v in picks.scores.items()})
+    out = Path(path)
+    atomic_write_table(out, pa.table({k: pa.array(v) for k, v in table.items()}))
+    return out
 
 
 def _check_target_options(config: SelectConfig, policy: str) -> None:
@@ -358,6 +385,7 @@ def _check_target_options(config: SelectConfig, policy: str) -> None:
             ("target_limit", config.target_limit, policy == "representation"),
             ("target_rows", config.target_rows, policy == "gradient"),
             ("round_robin", config.round_robin is not None, target),
+            ("scores_out", config.scores_out, target),
         )
         if value and not wanted
     ]

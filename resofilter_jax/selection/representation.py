@@ -252,4 +252,6 @@ def select_representation(
         },
         "seconds": {**embedder.seconds, "select": select_s},
     }
-    return Picks(positions, extra, info)
+    every = np.full(len(keys.index), np.nan)  # [n] score-file order
+    every[cand] = scores.score
+    return Picks(positions, extra, info, {"rds_score": every})

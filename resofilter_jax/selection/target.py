@@ -60,11 +60,14 @@ def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class Picks(NamedTuple):
     """A target-aware selection: ``positions`` [k] (score-file rows, in selection order),
-    ``extra`` (output column -> {position: value}) and ``info`` (summary entries)."""
+    ``extra`` (output column -> {position: value}), ``info`` (summary entries) and
+    ``scores`` (score column -> [n] value of EVERY score-file row, NaN where not a
+    candidate: what ``--scores_out`` writes)."""
 
     positions: np.ndarray
     extra: dict[str, dict[int, Any]]
     info: dict[str, Any]
+    scores: dict[str, np.ndarray]
 
 
 class TargetScores(NamedTuple):
