@@ -101,7 +101,7 @@ LABELS = ["IFD", "IFD-loss", "IFD-inf", "r-IFD", "reso", "RDS"]
 # Overrides: IFD-loss's threshold 0.9 (default 1), resonance's direction given as low.
 THRESHOLDS = ["auto", "0.9", "auto", "auto", "auto", "auto"]
 DIRECTIONS = ["auto", "auto", "auto", "auto", "low", "auto"]
-RULES = [("high", 1.0), ("high", 0.9), ("high", 1.0), ("high", 1.0), ("low", None)]
+RULES = [("high", 1.0), ("high", 0.9), ("high", 1.0), ("low", 1.0), ("low", None)]  # 4th: rifd
 RULES.append(("high", None))
 
 
@@ -226,7 +226,7 @@ def test_columns_of_one_file_equal_the_columns_split_into_files(files, report) -
 
 
 def test_defaults_by_column_and_input_syntax(tmp_path: Path) -> None:
-    assert default_rule("ifd_informative") == ("high", 1.0) and default_rule("rifd")[1] == 1.0
+    assert default_rule("ifd_informative") == ("high", 1.0) and default_rule("rifd") == ("low", 1.0)
     assert default_rule("score") == ("low", None) == default_rule("reso/layers.9.up/mean_abs")
     assert default_rule("rds_score") == ("high", None) == default_rule("grad_cosine")
     assert default_rule("n_tokens") is None

@@ -23,11 +23,12 @@ rows present in all inputs and ok+finite in all.
 **Defaults** (top direction, threshold) by column; ``--directions`` (high | low | auto) and
 ``--thresholds`` (a number | none | auto) override them per input, one item per input:
 
-- ``ifd``, ``ifd_loss_ratio``, ``ifd_informative``, ``rifd``, ``rifd_loss_ratio``: high, below
-  1.0. Superfiltering's policy (``select``): a ratio >= 1 means the conditioning did not make the
-  target easier to predict, so those rows are never picked, and among the rest the highest
-  (hardest to follow) are kept. The loss-ratio and informative-token variants and r-IFD are
-  ratios of the same kind and ``select --column`` applies the same rule to them.
+- ``ifd``, ``ifd_loss_ratio``, ``ifd_informative``: high, below 1.0. Superfiltering's policy
+  (``select``): a ratio >= 1 means the conditioning did not make the target easier to predict,
+  so those rows are never picked, and among the rest the highest (hardest to follow) are kept.
+- ``rifd``, ``rifd_loss_ratio``: LOW, below 1.0: Selective Reflection-Tuning's selection keeps
+  the pair with the lower r-IFD (the instruction is easier to guess from the response: a more
+  feasible pair for the student) among r-IFD < 1 (docs/METHODS.md).
 - ``score`` (resonance) and ``reso/<param>/<feature>``: low, no threshold. ResoFilter drops the
   highest scores and keeps the low-change ("resonant") rows; a parameter change has no cut-off.
 - ``rds_score`` (the representation policy's max cosine to a target set), ``cosine``
@@ -103,8 +104,15 @@ def split_input(spec: str) -> tuple[str, str]:
     return path, column
 
 
+# Selective Reflection-Tuning keeps the pair with the LOWER r-IFD (below 1): the response from
+# which the instruction is easiest to guess is the more feasible one for the student.
+REVERSE_RATIOS = ("rifd", "rifd_loss_ratio")
+
+
 def default_rule(column: str) -> tuple[str, float | None] | None:
     """(top direction, threshold) of a column by name, None when it has no default."""
+    if column in REVERSE_RATIOS:
+        return "low", 1.0
     if column in THRESHOLD_ONE:
         return "high", 1.0
     if column == "score" or column.startswith("reso/"):
