@@ -60,6 +60,8 @@ BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # a training batch splits over every device
 # keep the HF layouts: `nn.Linear` [out, in], GPT-2 `Conv1D` [in, out], embeddings [rows, dim].
 # Every matrix is split along one axis over `fsdp` (the larger one where it is known to be the
 # larger one); vectors (norms, biases) are replicated. With fsdp = 1 everything is replicated.
+# Stacked layer parameters (`model.layers.*.x` [L, ...], `scan_layers`) take the rule of their
+# per-layer name and shape behind a leading None: the layer axis is never sharded.
 PARTITION_RULES: tuple[tuple[str, PartitionSpec], ...] = (
     (r"(embed_tokens|wte|wpe|lm_head)\.weight$", PartitionSpec(FSDP_AXIS, None)),  # [vocab, d]
     (r"(q|k|v|gate|up)_proj\.weight$", PartitionSpec(FSDP_AXIS, None)),  # [out, in]
@@ -97,10 +99,18 @@ def partition_spec(
 ) -> PartitionSpec:
     """The spec of the first rule matching ``name``; axes that do not divide a dim are dropped.
 
+    A stacked name (``...layers.*...``, shape [L, ...]) gets the spec of one layer's
+    parameter with a leading None (the layer axis is replicated).
+
     Raises:
         ValueError: If no rule matches (end the table with a ``.*`` rule).
     """
     import re
+
+    from resofilter_jax.models.stacking import is_stacked_name, layer_name
+
+    if is_stacked_name(name):
+        return PartitionSpec(None, *partition_spec(layer_name(name, 0), shape[1:], mesh, rules))
 
     spec = next((spec for pattern, spec in rules if re.search(pattern, name)), None)
     if spec is None:

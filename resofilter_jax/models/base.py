@@ -12,6 +12,7 @@ from flax import nnx
 from resofilter_jax.models import precision
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import KVSlot, Linear
+from resofilter_jax.models.stacking import StackedLayers
 
 Array = jax.Array
 
@@ -68,8 +69,11 @@ class CausalLM(nnx.Module):
 
     config: ModelConfig
     dtype: jnp.dtype
-    scan_layers: bool = False  # run decoder layers with one lax.scan (see `run_layers`)
+    # Run decoder layers with one lax.scan (see `run_layers`); set it with
+    # `stacking.set_scan_layers`, which also stores the layers stacked.
+    scan_layers: bool = False
     remat: str = "none"  # per-layer rematerialisation in backward passes (`REMAT_POLICIES`)
+    layers_path: tuple[str, ...] = ("model", "layers")  # attributes down to the decoder layers
 
     def hidden_states(
         self,
@@ -198,7 +202,8 @@ def remat_step(step: LayerStep, remat: str) -> LayerStep:
 
     def wrapped(layer: nnx.Module, x: Array, flag: Any) -> Array:
         graphdef, state = nnx.split(layer)
-        traced = isinstance(flag, jax.Array)  # a scanned flag; Python values stay static
+        # scanned flags are arrays; Python values stay static
+        traced = any(isinstance(f, jax.Array) for f in jax.tree.leaves(flag))
 
         def pure(state: nnx.State, h: Array, flag_: Any) -> Array:
             return step(nnx.merge(graphdef, state), h, flag_ if traced else flag)
@@ -209,36 +214,43 @@ def remat_step(step: LayerStep, remat: str) -> LayerStep:
 
 
 def run_layers(
-    layers: Sequence[nnx.Module],
+    layers: Sequence[nnx.Module] | StackedLayers,
     x: Array,
     step: LayerStep,
     *,
-    local: Sequence[bool],
+    local: Sequence[Any],
     scan: bool = False,
     remat: str = "none",
 ) -> Array:
     """Applies decoder layers in order: `x = step(layer, x, local[i])`.
 
-    With `scan=True` the layers' parameters are stacked on the fly and run by one `lax.scan`,
-    so compile time no longer grows with depth (same numbers; `local[i]` then arrives as a
-    traced bool, which `pick` handles). Keep it off where gradients must stop below a layer:
-    a scan's backward pass runs through every layer. `remat` wraps every layer in
-    :func:`remat_step`.
+    `local[i]` is layer i's flag: a bool or a tuple of bools (the same structure for every
+    layer). Layers stored stacked (:class:`~resofilter_jax.models.stacking.StackedLayers`)
+    always run as one `lax.scan` over the stored [layers, ...] parameters. A list runs one
+    layer after another, or with `scan=True` is stacked on the fly (inside the traced
+    function: a copy of every layer weight per call) and scanned. Scanning keeps compile
+    time from growing with depth (same numbers; the flags then arrive traced, which `pick`
+    handles). Keep it off where gradients must stop below a layer: a scan's backward pass
+    runs through every layer. `remat` wraps every layer in :func:`remat_step`.
     """
     step = remat_step(step, remat)
-    if not scan or len(layers) < 2:
+    if isinstance(layers, StackedLayers):
+        graphdef, stacked = nnx.split(layers.template)  # stored [layers, ...]
+    elif not scan or len(layers) < 2:
         for i, layer in enumerate(layers):
-            x = step(layer, x, bool(local[i]))
+            x = step(layer, x, jax.tree.map(bool, local[i]))
         return x
-    splits = [nnx.split(layer) for layer in layers]
-    graphdef = splits[0][0]
-    if any(g != graphdef for g, _ in splits):
-        raise ValueError("scan_layers needs structurally identical layers")
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in splits])  # [layers, ...]
+    else:
+        splits = [nnx.split(layer) for layer in layers]
+        graphdef = splits[0][0]
+        if any(g != graphdef for g, _ in splits):
+            raise ValueError("scan_layers needs structurally identical layers")
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in splits])  # [layers, ...]
+    flags = jax.tree.map(lambda *f: jnp.asarray(f, dtype=bool), *local)  # [layers] per leaf
 
-    def body(h: Array, inputs: tuple[nnx.State, Array]) -> tuple[Array, None]:
+    def body(h: Array, inputs: tuple[nnx.State, Any]) -> tuple[Array, None]:
         state, flag = inputs
         return step(nnx.merge(graphdef, state), h, flag), None
 
-    x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(list(local), dtype=bool)))
+    x, _ = jax.lax.scan(body, x, (stacked, flags))
     return x

@@ -22,6 +22,7 @@ import numpy as np
 
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.registry import named_params
+from resofilter_jax.models.stacking import is_stacked_name
 
 MAX_NAMED = 5  # offending parameters listed in an error message
 
@@ -87,7 +88,8 @@ def finite_flags(arrays: Sequence[jax.Array], *, host: bool | None = None) -> li
 def check_finite(model: Any, source: str, *, host: bool | None = None) -> None:
     """Raises BadWeightsError naming the parameters of `model` that hold NaN or Inf.
 
-    The scan is :func:`finite_flags`; NaN and Inf are counted only in failing parameters.
+    The scan is :func:`finite_flags`; NaN and Inf are counted only in failing parameters
+    (for a stacked one, ``model.layers.*.x`` [L, ...], the message also lists the layers).
     """
     params = {
         name: value
@@ -102,7 +104,11 @@ def check_finite(model: Any, source: str, *, host: bool | None = None) -> None:
     for name in bad[:MAX_NAMED]:
         value = params[name]
         n_nan, n_inf = int(jnp.isnan(value).sum()), int(jnp.isinf(value).sum())
-        details.append(f"{name} ({n_nan} NaN, {n_inf} Inf of {value.size})")
+        where = ""
+        if is_stacked_name(name):  # [L, ...]: which layers
+            finite = jnp.isfinite(value).reshape(value.shape[0], -1).all(axis=1)  # [L]
+            where = f"layers {[int(i) for i in jnp.flatnonzero(~finite)]}: "
+        details.append(f"{name} ({where}{n_nan} NaN, {n_inf} Inf of {value.size})")
     more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
     raise BadWeightsError(
         f"{source}: {len(bad)} of {len(params)} parameters hold NaN/Inf values: "

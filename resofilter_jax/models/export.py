@@ -13,6 +13,7 @@ import numpy as np
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.config import HF_ARCHITECTURE_NAME
 from resofilter_jax.models.registry import named_params
+from resofilter_jax.models.stacking import is_stacked_name, per_layer_params
 
 _TORCH_DTYPE_NAME = {jnp.float32: "float32", jnp.bfloat16: "bfloat16", jnp.float16: "float16"}
 
@@ -28,7 +29,8 @@ def export_hf(
     """Writes `model` so that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it.
 
     Args:
-        model: any resofilter_jax causal LM.
+        model: any resofilter_jax causal LM; layers stored stacked are written per layer
+            under their HF names, exactly as the unstacked model's.
         out_dir: created if missing.
         tokenizer: saved alongside when given.
         dtype: storage dtype of the written tensors (default: the parameters' own).
@@ -44,6 +46,10 @@ def export_hf(
     params = named_params(model)
     if dtype is not None:
         params = {k: v.astype(dtype) for k, v in params.items()}
+    # [L, ...] stacked layers: one host copy each, then per-layer views in HF order
+    params = per_layer_params(
+        {k: jax.device_get(v) if is_stacked_name(k) else v for k, v in params.items()}
+    )
     first = next(iter(params.values()))
     hf = dict(cfg.hf_config)
     hf.pop("quantization_config", None)

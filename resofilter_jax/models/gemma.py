@@ -23,7 +23,6 @@ from resofilter_jax.models.base import (
     default_positions,
     open_cache,
     pick,
-    remat_step,
     run_layers,
 )
 from resofilter_jax.models.config import ModelConfig, RopeConfig
@@ -209,26 +208,16 @@ class GemmaForCausalLM(EmbedHeadLM):
                 mask = cache_attention_mask(key_mask, cache.index, s, window)  # [b, 1, s, T]
                 x = layer(x, cos, sin, mask, slots[i])
             return self.model.norm(x), close_cache(key_mask, slots, s)
-        if any(rope != window for rope, window in kinds):  # rope and mask kinds disagree
 
-            def mixed(layer: nnx.Module, h: Array, kind: tuple[bool, bool]) -> Array:
-                cos, sin = local_rope if kind[0] else full_rope  # [b, s, head_dim] each
-                return layer(h, cos, sin, slide_mask if kind[1] else full_mask)
-
-            mixed = remat_step(mixed, self.remat)
-            for i, layer in enumerate(self.model.layers):
-                x = mixed(layer, x, kinds[i])
-            return self.model.norm(x)
-
-        def step(layer: nnx.Module, h: Array, local: bool | Array) -> Array:
-            cos, sin = pick(local, local_rope, full_rope)  # [b, s, head_dim] each
-            return layer(h, cos, sin, pick(local, slide_mask, full_mask))
+        def step(layer: nnx.Module, h: Array, kind: tuple[bool | Array, bool | Array]) -> Array:
+            cos, sin = pick(kind[0], local_rope, full_rope)  # [b, s, head_dim] each
+            return layer(h, cos, sin, pick(kind[1], slide_mask, full_mask))
 
         x = run_layers(
             self.model.layers,
             x,
             step,
-            local=[k[0] for k in kinds],
+            local=kinds,
             scan=self.scan_layers,
             remat=self.remat,
         )

@@ -120,6 +120,7 @@ class GPT2LMHeadModel(CausalLM):
     """GPT-2 causal LM; the output embedding is `transformer.wte` when tied (the HF default)."""
 
     attention: str = "reference"  # non-cached attention backend (models/attention.py)
+    layers_path = ("transformer", "h")  # the decoder blocks (stored stacked by scan_layers)
 
     def __init__(
         self,

@@ -12,6 +12,12 @@ from flax import nnx
 
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.config import ModelConfig, UnsupportedArchitectureError
+from resofilter_jax.models.stacking import (
+    is_stacked,
+    per_layer_params,
+    stack_layers,
+    unstack_layers,
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -59,14 +65,21 @@ def abstract_model(
 
 
 def param_name(path: tuple) -> str:
-    """NNX state path -> HF state-dict key."""
+    """NNX state path -> HF state-dict key (`model.layers.*.x` for a stacked [L, ...] one)."""
     return ".".join(str(p) for p in path)
 
 
-def named_params(model: nnx.Module) -> dict[str, jax.Array]:
-    """{HF name: array} for every parameter of `model`."""
+def named_params(model: nnx.Module, *, per_layer: bool = False) -> dict[str, jax.Array]:
+    """{name: array} for every parameter of `model`, as stored.
+
+    Layers stored stacked (`stacking.set_scan_layers`) give one [L, ...] entry per layer
+    parameter, named with `*` for the layer (`model.layers.*.mlp.up_proj.weight`); with
+    `per_layer=True` those come back as their L HF-named slices (copies), as in a
+    checkpoint.
+    """
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {param_name(path): var.get_value() for path, var in flat}
+    params = {param_name(path): var.get_value() for path, var in flat}
+    return per_layer_params(params) if per_layer else params
 
 
 def load_state_dict(
@@ -99,6 +112,9 @@ def load_state_dict(
             by shard from the host (``jax.make_array_from_callback``): no device ever holds
             more than its own shard, so a model larger than one device loads for fsdp.
 
+    A model with stacked layers (`stacking.set_scan_layers`) takes the same HF names: it is
+    unstacked for the load and stacked again after it (also when the load fails).
+
     Returns:
         `model`.
 
@@ -106,6 +122,25 @@ def load_state_dict(
         CheckpointMismatchError: naming every tensor with the wrong shape (both shapes) or a
             non-floating dtype, and (strict) the missing and unexpected keys.
     """
+    layers_path = getattr(model, "layers_path", None)
+    if layers_path is not None and is_stacked(model):
+        unstack_layers(model)
+        try:
+            return _load(model, tensors, ignore, strict, source, shardings)
+        finally:
+            stack_layers(model)
+    return _load(model, tensors, ignore, strict, source, shardings)
+
+
+def _load(
+    model: ModelT,
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    ignore: tuple[str, ...],
+    strict: bool,
+    source: str,
+    shardings: Mapping[str, jax.sharding.Sharding] | None,
+) -> ModelT:
+    """:func:`load_state_dict` into a model with per-layer storage."""
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
     by_name = {param_name(p): p for p in flat}

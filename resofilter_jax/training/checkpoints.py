@@ -17,6 +17,11 @@ Multi-process jobs: every process calls save/restore with the same globally shar
 (each writes the blocks of its own devices); process 0, orbax's primary host, writes the
 JSON item and the metadata and renames the finished directory. The directory must be on a
 filesystem every process sees.
+
+Parameters are keyed by their names as stored: with ``scan_layers`` the decoder layers are
+stored stacked (``model.layers.*.x`` [L, ...]), so a checkpoint records its storage. Resuming
+it with the other ``scan_layers`` setting raises :class:`LayerStorageMismatchError` (no
+conversion: the optimizer state mirrors the same names) saying which setting wrote it.
 """
 
 from __future__ import annotations
@@ -32,11 +37,16 @@ import jax
 import orbax.checkpoint as ocp
 
 from resofilter_jax.data.atomic import disk_full_error, is_disk_full
+from resofilter_jax.models.stacking import is_stacked_name
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name of a checkpoint still being written
 # Test hook: "N" = SIGKILL this process while checkpoint N is finalized (all its files are
 # written, the directory is not yet renamed): a crash in the middle of an (async) save.
 KILL_IN_SAVE_ENV = "RESOFILTER_TEST_KILL_IN_SAVE"
+
+
+class LayerStorageMismatchError(ValueError):
+    """A checkpoint's layer storage (stacked or per layer) differs from the run's."""
 
 
 class Checkpointer:
@@ -96,14 +106,45 @@ class Checkpointer:
         self._pending = (step, needed)
 
     def restore(self, step: int, target: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(state, data) of checkpoint ``step``; ``target``: sharded ShapeDtypeStruct tree."""
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-            ),
-        )
+        """(state, data) of checkpoint ``step``; ``target``: sharded ShapeDtypeStruct tree.
+
+        Raises:
+            LayerStorageMismatchError: If the checkpoint stores the decoder layers stacked and
+                ``target`` per layer, or the other way round (``scan_layers`` differs).
+        """
+        try:
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as e:
+            self._check_layer_storage(step, target, e)
+            raise
         return out["state"], dict(out["data"])
+
+    def _check_layer_storage(self, step: int, target: dict[str, Any], error: Exception) -> None:
+        """Raises LayerStorageMismatchError when checkpoint ``step`` and ``target`` store the
+        decoder layers differently (a failed restore's likely cause); otherwise returns."""
+        try:
+            meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+            saved = list(getattr(meta, "item_metadata", meta)["params"])
+        except Exception:  # noqa: BLE001 - no readable metadata: the original error stands
+            return
+        wanted = list(target.get("params", {}))
+        was, now = any(map(is_stacked_name, saved)), any(map(is_stacked_name, wanted))
+        if was == now:
+            return
+
+        def storage(stacked: bool) -> str:
+            return "stacked (scan_layers=True)" if stacked else "per layer (scan_layers=False)"
+
+        raise LayerStorageMismatchError(
+            f"checkpoint {self.directory / str(step)} stores the decoder layers "
+            f"{storage(was)} but this run stores them {storage(now)}; resume it with "
+            f"--config.model.scan_layers={was}"
+        ) from error
 
     def wait(self) -> None:
         """Blocks until background saves are on disk.

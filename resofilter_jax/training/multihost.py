@@ -107,6 +107,8 @@ def put_global(tree: Any, shardings: Any, *, copy: bool = True) -> Any:
     def put(x: Any, s: NamedSharding) -> jax.Array:
         if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
             return jax.device_put(x, s, may_alias=not copy)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # global: reshard on device
+            return jax.jit(lambda a: a, out_shardings=s)(x)
         if s.is_fully_addressable:
             return jax.device_put(x, s, may_alias=not copy)
         host = np.asarray(jax.device_get(x))

@@ -17,6 +17,8 @@ Semantics (each matched by the PyTorch parity test in ``tests/test_train.py``):
   ``get_decay_parameter_names`` excludes biases and LayerNorm/RMSNorm weights; for the
   families here those are exactly the 1-D parameters; embeddings and the LM head decay).
   ``"all"`` decays everything, as a bare ``torch.optim.AdamW(model.parameters())`` does.
+  Stacked layer parameters (``model.layers.*.x`` [L, ...], ``scan_layers``) are judged by
+  their per-layer shape: a stacked norm scale [L, d] is not decayed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from resofilter_jax.models.stacking import per_layer_shape
 
 DECAY_RULES = ("matrices", "all")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -94,7 +98,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 def decay_mask(shapes: Mapping[str, Sequence[int]], rule: str = "matrices") -> dict[str, bool]:
     """{HF name: whether weight decay applies} under ``rule`` (see the module docstring)."""
     if rule == "matrices":
-        return {n: len(s) >= 2 for n, s in shapes.items()}
+        return {n: len(per_layer_shape(n, s)) >= 2 for n, s in shapes.items()}
     if rule == "all":
         return dict.fromkeys(shapes, True)
     raise ValueError(f"unknown weight-decay rule {rule!r}; use one of {DECAY_RULES}")

@@ -42,6 +42,7 @@ from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.models.registry import named_params
+from resofilter_jax.models.stacking import set_scan_layers
 from resofilter_jax.parallel import (
     initialize_distributed,
     make_train_mesh,
@@ -338,7 +339,7 @@ def _run_locked(
         max_length=config.max_length,
         shardings=lambda shapes: param_shardings(shapes, mesh),
     )
-    lm.model.scan_layers = bool(config.model.scan_layers)
+    set_scan_layers(lm.model, bool(config.model.scan_layers))  # True: layers stored stacked
     lm.model.remat = config.train.get("remat", "none")  # checked by _check_config
     attention = configure_attention(
         lm.model, config.model.get("attention", "auto"), packed=bool(config.data.packing)

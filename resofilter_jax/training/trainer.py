@@ -11,7 +11,10 @@ Trainer's normalisation with ``average_tokens_across_devices=True`` (the loss di
 Training state is a flat ``{HF name: array}`` dict of parameters (master copy in the model's
 ``param_dtype``, normally fp32; the forward pass runs in the model's ``dtype``, e.g. bf16) and
 the optax state. Both are sharded by ``parallel.PARTITION_RULES`` over the mesh and donated
-to the step; batches [accum, rows, seq] split their rows over every device.
+to the step; batches [accum, rows, seq] split their rows over every device. With layers stored
+stacked (``scan_layers``) the decoder-layer entries are [L, ...] arrays named
+``model.layers.*.x`` (see ``models/stacking.py``), which the partition rules, the decay mask,
+checkpoints and the HF export handle.
 """
 
 from __future__ import annotations
