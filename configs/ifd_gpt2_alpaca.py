@@ -10,6 +10,7 @@ tokenizer files), e.g. one saved with `save_pretrained`.
 import ml_collections
 
 from resofilter_jax.parallel import distributed_config
+from resofilter_jax.scoring.ifd_family import DEFAULT_INFORMATIVE_THRESHOLD
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -36,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fields = ml_collections.ConfigDict()  # source key renames
     c.template = "none"  # Superfiltering's prompt: "{instruction}\n{input}\n"
     c.max_length = 1024
+    # The IFD family (docs/METHODS.md). `ifd` and `ifd_loss_ratio` are always written;
+    # token_losses=True adds the per-token losses of both sequences (list columns
+    # token_losses_direct / token_losses_condition) and T-SHIRT's informative-token IFD
+    # `ifd_informative`, whose |delta_t| threshold (nats) is informative_threshold.
+    c.ifd = ml_collections.ConfigDict()
+    c.ifd.token_losses = False
+    c.ifd.informative_threshold = DEFAULT_INFORMATIVE_THRESHOLD
     c.token_budget = 16384  # padded tokens per batch (does not change scores)
     c.min_bucket = 64
     c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)

@@ -7,12 +7,15 @@
 import ml_collections
 
 from resofilter_jax.parallel import distributed_config
+from resofilter_jax.scoring.ifd_family import DEFAULT_INFORMATIVE_THRESHOLD
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The whole run; every field can be overridden with --config.<field>=..."""
     c = ml_collections.ConfigDict()
-    c.method = "ifd"  # ifd (Superfiltering) | resonance (ResoFilter; see reso_smollm2_gsm8k.py)
+    # ifd (Superfiltering) | rifd (reverse IFD; rifd_smollm2_sharegpt.py) | resonance
+    # (ResoFilter; see reso_smollm2_gsm8k.py)
+    c.method = "ifd"
     # Model: a HF directory, a .gguf file, or a hub id; "" = the embedded SmolLM2 GGUF.
     c.model = ml_collections.ConfigDict()
     c.model.path = ""
@@ -36,6 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fields = ml_collections.ConfigDict()  # source key renames, e.g. {"output": "answer"}
     c.template = "none"  # prompt template; "none" = Superfiltering's "{instruction}\n{input}\n"
     c.max_length = 1024  # Superfiltering's max_length (truncation rules: docs/DESIGN.md §3.1)
+    # The IFD family (docs/METHODS.md). `ifd` and `ifd_loss_ratio` are always written;
+    # token_losses=True adds the per-token losses of both sequences (list columns
+    # token_losses_direct / token_losses_condition) and T-SHIRT's informative-token IFD
+    # `ifd_informative`, whose |delta_t| threshold (nats) is informative_threshold.
+    c.ifd = ml_collections.ConfigDict()
+    c.ifd.token_losses = False
+    c.ifd.informative_threshold = DEFAULT_INFORMATIVE_THRESHOLD
     # Batching (does not change scores): padded tokens per batch, smallest length bucket.
     c.token_budget = 16384
     c.min_bucket = 64

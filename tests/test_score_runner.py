@@ -37,6 +37,7 @@ COLUMNS = [
     "ppl_direct",
     "ppl_condition",
     "ifd",
+    "ifd_loss_ratio",
     "n_tokens_direct",
     "n_tokens_condition",
 ]

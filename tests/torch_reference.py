@@ -1,6 +1,7 @@
-"""A literal batch-of-one PyTorch implementation of Superfiltering's IFD loop (docs/DESIGN.md §3.1).
+"""Literal batch-of-one PyTorch implementations of Superfiltering's IFD loop (docs/DESIGN.md
+§3.1) and of Selective Reflection-Tuning's reverse IFD (docs/METHODS.md).
 
-Used as the parity reference of the JAX scorer: one sample at a time, ``tokenizer.encode``
+Used as the parity references of the JAX scorer: one sample at a time, ``tokenizer.encode``
 with truncation, ``model(input_ids, labels=labels).loss`` and ``exp``.
 """
 
@@ -77,6 +78,88 @@ def ifd_reference(
     return [
         ifd_one(
             tokenizer, model, s["instruction"], s.get("input", "") or "", s["output"], max_length
+        )
+        for s in samples
+    ]
+
+
+# The reverse question of Selective Reflection-Tuning's analysis script, written out here
+# independently of the package's copy (resofilter_jax.data.encoding.REVERSE_INSTRUCTION).
+REVERSE_HEAD = (
+    "Below is the response to an instruction, please guess the corresponding instruction "
+    "for the given response.\n"
+)
+REVERSE_TAIL = "\nGenerate the instruction for the above response."
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def reverse_prompt(output: str, template: str) -> str:
+    """The reverse prompt: the no-input prompt of ``template`` (``none`` | ``alpaca``)
+    around the reverse question that holds ``output``."""
+    question = REVERSE_HEAD + output + REVERSE_TAIL
+    if template == "alpaca":
+        return ALPACA_NO_INPUT.format_map({"instruction": question})
+    if template == "none":
+        return prompt_of(question, "")
+    raise ValueError(template)
+
+
+def rifd_one(
+    tokenizer: Any,
+    model: Any,
+    instruction: str,
+    input_text: str,
+    output: str,
+    max_length: int,
+    template: str = "none",
+) -> dict[str, float] | None:
+    """The reference's reverse direction of one sample; None for an empty output.
+
+    ``ppl(instruction + input alone)`` truncated to ``max_length - len(reverse prompt) + 1``
+    and ``ppl(instruction + input | reverse prompt)`` with labels from the last occurrence of
+    the instruction; a sequence with no scored token gives HF's NaN loss.
+    """
+    if output == "":
+        return None
+    prompt = reverse_prompt(output, template)
+    whole = prompt + instruction + input_text
+    rev_ids = tokenizer.encode(prompt, return_tensors="pt", truncation=True, max_length=max_length)
+    rev_len = rev_ids.shape[1]
+    query = instruction + input_text
+    ppl_alone, loss_alone = ppl_whole_text(tokenizer, model, query, max_length - rev_len + 1)
+    ppl_cond, loss_cond = ppl_part_text(tokenizer, model, whole, instruction, max_length)
+    return {
+        "loss_direct": loss_alone,
+        "loss_condition": loss_cond,
+        "ppl_direct": ppl_alone,
+        "ppl_condition": ppl_cond,
+        "rifd": ppl_cond / ppl_alone,
+        "rifd_loss_ratio": loss_cond / loss_alone,
+    }
+
+
+def rifd_reference(
+    tokenizer: Any,
+    model: Any,
+    samples: list[dict[str, str]],
+    max_length: int,
+    template: str = "none",
+) -> list[dict[str, float] | None]:
+    """Runs :func:`rifd_one` over ``samples`` (dicts with instruction, input, output)."""
+    model.eval()
+    return [
+        rifd_one(
+            tokenizer,
+            model,
+            s["instruction"],
+            s.get("input", "") or "",
+            s["output"],
+            max_length,
+            template,
         )
         for s in samples
     ]

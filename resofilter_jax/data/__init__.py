@@ -10,10 +10,12 @@ from resofilter_jax.data.batching import (
 )
 from resofilter_jax.data.encoding import (
     IGNORE_INDEX,
+    REVERSE_INSTRUCTION,
     IFDPair,
     SFTExample,
     SpecialLayout,
     encode_ifd_pairs,
+    encode_rifd_pairs,
     encode_sft_examples,
     encode_texts,
     encode_truncated,
@@ -46,6 +48,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "READERS",
+    "REVERSE_INSTRUCTION",
     "TEMPLATES",
     "BatchPlan",
     "DataError",
@@ -65,6 +68,7 @@ __all__ = [
     "detect_format",
     "detect_reader",
     "encode_ifd_pairs",
+    "encode_rifd_pairs",
     "encode_sft_examples",
     "encode_texts",
     "encode_truncated",

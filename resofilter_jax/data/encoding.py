@@ -1,4 +1,5 @@
-"""Exact token encodings for IFD scoring (Superfiltering) and SFT/resonance (ResoFilter).
+"""Exact token encodings for IFD scoring (Superfiltering), reverse IFD (Selective
+Reflection-Tuning) and SFT/resonance (ResoFilter).
 
 Both encoders batch-encode whole lists of texts with the (fast) tokenizer and reproduce
 ``tokenizer.encode(text, truncation=True, max_length=L)`` exactly by cutting the
@@ -7,7 +8,7 @@ untruncated encodings with the tokenizer's special-token layout (see :func:`trun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,9 @@ __all__ = [
     "IFDPair",
     "SFTExample",
     "SpecialLayout",
+    "REVERSE_INSTRUCTION",
     "encode_ifd_pairs",
+    "encode_rifd_pairs",
     "encode_sft_examples",
     "encode_texts",
     "encode_truncated",
@@ -71,7 +74,7 @@ class SpecialLayout:
 
 @dataclass(frozen=True)
 class IFDPair:
-    """Token sequences for one record's IFD score.
+    """Token sequences for one record's IFD score (or r-IFD's: the instruction as target).
 
     Scored positions of a sequence ``ids`` with start ``s`` are ``t`` with
     ``max(s, 1) <= t < len(ids)`` (token ``t`` predicted from the logits at ``t - 1``).
@@ -82,7 +85,8 @@ class IFDPair:
         direct_start: First scored position of ``direct_ids``.
         cond_ids: [n_c] int32, prompt + output.
         cond_start: First scored position of ``cond_ids``.
-        status: ``ok``, ``empty_output``, ``no_response_tokens`` or the record's error status.
+        status: ``ok``, ``empty_output``, ``no_response_tokens`` (r-IFD:
+            ``no_instruction_tokens``) or the record's error status.
         turn: The record's turn.
     """
 
@@ -281,61 +285,89 @@ def encode_ifd_pairs(
         through with empty ids; an empty output gives ``empty_output``; a pair with no
         scored token in either sequence gives ``no_response_tokens``.
     """
+    return _encode_pairs(
+        records, tokenizer, template, max_length, batch, workers, _ifd_texts, "no_response_tokens"
+    )
+
+
+def _ifd_texts(record: Record, tmpl: Template) -> tuple[str, str, str]:
+    """``(prompt, target, span)`` of a record for IFD: the template's prompt and the output."""
+    return tmpl.prompt(record), record.output, record.output
+
+
+def _encode_pairs(
+    records: Sequence[Record],
+    tokenizer: Any,
+    template: str | Template,
+    max_length: int,
+    batch: int,
+    workers: int,
+    texts: Callable[[Record, Template], tuple[str, str, str]],
+    no_tokens: str,
+) -> list[IFDPair]:
+    """:func:`_pair_chunk` over chunks of ``batch`` records on ``workers`` threads."""
     tmpl = get_template(template, tokenizer)
     layout = special_layout(tokenizer) if records else None
     if records:
         _check_room(tokenizer, layout, max_length)
     joinable = joins_exactly(tokenizer, layout)
     return map_chunks(
-        lambda chunk: _ifd_chunk(chunk, tokenizer, tmpl, layout, max_length, joinable),
+        lambda chunk: _pair_chunk(
+            chunk, tokenizer, lambda r: texts(r, tmpl), layout, max_length, joinable, no_tokens
+        ),
         records,
         batch,
         workers if layout is not None else 1,  # see map_chunks
     )
 
 
-def _ifd_chunk(
+def _pair_chunk(
     records: Sequence[Record],
     tokenizer: Any,
-    tmpl: Template,
+    texts: Callable[[Record], tuple[str, str, str]],
     layout: SpecialLayout | None,
     max_length: int,
-    joinable: bool = False,
+    joinable: bool,
+    no_tokens: str,
 ) -> list[IFDPair]:
-    """:func:`encode_ifd_pairs` for one batch of records.
+    """Superfiltering's two-sequence encoding of one batch of records.
 
-    The whole text is tokenized only where the join shortcut does not apply
-    (:func:`joins_exactly`, :func:`clean_join`): every record of Superfiltering's prompt
-    under GPT-2 / SmolLM2 needs two tokenizer passes over its text instead of three.
+    ``texts(r)`` gives ``(prompt, target, span)``: the target is scored alone (direct) and
+    after the prompt (conditioned), whose labels start at ``whole.rfind(span)`` (IFD: span =
+    target = the output). The whole text is tokenized only where the join shortcut does not
+    apply (:func:`joins_exactly`, :func:`clean_join`): every record of Superfiltering's
+    prompt under GPT-2 / SmolLM2 needs two tokenizer passes over its text instead of three.
+    ``no_tokens`` is the status of a pair with no scored token in a sequence.
     """
     todo = [i for i, r in enumerate(records) if r.ok and r.output != ""]
-    prompts = [tmpl.prompt(records[i]) for i in todo]
-    outputs = [records[i].output for i in todo]
-    wholes = [p + o for p, o in zip(prompts, outputs, strict=True)]
+    parts = [texts(records[i]) for i in todo]
+    prompts = [p for p, _, _ in parts]
+    targets = [t for _, t, _ in parts]
+    wholes = [p + t for p, t in zip(prompts, targets, strict=True)]
     prompt_ids = encode_texts(tokenizer, prompts)
-    output_ids = encode_texts(tokenizer, outputs)
+    target_ids = encode_texts(tokenizer, targets)
     whole_ids: list[list[int]] = [[] for _ in todo]
     slow = []
     for k in range(len(todo)):
         if (
             joinable
-            and clean_join(prompts[k], outputs[k])
+            and clean_join(prompts[k], targets[k])
             and layout.matches(prompt_ids[k])
-            and layout.matches(output_ids[k])
+            and layout.matches(target_ids[k])
         ):
-            whole_ids[k] = joined_ids(prompt_ids[k], output_ids[k], layout)
+            whole_ids[k] = joined_ids(prompt_ids[k], target_ids[k], layout)
         else:
             slow.append(k)
     for k, ids in zip(slow, encode_texts(tokenizer, [wholes[k] for k in slow]), strict=True):
         whole_ids[k] = ids
     pairs: dict[int, IFDPair] = {}
     for k, i in enumerate(todo):
-        prompt, output, whole = prompts[k], outputs[k], wholes[k]
+        prompt, target, whole = prompts[k], targets[k], wholes[k]
         ins_len = len(_cut(tokenizer, layout, prompt, prompt_ids[k], max_length))
-        direct = _cut(tokenizer, layout, output, output_ids[k], max_length - ins_len + 1)
+        direct = _cut(tokenizer, layout, target, target_ids[k], max_length - ins_len + 1)
         cond = _cut(tokenizer, layout, whole, whole_ids[k], max_length)
-        cut = whole.rfind(output)
-        # whole ends with output, so rfind finds it right after the prompt.
+        cut = whole.rfind(parts[k][2])
+        # whole ends with the target, so rfind usually finds the span right after the prompt.
         head_len = len(prompt_ids[k]) if cut == len(prompt) else len(tokenizer.encode(whole[:cut]))
         ok = num_scored(len(direct), 0) > 0 and num_scored(len(cond), head_len) > 0
         r = records[i]
@@ -345,7 +377,7 @@ def _ifd_chunk(
             0,
             np.asarray(cond, np.int32),  # [n_c]
             head_len,
-            "ok" if ok else "no_response_tokens",
+            "ok" if ok else no_tokens,
             r.turn,
         )
     out = []
@@ -356,6 +388,56 @@ def _ifd_chunk(
             status = r.status if not r.ok else "empty_output"
             out.append(IFDPair(r.index, _empty(), 0, _empty(), 0, status, r.turn))
     return out
+
+
+# Selective Reflection-Tuning's reverse question (Li et al., 2024): the response is put into
+# this instruction, which the prompt template then wraps like any no-input instruction.
+REVERSE_INSTRUCTION = (
+    "Below is the response to an instruction, please guess the corresponding instruction "
+    "for the given response.\n{output}\nGenerate the instruction for the above response."
+)
+
+
+def rifd_texts(record: Record, tmpl: Template) -> tuple[str, str, str]:
+    """``(reverse prompt, instruction text, span)`` of a record for reverse IFD.
+
+    The reverse prompt is the template's prompt for the no-input instruction
+    :data:`REVERSE_INSTRUCTION` (which holds the response; no system prompt); the target is
+    ``instruction + input`` joined without a separator and the scored span starts at the last
+    occurrence of ``instruction`` in the whole text, both as in the reference.
+    """
+    reverse = Record(record.index, REVERSE_INSTRUCTION.format(output=record.output))
+    return tmpl.prompt(reverse), record.instruction + record.input, record.instruction
+
+
+def encode_rifd_pairs(
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    template: str | Template = "none",
+    batch: int = 1024,
+    workers: int = 1,
+) -> list[IFDPair]:
+    """Encodes records for reverse IFD (r-IFD, Selective Reflection-Tuning).
+
+    The instruction plays the response's part of :func:`encode_ifd_pairs`, under the reverse
+    prompt of :func:`rifd_texts` (``rprompt``), with ``query = instruction + input`` and
+    ``whole = rprompt + query``:
+
+    * ``r = len(encode(rprompt, truncation=True, max_length=max_length))``
+    * direct: ``encode(query, truncation=True, max_length=max_length - r + 1)``, start 0;
+    * conditioned: ``encode(whole, truncation=True, max_length=max_length)`` with start
+      ``len(encode(whole[:whole.rfind(instruction)]))``.
+
+    Statuses: ``empty_output`` (the reverse prompt needs the response), ``no_instruction_tokens``
+    (a sequence kept no scored token, e.g. a response that fills ``max_length``) or the
+    record's error status; ``ok`` otherwise. Arguments as :func:`encode_ifd_pairs`.
+    """
+    return _encode_pairs(
+        records, tokenizer, template, max_length, batch, workers, rifd_texts,
+        "no_instruction_tokens",
+    )  # fmt: skip
 
 
 def encode_sft_examples(

@@ -1,12 +1,17 @@
-"""Superfiltering's IFD score: pure device and host functions (no files, flags or loops).
+"""Superfiltering's IFD score and its reverse (r-IFD): pure device and host functions (no
+files, flags or loops).
 
 Every ``ok`` sample contributes two sequences to ONE sequence list, ``2 * k`` (direct: the
-response alone) and ``2 * k + 1`` (conditioned: prompt + response), so both go through the
+target alone) and ``2 * k + 1`` (conditioned: prompt + target), so both go through the
 same packed, length-bucketed batches. The device function returns the masked CE of every
 position; the host sums each sequence's segment and turns per-sequence results into
-per-sample scores:
+per-sample scores (:class:`PairMethod`: IFD's target is the response, r-IFD's the
+instruction under a reverse prompt):
 
-    loss = loss_sum / count,  ppl = exp(loss),  ifd = ppl_condition / ppl_direct.
+    loss = loss_sum / count,  ppl = exp(loss),  ifd = ppl_condition / ppl_direct,
+    ifd_loss_ratio = loss_condition / loss_direct.
+
+Token-level columns (per-token losses, informative-token IFD): :mod:`.ifd_family`.
 """
 
 from __future__ import annotations
@@ -20,21 +25,50 @@ from flax import nnx
 
 from resofilter_jax.data import IFDPair, Segment
 from resofilter_jax.models.base import CausalLM
+from resofilter_jax.scoring.ifd_family import INFORMATIVE, TOKENS_CONDITION, TOKENS_DIRECT
 from resofilter_jax.scoring.losses import token_losses
 
 Array = jax.Array
 OK = "ok"
 
-# Per-sample result columns, in output order after index/id/turn/status.
-SCORE_COLUMNS = (
-    "loss_direct",
-    "loss_condition",
-    "ppl_direct",
-    "ppl_condition",
-    "ifd",
-    "n_tokens_direct",
-    "n_tokens_condition",
-)
+
+@dataclass(frozen=True)
+class PairMethod:
+    """A two-sequence score: its column names and the status of a pair without tokens.
+
+    Attributes:
+        name: The score column (``ppl_condition / ppl_direct``); ``<name>_loss_ratio`` is
+            ``loss_condition / loss_direct``.
+        no_tokens: Status of a sample one of whose sequences has no scored token.
+        informative: Whether it has T-SHIRT's informative-token column (with token losses).
+    """
+
+    name: str
+    no_tokens: str
+    informative: bool
+
+    @property
+    def ratio(self) -> str:
+        """The loss-ratio column."""
+        return f"{self.name}_loss_ratio"
+
+    def columns(self, tokens: bool = False) -> tuple[str, ...]:
+        """Per-sample result columns in output order (after index/id/turn/status); ``tokens``:
+        with the token-loss lists (and the informative-token column where it has one)."""
+        scores = ["loss_direct", "loss_condition", "ppl_direct", "ppl_condition", self.name]
+        scores.append(self.ratio)
+        if tokens and self.informative:
+            scores.append(INFORMATIVE)
+        scores += ["n_tokens_direct", "n_tokens_condition"]
+        return tuple(scores + ([TOKENS_DIRECT, TOKENS_CONDITION] if tokens else []))
+
+
+IFD = PairMethod("ifd", "no_response_tokens", informative=True)
+RIFD = PairMethod("rifd", "no_instruction_tokens", informative=False)
+PAIR_METHODS = {m.name: m for m in (IFD, RIFD)}
+
+# IFD's per-sample result columns (default settings), in output order.
+SCORE_COLUMNS = IFD.columns()
 
 
 def batch_losses(model: CausalLM, batch: dict[str, Array], *, chunk: int = 128) -> Array:
@@ -78,7 +112,11 @@ def make_batch_fn(
 
 
 def add_segment_losses(
-    ce: np.ndarray, segments: Sequence[Segment], loss_sum: np.ndarray, count: np.ndarray
+    ce: np.ndarray,
+    segments: Sequence[Segment],
+    loss_sum: np.ndarray,
+    count: np.ndarray,
+    tokens: list[np.ndarray] | None = None,
 ) -> None:
     """Writes each segment's summed CE (float64 sum) and scored-token count, in place.
 
@@ -86,11 +124,15 @@ def add_segment_losses(
         ce: [B, L - 1] per-position CE of a batch (from :func:`make_batch_fn`).
         segments: Where each sequence sits in the batch.
         loss_sum, count: [n_seq] per-sequence outputs, indexed by ``Segment.seq``.
+        tokens: Optional [n_seq] list that gets each sequence's scored-token CE (float32, in
+            token order: the last ``count`` slots of the segment).
     """
     for g in segments:
         part = ce[g.row, g.offset : g.offset + g.length - 1]  # slots predicting its tokens
         loss_sum[g.seq] = float(np.sum(part, dtype=np.float64))
         count[g.seq] = g.scored
+        if tokens is not None:
+            tokens[g.seq] = np.array(part[part.size - g.scored :], np.float32)  # [scored]
 
 
 @dataclass(frozen=True)
@@ -131,16 +173,28 @@ NONFINITE = "nonfinite_loss"  # status: response tokens were scored but the loss
 def ifd_scores(
     pairs: Sequence[IFDPair], owner: np.ndarray, loss_sum: np.ndarray, count: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Per-sample IFD columns from per-sequence results.
+    """Per-sample IFD columns from per-sequence results (:func:`pair_scores` of :data:`IFD`)."""
+    return pair_scores(pairs, owner, loss_sum, count, IFD)
+
+
+def pair_scores(
+    pairs: Sequence[IFDPair],
+    owner: np.ndarray,
+    loss_sum: np.ndarray,
+    count: np.ndarray,
+    method: PairMethod = IFD,
+) -> dict[str, np.ndarray]:
+    """Per-sample columns of a two-sequence score from per-sequence results.
 
     Args:
         pairs: All samples of the group (any status).
         owner: [n_ok] from :class:`IFDSequences`.
         loss_sum, count: [2 * n_ok] per-sequence summed CE and scored-token count, in the
             order of the sequence list.
+        method: Which score (:data:`IFD` or :data:`RIFD`): column names and statuses.
 
     Returns:
-        Columns ``status`` (list of str) and :data:`SCORE_COLUMNS` ([n] arrays: float64
+        Columns ``status`` (list of str) and ``method.columns()`` ([n] arrays: float64
         scores, NaN where the status is not ``ok``; int64 token counts, 0 there).
     """
     n = len(pairs)
@@ -149,16 +203,17 @@ def ifd_scores(
     if s.shape[0] != len(owner) or c.shape != s.shape:
         raise ValueError(f"{len(owner)} ok samples but results of shape {s.shape}, {c.shape}")
     status = [p.status for p in pairs]
-    out = {k: np.full(n, np.nan) for k in SCORE_COLUMNS[:5]}
+    names = method.columns()
+    out = {k: np.full(n, np.nan) for k in names[:6]}  # losses, ppls, score, loss ratio
     out["n_tokens_direct"] = np.zeros(n, np.int64)
     out["n_tokens_condition"] = np.zeros(n, np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = s / c  # [n_ok, 2]; 0/0 -> NaN (no scored token)
-    empty = (c == 0).any(axis=1)  # [n_ok] a sequence kept no response token
+    empty = (c == 0).any(axis=1)  # [n_ok] a sequence kept no scored token
     bad = empty | ~np.isfinite(loss).all(axis=1)  # [n_ok]
     for k in np.nonzero(bad)[0]:
         # Tokens scored but a NaN/Inf loss (overflow, broken weights): never a silent score.
-        status[int(owner[k])] = "no_response_tokens" if empty[k] else NONFINITE
+        status[int(owner[k])] = method.no_tokens if empty[k] else NONFINITE
     good = owner[~bad]
     loss = loss[~bad]  # [n_good, 2]
     ppl = np.exp(loss)
@@ -166,7 +221,9 @@ def ifd_scores(
     out["loss_condition"][good] = loss[:, 1]
     out["ppl_direct"][good] = ppl[:, 0]
     out["ppl_condition"][good] = ppl[:, 1]
-    out["ifd"][good] = ppl[:, 1] / ppl[:, 0]
+    out[method.name][good] = ppl[:, 1] / ppl[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[method.ratio][good] = loss[:, 1] / loss[:, 0]  # a zero direct loss: inf / NaN
     out["n_tokens_direct"][good] = c[~bad, 0].astype(np.int64)
     out["n_tokens_condition"][good] = c[~bad, 1].astype(np.int64)
     return {"status": status, **out}

@@ -40,7 +40,9 @@ from resofilter_jax.data.sealed import (
 RUN_CONFIG = "run_config.json"
 SHARD_DIR = "shards"
 
-# Columns of every shard file (the merge may drop ``id`` / ``turn``).
+# The IFD columns of score files before the IFD family was added (``ifd_loss_ratio`` and the
+# token-level columns); tests and benchmarks build IFD-like files from it. The scorer writes
+# :data:`IFD_SCHEMA` / :func:`score_schema` (the merge may drop ``id`` / ``turn``).
 SHARD_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),
@@ -57,6 +59,33 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
+
+TOKEN_LIST = pa.list_(pa.float32())  # per-token losses of one sequence
+_KEYS = ("index", "id", "turn", "status")
+
+
+def score_schema(columns: Sequence[str]) -> pa.Schema:
+    """Shard schema of a pair score (``ifd``, ``rifd``): index, id, turn, status + ``columns``
+    (``PairMethod.columns``): token counts int64, ``token_losses_*`` lists of float32, the
+    rest float64."""
+
+    def kind(name: str) -> pa.DataType:
+        if name.startswith("n_tokens_"):
+            return pa.int64()
+        return TOKEN_LIST if name.startswith("token_losses_") else pa.float64()
+
+    return pa.schema([SHARD_SCHEMA.field(k) for k in _KEYS] + [(c, kind(c)) for c in columns])
+
+
+# IFD's shard columns with default settings: SHARD_SCHEMA + ``ifd_loss_ratio`` after ``ifd``.
+IFD_SCHEMA = SHARD_SCHEMA.insert(
+    SHARD_SCHEMA.get_field_index("ifd") + 1, pa.field("ifd_loss_ratio", pa.float64())
+)
+# Columns a shard written before they existed can still give exactly: ratio of two columns.
+DERIVED = {
+    "ifd_loss_ratio": ("loss_condition", "loss_direct"),
+    "rifd_loss_ratio": ("loss_condition", "loss_direct"),
+}
 
 _PART = re.compile(r"^shard-(\d{5,})\.p(\d+)of(\d+)\.parquet$")
 
@@ -261,12 +290,12 @@ def write_shard(
     out_dir: str | os.PathLike[str],
     k: int,
     columns: Mapping[str, Any],
-    schema: pa.Schema = SHARD_SCHEMA,
+    schema: pa.Schema = IFD_SCHEMA,
     part: tuple[int, int] = (0, 1),
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes shard ``k`` (columns of ``schema``, default IFD's) atomically and seals it
-    with ``meta`` (:func:`shard_meta`); returns its path.
+    """Writes shard ``k`` (columns of ``schema``, default :data:`IFD_SCHEMA`) atomically and
+    seals it with ``meta`` (:func:`shard_meta`); returns its path.
 
     ``part=(p, n)``: process p of an n-process job writes its rows of the shard.
     """
@@ -290,17 +319,18 @@ def merge_shards(
     with_id: bool,
     with_turn: bool,
     expected_rows: int | None = None,
-    schema: pa.Schema = SHARD_SCHEMA,
+    schema: pa.Schema = IFD_SCHEMA,
     sealed_by: tuple[str, Sequence[tuple[int, int]]] | None = None,
 ) -> MergedScores:
     """Concatenates all shards into ``scores.parquet`` and ``scores.jsonl`` (NaN -> null).
 
     One shard file at a time (memory: one shard, whatever the number of rows); both files
     appear atomically once complete. ``schema`` is the shard files' schema (default: IFD's
-    :data:`SHARD_SCHEMA`). Every file is checked against its seal first: with
-    ``sealed_by=(run_hash, ranges)`` also that this run sealed it for its rows
-    (:func:`shard_meta`), else size and checksum only; a bad one is removed and the merge
-    fails.
+    :data:`IFD_SCHEMA`); a column of it that a shard written by an earlier version lacks is
+    filled in when :data:`DERIVED` gives it exactly (:func:`read_shard_table`). Every file
+    is checked against its seal first: with ``sealed_by=(run_hash, ranges)`` also that this
+    run sealed it for its rows (:func:`shard_meta`), else size and checksum only; a bad one
+    is removed and the merge fails.
 
     Raises:
         FileNotFoundError: If a shard is missing.
@@ -326,7 +356,7 @@ def merge_shards(
                         f"cannot merge: {f} is {why}; it was removed, run the same command "
                         "again to recompute it"
                     )
-                table = pq.read_table(pa.BufferReader(data), schema=schema).drop_columns(drop)
+                table = read_shard_table(data, schema, f).drop_columns(drop)
                 writer.write_table(table)
                 rows = table.to_pylist()
                 lines.write(
@@ -341,6 +371,38 @@ def merge_shards(
         if expected_rows is not None and merged.rows != expected_rows:
             raise ValueError(f"merged {merged.rows} rows but the input has {expected_rows}")
     return merged
+
+
+def read_shard_table(data: bytes, schema: pa.Schema, path: Path | str = "") -> pa.Table:
+    """A shard file's bytes as a table of ``schema``.
+
+    A column the file lacks (it was written before the column existed, e.g. IFD's
+    ``ifd_loss_ratio``) is computed from the file's own columns where :data:`DERIVED` says
+    how, with the same float64 division as the scorer, so a resumed run merges exactly what
+    a fresh one writes.
+
+    Raises:
+        ValueError: If a column is missing that cannot be derived.
+    """
+    names = set(pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names)
+    missing = [f.name for f in schema if f.name not in names]
+    if not missing:
+        return pq.read_table(pa.BufferReader(data), schema=schema)
+    table = pq.read_table(pa.BufferReader(data))
+    if any(m not in DERIVED or not set(DERIVED[m]) <= names for m in missing):
+        raise ValueError(
+            f"{path}: shard file lacks columns {missing} that cannot be derived; it was written "
+            "with other settings: use another output_dir or overwrite=True"
+        )
+    arrays = []
+    for f in schema:
+        if f.name in missing:
+            num, den = (table.column(c).to_numpy() for c in DERIVED[f.name])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                arrays.append(pa.array(num / den, f.type))  # [n] float64
+        else:
+            arrays.append(table.column(f.name).cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _expected_seal(

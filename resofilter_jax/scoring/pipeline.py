@@ -31,16 +31,19 @@ from resofilter_jax.data.sources import iter_records, read_report_json
 from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.precision import run_matmul_precision, with_matmul_precision
+from resofilter_jax.models.stacking import set_scan_layers
 from resofilter_jax.parallel import global_devices, initialize_distributed, make_mesh
 from resofilter_jax.run_lock import hold_for_job
 from resofilter_jax.runtime import enable_compilation_cache, versions
 from resofilter_jax.scoring import outputs, reso_runner
 from resofilter_jax.scoring.distributed_plan import Hosts
+from resofilter_jax.scoring.ifd import PAIR_METHODS
+from resofilter_jax.scoring.ifd_family import token_pair_offset
 from resofilter_jax.scoring.record_stream import ScanResult, StreamedRecords, scan_records
-from resofilter_jax.scoring.runner import ifd_settings, score_ifd
+from resofilter_jax.scoring.runner import ifd_options, ifd_settings, score_ifd
 from resofilter_jax.stop_signals import Interrupted, StopSignals
 
-METHODS = ("ifd", "resonance")
+METHODS = ("ifd", "rifd", "resonance")  # ifd, rifd: two-sequence pair scores (runner.py)
 
 
 def _resolve_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -79,7 +82,26 @@ def fingerprint(config: ml_collections.ConfigDict, model_path: str, data_path: s
     }
     if config.method == "resonance":
         fp["resonance"] = reso_runner.fingerprint(config)
+    elif ifd_options(config)["token_losses"]:
+        fp["ifd"] = token_fingerprint(config)
     return fp
+
+
+def token_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ``ifd`` settings that change a pair score's outputs: only present with token losses
+    (the list columns and, for ``ifd``, the informative-token column and its threshold), so
+    runs with the defaults keep the fingerprint of the runs from before these settings."""
+    opts = ifd_options(config)
+    fp: dict[str, Any] = {"token_losses": True}
+    if PAIR_METHODS[config.method].informative:
+        fp["informative_threshold"] = opts["informative_threshold"]
+    return fp
+
+
+def pair_schema(config: ml_collections.ConfigDict) -> Any:
+    """Shard schema of an ``ifd`` / ``rifd`` run (its method's columns, token lists or not)."""
+    kind = PAIR_METHODS[config.method]
+    return outputs.score_schema(kind.columns(ifd_options(config)["token_losses"]))
 
 
 def _scan_input(
@@ -108,7 +130,7 @@ def shard_writer(
     out_dir: Path,
     hosts: Hosts,
     ranges: Sequence[tuple[int, int]],
-    schema: Any = outputs.SHARD_SCHEMA,
+    schema: Any = outputs.IFD_SCHEMA,
 ) -> Callable[[int, dict[str, Any]], None]:
     """``on_shard`` callback: this process's part (or, alone, the whole shard) of shard k,
     sealed with the run's fingerprint hash and its row range (``outputs.shard_meta``).
@@ -146,12 +168,15 @@ def encoded_cache(
     root = host_settings(config)["encoded_cache_dir"]
     if not root:
         return None
+    settings = {"max_length": config.max_length, "shard_size": config.shard_size}
+    if config.method == "rifd":  # IFD pairs of another encoding (the key of IFD's unchanged)
+        settings["encoding"] = "rifd"
     return EncodedCache(
         root,
-        kind="ifd" if config.method == "ifd" else "sft",
+        kind="ifd" if config.method in PAIR_METHODS else "sft",
         tokenizer=tokenizer,
         template=config.template,
-        settings={"max_length": config.max_length, "shard_size": config.shard_size},
+        settings=settings,
         data={**fp["data"], "limit": fp["limit"]},
     )
 
@@ -168,7 +193,7 @@ def _score_ifd(
     ranges: Sequence[tuple[int, int]],
     stop: Callable[[], bool],
 ) -> Any:
-    """Runs the IFD loop over the missing shards, writing each as it finishes."""
+    """Runs the IFD (or r-IFD) loop over the missing shards, writing each as it finishes."""
     return score_ifd(
         lm.model,
         lm.tokenizer,
@@ -176,7 +201,7 @@ def _score_ifd(
         **ifd_settings(config),
         shards=todo,
         mesh=mesh,
-        on_shard=shard_writer(out_dir, hosts, ranges),
+        on_shard=shard_writer(out_dir, hosts, ranges, pair_schema(config)),
         progress=config.progress and hosts.index == 0,
         cache=encoded_cache(config, lm.tokenizer, fp),
         stop=stop,
@@ -269,14 +294,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 param_dtype=config.model.param_dtype,
                 max_length=config.max_length,
             )
-            lm.model.scan_layers = bool(config.model.get("scan_layers", False))
+            set_scan_layers(  # True: the layers are stored stacked (no stack per call)
+                lm.model,
+                bool(config.model.get("scan_layers", False)),
+                per_layer=config.method == "resonance",  # selects parameters per layer by name
+            )
             attention = configure_attention(
                 lm.model,
                 config.model.get("attention", "auto"),
                 packed=bool(config.get("pack", True)),
             )
             t_load = time.perf_counter()
-            schema = outputs.SHARD_SCHEMA
             if config.method == "resonance":
                 spec = reso_runner.spec_from_config(config, lm.model)
                 schema = reso_runner.reso_schema(spec)
@@ -294,6 +322,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     stop=lambda: stop.requested,
                 )
             else:
+                schema = pair_schema(config)
                 stats = _score_ifd(
                     config, lm, records, todo, mesh, out_dir, hosts, fp, ranges,
                     lambda: stop.requested,
@@ -344,6 +373,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 summary["processes"] = {"index": hosts.index, "count": hosts.count}
             if hosts.index != 0:
                 return summary
+            if config.method in PAIR_METHODS and ifd_options(config)["token_losses"]:
+                # How to pair the stored token lists (scoring/ifd_family.py, docs/METHODS.md).
+                summary["token_losses"] = {
+                    "pair_offset": token_pair_offset(lm.tokenizer),
+                    **token_fingerprint(config),
+                }
             cfg = lm.config
             outputs.write_json(
                 out_dir / "run.json",

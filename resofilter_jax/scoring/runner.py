@@ -1,13 +1,15 @@
-"""IFD scoring: Superfiltering encodings of a shard -> packed, bucketed batches -> columns.
+"""IFD-family scoring (``ifd``, ``rifd``): pair encodings of a shard -> packed, bucketed
+batches -> columns.
 
 The loop over shards and batches is :func:`resofilter_jax.scoring.shard_loop.run_shards`
 (the only module that loops over data); this module supplies the IFD parts. For each shard
-the records are encoded (Superfiltering tokenization), the direct and conditioned sequences
+the records are encoded (Superfiltering tokenization; r-IFD: the instruction under the
+reverse prompt), the direct and conditioned sequences
 of all its samples form one sequence list that is packed several to a row
 (:mod:`resofilter_jax.data.packing`) and cut into length-bucketed, token-budgeted batches of
 rows (:func:`~resofilter_jax.scoring.shard_loop.shard_plans`), each batch's per-position
-cross-entropy is summed per sequence, and a finished shard's IFD columns go to ``on_shard``
-(e.g. a Parquet writer).
+cross-entropy is summed per sequence (and, with ``token_losses``, kept per token), and a
+finished shard's columns go to ``on_shard`` (e.g. a Parquet writer).
 
 With several processes (``jax.distributed``) each process encodes only its part of every
 shard and all of them dispatch the same steps with the same shapes (see ``shard_loop``).
@@ -29,6 +31,7 @@ from resofilter_jax.data import (
     Segment,
     collate_packed,
     encode_ifd_pairs,
+    encode_rifd_pairs,
     pack_sequences,
     packed_lengths,
 )
@@ -38,11 +41,16 @@ from resofilter_jax.parallel import make_mesh, replicate
 from resofilter_jax.scoring import outputs
 from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.ifd import (
-    SCORE_COLUMNS,
+    PAIR_METHODS,
     add_segment_losses,
-    ifd_scores,
     ifd_sequences,
     make_batch_fn,
+    pair_scores,
+)
+from resofilter_jax.scoring.ifd_family import (
+    DEFAULT_INFORMATIVE_THRESHOLD,
+    token_columns,
+    token_pair_offset,
 )
 from resofilter_jax.scoring.shard_loop import (
     Batch,
@@ -63,25 +71,35 @@ class _Shard:
     owner: np.ndarray
     loss_sum: np.ndarray  # [n_seq] float64
     count: np.ndarray  # [n_seq]
+    tokens: list[np.ndarray] | None = None  # [n_seq] scored-token CE (token_losses only)
 
 
 def _add_losses(shard: _Shard, batch: Batch, ce: np.ndarray) -> float:
     """Adds a batch's per-position CE ([B, L - 1]) to its sequences; returns samples done."""
     segments: list[Segment] = batch["segments"]
-    add_segment_losses(ce, segments, shard.loss_sum, shard.count)
+    add_segment_losses(ce, segments, shard.loss_sum, shard.count, shard.tokens)
     return len(segments) / 2  # two sequences per sample
 
 
-def _columns(shard: _Shard) -> dict[str, Any]:
-    """``status`` + :data:`SCORE_COLUMNS` of a finished shard."""
-    return ifd_scores(shard.pairs, shard.owner, shard.loss_sum, shard.count)
+def ifd_options(config: Any) -> dict[str, Any]:
+    """The ``ifd`` section with its defaults (a config without one gets them all):
+    ``token_losses`` (bool) and ``informative_threshold`` (float, nats)."""
+    section = config.get("ifd") or {}
+    return {
+        "token_losses": bool(section.get("token_losses", False)),
+        "informative_threshold": float(
+            section.get("informative_threshold", DEFAULT_INFORMATIVE_THRESHOLD)
+        ),
+    }
 
 
 def ifd_settings(config: Any) -> dict[str, Any]:
-    """The keyword arguments of :func:`score_ifd` that a score config sets (batching, CE
-    chunk, packing, shard size; not the model, records, mesh or callbacks)."""
+    """The keyword arguments of :func:`score_ifd` that a score config sets (method, batching,
+    CE chunk, packing, shard size, token losses; not the model, records, mesh or callbacks)."""
     host = host_settings(config)
     return {
+        "method": config.get("method", "ifd"),
+        **ifd_options(config),
         "max_length": config.max_length,
         "template": config.template,
         "token_budget": config.token_budget,
@@ -100,6 +118,9 @@ def score_ifd(
     tokenizer: Any,
     records: Sequence[Record],
     *,
+    method: str = "ifd",
+    token_losses: bool = False,
+    informative_threshold: float = DEFAULT_INFORMATIVE_THRESHOLD,
     max_length: int = 1024,
     template: str = "none",
     token_budget: int = 16384,
@@ -117,12 +138,16 @@ def score_ifd(
     stop: Callable[[], bool] | None = None,
     cache: EncodedCache | None = None,
 ) -> RunStats:
-    """Computes the IFD columns of ``records``, shard by shard.
+    """Computes the IFD (or r-IFD) columns of ``records``, shard by shard.
 
     Args:
         model: The scoring LM (its parameters are replicated over ``mesh``).
         tokenizer: Its HF tokenizer.
         records: All rows, in input order.
+        method: ``ifd`` (Superfiltering) or ``rifd`` (reverse IFD; docs/METHODS.md).
+        token_losses: Also return each sequence's per-token losses (list columns) and, for
+            ``ifd``, the informative-token IFD (:mod:`~resofilter_jax.scoring.ifd_family`).
+        informative_threshold: Its ``|delta_t|`` threshold (nats).
         max_length, template: Superfiltering's encoding settings.
         token_budget: Padded tokens per batch (rows x bucket length).
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
@@ -137,8 +162,8 @@ def score_ifd(
             processes: a mesh over the devices of all of them (process by process); each
             then scores only its contiguous part of every shard (``Hosts.rows``).
         on_shard: Called as ``on_shard(k, columns)`` for every finished shard, where columns
-            are ``index, id, turn, status`` + :data:`SCORE_COLUMNS` (lists/arrays of one
-            value per row of this process's part of the shard).
+            are ``index, id, turn, status`` + ``PAIR_METHODS[method].columns(token_losses)``
+            (lists/arrays of one value per row of this process's part of the shard).
         progress: Show a tqdm bar.
         workers: Host threads that tokenize a shard (``data.encoding.host_workers``).
         prefetch: Shards prepared ahead in a background thread (one process; see
@@ -151,6 +176,11 @@ def score_ifd(
     Returns:
         The loop's :class:`~resofilter_jax.scoring.shard_loop.RunStats`.
     """
+    if method not in PAIR_METHODS:
+        raise ValueError(f"method must be one of {sorted(PAIR_METHODS)}, got {method!r}")
+    kind = PAIR_METHODS[method]
+    offset = token_pair_offset(tokenizer) if token_losses else 0
+    threshold = informative_threshold if kind.informative else None
     mesh = mesh if mesh is not None else make_mesh()
     hosts = Hosts(mesh)
     ranges = outputs.shard_ranges(len(records), shard_size)
@@ -164,9 +194,8 @@ def score_ifd(
         recs = records[lo:hi]
 
         def encode() -> list[Any]:
-            return encode_ifd_pairs(
-                recs, tokenizer, max_length=max_length, template=template, workers=workers
-            )
+            enc = encode_ifd_pairs if method == "ifd" else encode_rifd_pairs
+            return enc(recs, tokenizer, max_length=max_length, template=template, workers=workers)
 
         pairs = cache.get_or_encode(lo, hi, len(recs), encode) if cache else encode()
         seq = ifd_sequences(pairs)
@@ -189,8 +218,19 @@ def score_ifd(
                 collate_packed(plan, rows, seq.seqs, seq.starts, pad_id) for plan in plans
             )
         )
-        shard = _Shard(pairs, seq.owner, np.zeros(n), np.zeros(n))
+        tokens: list[np.ndarray] | None = [np.zeros(0, np.float32)] * n if token_losses else None
+        shard = _Shard(pairs, seq.owner, np.zeros(n), np.zeros(n), tokens)
         return ShardWork(recs, shard, plans, batches, unscored=len(recs) - len(seq.owner))
+
+    def columns(shard: _Shard) -> dict[str, Any]:
+        """``status`` + the method's columns of a finished shard."""
+        cols = pair_scores(shard.pairs, shard.owner, shard.loss_sum, shard.count, kind)
+        if shard.tokens is not None:
+            extra = token_columns(
+                cols["status"], shard.owner, shard.tokens, offset=offset, threshold=threshold
+            )
+            cols.update(extra)
+        return cols
 
     def dispatch(batch: Batch) -> Any:
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
@@ -203,9 +243,9 @@ def score_ifd(
         prepare=prepare,
         dispatch=dispatch,
         scatter=_add_losses,
-        columns=_columns,
+        columns=columns,
         on_shard=on_shard,
-        desc="ifd",
+        desc=method,
         progress=progress,
         prefetch=prefetch,
         stop=stop,
@@ -215,13 +255,16 @@ def score_ifd(
 def score_records(
     model: CausalLM, tokenizer: Any, records: Sequence[Record], **kw: Any
 ) -> tuple[dict[str, Any], RunStats]:
-    """:func:`score_ifd` over all shards, returning the concatenated columns in row order."""
+    """:func:`score_ifd` over all shards, returning the concatenated columns in row order
+    (the token-loss list columns as lists of arrays / None)."""
     got: dict[int, dict[str, Any]] = {}
     stats = score_ifd(model, tokenizer, records, on_shard=got.__setitem__, **kw)
-    keys = ("index", "id", "turn", "status", *SCORE_COLUMNS)
+    kind = PAIR_METHODS[kw.get("method", "ifd")]
+    keys = ("index", "id", "turn", "status", *kind.columns(kw.get("token_losses", False)))
     cols: dict[str, Any] = {}
     for key in keys:
         parts = [list(got[k][key]) for k in sorted(got)]
         flat = [x for p in parts for x in p]
-        cols[key] = flat if key in ("id", "status") else np.asarray(flat)
+        lists = key in ("id", "status") or key.startswith("token_losses_")
+        cols[key] = flat if lists else np.asarray(flat)
     return cols, stats
