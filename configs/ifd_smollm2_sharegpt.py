@@ -70,8 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Multi-process jobs (launch/README.md): explicit coordinator/count/id; SLURM and TPU pods
     # are detected. Not part of the fingerprint: a job may resume with another process count.
     c.distributed = distributed_config()
-    # --config.dry_run=True: compile the step for dry_run_topology (e.g. v5e-32, 2x8xh100,
-    # 4x4xv5p) on virtual CPU devices and print per-device memory; no data, no weights.
+    # --config.dry_run=True: compile the step for dry_run_topology (e.g. v5e-32,
+    # 2xv5e-16, 2x8xh100, v5p:4x4x12) and print per-device memory and a step-time ESTIMATE;
+    # no data, no weights. TPU targets compile with XLA:TPU when libtpu is installed
+    # (pip install 'resofilter_jax[tpu]'), others on virtual CPU devices.
     c.dry_run = False
     c.dry_run_topology = "2x8xh100"
+    c.dry_run_compiler = "auto"  # auto | tpu (XLA:TPU, needs libtpu) | cpu (virtual devices)
     return c

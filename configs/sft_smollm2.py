@@ -106,4 +106,5 @@ def get_config() -> ml_collections.ConfigDict:
     # 2x8xh100) on virtual CPU devices and print per-device memory; no data, no weights.
     c.dry_run = False
     c.dry_run_topology = "2x8xh100"
+    c.dry_run_compiler = "auto"  # auto | tpu (XLA:TPU, needs libtpu) | cpu (virtual devices)
     return c

@@ -4,123 +4,57 @@
         --config.model.path=gemma-2-2b/config.json --config.dry_run=True \
         --config.dry_run_topology=v5e-32
 
-The target's mesh is built from virtual CPU devices (one per target device, in one process),
-the model is abstract (shapes only, nothing allocated: a config.json, a model directory or a
-.gguf file is enough), and the step the job would run (IFD loss batch, resonance batch, or the
-train step) is lowered and compiled ahead of time with the job's largest batch shape. It prints
-the mesh, the global and per-process batch shape, and per-device memory: parameters and other
-arguments (exact: they follow from the shardings), outputs, and the compiler's temporary
-buffers, against the device memory of the target.
+The model is abstract (shapes only, nothing allocated: a config.json, a model directory or a
+.gguf file is enough), the attention backend is resolved for the target's platform as the job
+would (`auto` -> splash on TPU, cudnn / pallas_gpu / xla on GPU), and the step the job would
+run (IFD loss batch, resonance batch, or the train step) is lowered and compiled ahead of time
+with the job's largest batch shape. It prints the compiler used, the mesh, the global and
+per-process batch shape, per-device memory against the chip's memory, and an ESTIMATE of the
+step time and MFU (`dry_run_estimate`: a roofline from analytic FLOPs, not a measurement).
 
-The per-device program is the same SPMD program every device of the real job runs, but it is
-compiled by the CPU backend here: argument and output sizes are exact, temporaries are the CPU
-compiler's estimate (TPU/GPU compilers fuse differently; treat them as a guide within tens of
-percent) and the total excludes framework overheads (allocator slack, collectives' buffers).
+Compilers (`dry_run_targets.choose_compiler`; `dry_run_compiler` = auto | tpu | cpu):
+
+* TPU targets (v4, v5e, v5p, v6e; multi-slice as ``2xv5e-16``) with libtpu installed
+  (``pip install 'resofilter_jax[tpu]'``): the real XLA:TPU compiler on compile-only TPU
+  devices (`jax.experimental.topologies`), as the job's process would compile it; splash
+  attention is lowered through Mosaic. The memory figures are the TPU compiler's own, and a
+  program that does not fit in HBM is refused by the compiler (reported as DOES NOT FIT).
+* GPU targets, and TPU targets without libtpu: virtual CPU devices (one per target device,
+  in one process). Argument and output sizes are exact (they follow from the shardings);
+  temporaries are the CPU compiler's estimate of the same SPMD program (TPU/GPU compilers fuse
+  differently; a guide within tens of percent, framework overheads excluded). Attention
+  kernels the CPU compiler cannot lower (splash, cudnn, pallas_gpu: `CPU_CANNOT_LOWER`) are
+  compiled as `reference` in their place, and the report says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
+from resofilter_jax.dry_run_targets import (  # noqa: F401 - re-exported for callers
+    CHIPS,
+    GIB,
+    Target,
+    Topology,
+    parse_topology,
+    target_of,
+    use_virtual_devices,
+)
 
-# Chip -> (device memory in GiB, devices per host in multi-host slices).
-CHIPS: dict[str, tuple[float | None, int]] = {
-    "cpu": (None, 8),
-    "v4": (32.0, 4),
-    "v5e": (16.0, 4),
-    "v5p": (95.0, 4),
-    "v6e": (32.0, 4),
-    "a100": (80.0, 8),
-    "a100-40": (40.0, 8),
-    "h100": (80.0, 8),
-    "h200": (141.0, 8),
-    "l4": (24.0, 8),
+# Attention kernels the CPU compiler cannot lower (a dry run on virtual CPU devices compiles
+# `reference` in their place), and why.
+CPU_CANNOT_LOWER = {
+    "splash": "splash is a Mosaic TPU kernel: only the TPU compiler (libtpu) lowers it",
+    "cudnn": "cudnn is a cuDNN fused-attention custom call: only the CUDA backend lowers it",
+    "pallas_gpu": "pallas_gpu is a Triton kernel: only the CUDA backend lowers it",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    """A target job: ``hosts`` processes with ``per_host`` devices of ``chip`` each."""
-
-    name: str
-    chip: str
-    hosts: int
-    per_host: int
-
-    @property
-    def devices(self) -> int:
-        return self.hosts * self.per_host
-
-    @property
-    def memory_gib(self) -> float | None:
-        return CHIPS[self.chip][0]
-
-
-def parse_topology(name: str) -> Topology:
-    """A topology from ``HOSTSxDEVICESxCHIP`` (``2x8xh100``) or a TPU slice name.
-
-    TPU slice names: ``v4-N`` and ``v5p-N`` count TensorCores (2 per chip), ``v5e-N`` /
-    ``v5litepod-N`` and ``v6e-N`` count chips; 8-chip v5e/v6e slices are one host, larger
-    slices have 4 chips per host.
-
-    Raises:
-        ValueError: For a name that matches neither form or an unknown chip.
-    """
-    s = name.strip().lower()
-    m = re.fullmatch(r"(\d+)x(\d+)x([a-z0-9-]+)", s)
-    if m:
-        hosts, per, chip = int(m[1]), int(m[2]), m[3]
-        if chip not in CHIPS:
-            raise ValueError(f"unknown chip {chip!r} in {name!r}; known: {sorted(CHIPS)}")
-        return Topology(name, chip, hosts, per)
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", s)
-    if not m:
-        raise ValueError(
-            f"topology {name!r}: use HOSTSxDEVICESxCHIP (e.g. 2x8xh100, 4x4xv5e) or a TPU "
-            "slice name (v4-32, v5p-64, v5e-32, v6e-16)"
-        )
-    kind, n = m[1], int(m[2])
-    chip = "v5e" if kind == "v5litepod" else kind
-    chips = n // 2 if chip in ("v4", "v5p") else n
-    if chips < 1:
-        raise ValueError(f"topology {name!r} has no chips")
-    if chip in ("v5e", "v6e") and chips <= 8:
-        return Topology(name, chip, 1, chips)
-    per = min(4, chips)
-    if chips % per:
-        raise ValueError(f"topology {name!r}: {chips} chips do not fill hosts of {per}")
-    return Topology(name, chip, chips // per, per)
-
-
-def use_virtual_devices(n: int) -> None:
-    """Makes JAX start with ``n`` CPU devices (must run before JAX's backend starts).
-
-    Raises:
-        RuntimeError: If the backend already runs with fewer devices.
-    """
-    flags = re.sub(
-        r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
-    )
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    import jax
-
-    try:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", n)
-    except Exception:  # noqa: BLE001 - backend already initialised; checked below
-        pass
-    if len(jax.devices()) < n:
-        raise RuntimeError(
-            f"the dry run needs {n} virtual devices but JAX already started with "
-            f"{len(jax.devices())}; run it in a fresh process"
-        )
 
 
 def model_config_of(path: str) -> Any:
@@ -174,70 +108,139 @@ def _rows(token_budget: int, length: int, devices: int) -> int:
     return max(devices, token_budget // length // devices * devices)
 
 
+def _abstract_model(config: Any, target: Target, packed: bool) -> tuple[Any, Any, dict]:
+    """(model config, abstract model, attention record) with the target's attention backend.
+
+    `auto` resolves for the target's platform, as the real job would. On virtual CPU devices
+    a kernel the CPU compiler cannot lower (``CPU_CANNOT_LOWER``) is compiled as `reference`.
+    """
+    from resofilter_jax.models.attention import configure_attention
+    from resofilter_jax.models.loading import as_dtype
+    from resofilter_jax.models.registry import abstract_model
+    from resofilter_jax.models.stacking import set_scan_layers
+
+    mcfg = model_config_of(config.model.path)
+    dtype, pdtype = as_dtype(config.model.dtype), as_dtype(config.model.param_dtype)
+    model = abstract_model(mcfg, dtype=dtype, param_dtype=pdtype)
+    # As the jobs store the layers: stacked with scan_layers, per layer for resonance (it
+    # selects matrices by HF layer name; scoring/pipeline.py and training/pipeline.py).
+    per_layer = config.get("method", "") == "resonance"
+    set_scan_layers(model, bool(config.model.get("scan_layers", False)), per_layer=per_layer)
+    record = configure_attention(
+        model,
+        config.model.get("attention", "auto"),
+        packed=packed,
+        platform=target.topo.platform,
+    )
+    record["compiled"] = record["backend"]
+    if target.compiler == "cpu" and record["backend"] in CPU_CANNOT_LOWER:
+        record["compiled"] = model.attention = "reference"
+        record["not_lowered"] = CPU_CANNOT_LOWER[record["backend"]]
+    return mcfg, model, record
+
+
+def _compile(lowered: Any) -> tuple[Any, str | None]:
+    """(compiled, None), or (None, the compiler's message) when the program does not fit in
+    the device's memory (HBM, or a kernel's on-chip scoped VMEM)."""
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is a finding; others re-raise
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
+            lines = [line.strip() for line in msg.strip().splitlines() if line.strip()]
+            return None, " / ".join(lines[:6])[:1500]
+        raise
+
+
 def dry_run_scoring(config: Any) -> dict[str, Any]:
     """Compiles the IFD or resonance batch function of a scoring config for its topology."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from resofilter_jax.models.loading import as_dtype
-    from resofilter_jax.models.registry import abstract_model
+    from resofilter_jax.dry_run_estimate import Step
     from resofilter_jax.parallel import batch_sharding, make_mesh, replicated
 
-    topo = parse_topology(config.dry_run_topology)
-    use_virtual_devices(topo.devices)
-    mcfg = model_config_of(config.model.path)
-    dtype, pdtype = as_dtype(config.model.dtype), as_dtype(config.model.param_dtype)
-    model = abstract_model(mcfg, dtype=dtype, param_dtype=pdtype)
-    model.scan_layers = bool(config.model.get("scan_layers", False))
-    mesh = make_mesh(jax.devices()[: topo.devices])
+    target = target_of(config)
+    topo, n_dev = target.topo, target.topo.devices
+    pack = bool(config.get("pack", True))
+    mcfg, model, attention = _abstract_model(config, target, pack)
+    mesh = make_mesh(target.devices)
     length = int(config.max_length)
-    rows = _rows(int(config.token_budget), length, topo.devices)
+    rows = _rows(int(config.token_budget), length, n_dev)
     bs = batch_sharding(mesh)
+    step_shape = dict(rows=rows // n_dev, length=length, attention=attention["backend"])
     t0 = time.perf_counter()
-    if config.method == "resonance":
-        from resofilter_jax.scoring import reso_runner
-        from resofilter_jax.scoring.resonance import make_resonance_fn, max_slots
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # splash: shard_map per device
+        if config.method == "resonance":
+            from resofilter_jax.scoring import reso_runner
+            from resofilter_jax.scoring.resonance import (
+                make_resonance_fn,
+                max_slots,
+                microbatch_size,
+            )
 
-        spec = reso_runner.spec_from_config(config, model)
-        fn = make_resonance_fn(model, spec, data_shards=topo.devices)
-        ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=bs)
-        batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
-        slots = None
-        limit = int(config.resonance.get("max_segments", 8))
-        limit = max_slots(model, spec, length, limit)  # as the scoring loop lowers it
-        if config.get("pack", True) and fn.packable and limit > 1:  # the fullest packed rows
-            slots = limit
-            batch["positions"] = ids
-        lowered = fn.lower(batch, slots=slots)
-        step = f"resonance ({len(spec.params)} matrices, {spec.rule}"
-        step += f", {slots} examples per row)" if slots else ")"
-    else:
-        from resofilter_jax.scoring.ifd import make_batch_fn
+            spec = reso_runner.spec_from_config(config, model)
+            fn = make_resonance_fn(model, spec, data_shards=n_dev)
+            ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=bs)
+            batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+            slots = None
+            limit = int(config.resonance.get("max_segments", 8))
+            limit = max_slots(model, spec, length, limit)  # as the scoring loop lowers it
+            if pack and fn.packable and limit > 1:  # the fullest packed rows
+                slots = limit
+                batch["positions"] = ids
+            lowered = fn.lower(batch, slots=slots)
+            step = f"resonance ({len(spec.params)} matrices, {spec.rule}"
+            step += f", {slots} examples per row)" if slots else ")"
+            micro = microbatch_size(model, spec, length, rows // n_dev, segments=slots or 1)
+            shapes = {n: tuple(v.shape) for n, v in _named(model).items() if n in spec.params}
+            step_shape |= dict(
+                kind="resonance",
+                rows=micro,
+                passes=-(-(rows // n_dev) // micro),
+                chosen=shapes,
+                slots=slots or 1,
+                ce_chunk=spec.ce_chunk,
+            )
+        else:
+            from resofilter_jax.scoring.ifd import make_batch_fn
 
-        graphdef, state = nnx.split(model)
-        batch = _batch_spec(
-            {
-                "input_ids": ((rows, length), jnp.int32),
-                "attention_mask": ((rows, length), jnp.int32),
-                "positions": ((rows, length), jnp.int32),
-                "loss_mask": ((rows, length), jnp.float32),
-            },
-            bs,
-        )
-        fn = make_batch_fn(graphdef, chunk=int(config.ce_chunk))
-        lowered = fn.lower(_abstract(state, replicated(mesh)), batch)
-        step = "ifd loss batch"
-    compiled = lowered.compile()
+            graphdef, state = nnx.split(model)
+            batch = _batch_spec(
+                {
+                    "input_ids": ((rows, length), jnp.int32),
+                    "attention_mask": ((rows, length), jnp.int32),
+                    "positions": ((rows, length), jnp.int32),
+                    "loss_mask": ((rows, length), jnp.float32),
+                },
+                bs,
+            )
+            fn = make_batch_fn(graphdef, chunk=int(config.ce_chunk))
+            lowered = fn.lower(_abstract(state, replicated(mesh)), batch)
+            step = f"{config.method} loss batch"
+            step_shape |= dict(kind="ifd", ce_chunk=int(config.ce_chunk))
+    compiled, oom = _compile(lowered)
+    kernels = lowered.as_text().count("tpu_custom_call")  # distinct Mosaic kernels (splash)
     return _report(
-        topo,
+        target,
         mcfg,
         step,
         {"global": [rows, length], "per_process": [rows // topo.hosts, length]},
-        {"data": topo.devices},
-        _memory(compiled),
+        {"data": n_dev},
+        None if compiled is None else _memory(compiled),
         time.perf_counter() - t0,
+        attention=attention,
+        estimate=_estimate(config, mcfg, target, Step(**step_shape)),
+        oom=oom,
+        mosaic_kernels=kernels,
     )
+
+
+def _named(model: Any) -> dict[str, Any]:
+    from resofilter_jax.models.registry import named_params
+
+    return named_params(model)
 
 
 def dry_run_training(config: Any) -> dict[str, Any]:
@@ -246,8 +249,8 @@ def dry_run_training(config: Any) -> dict[str, Any]:
     import jax.numpy as jnp
     import optax
 
-    from resofilter_jax.models.loading import as_dtype
-    from resofilter_jax.models.registry import abstract_model
+    from resofilter_jax.dry_run_estimate import Step
+    from resofilter_jax.models.base import check_remat
     from resofilter_jax.parallel import (
         make_train_mesh,
         param_shardings,
@@ -257,13 +260,12 @@ def dry_run_training(config: Any) -> dict[str, Any]:
     from resofilter_jax.training.optim import optimizer_from_config
     from resofilter_jax.training.trainer import make_step_fn, split_model
 
-    topo = parse_topology(config.dry_run_topology)
-    use_virtual_devices(topo.devices)
-    mcfg = model_config_of(config.model.path)
-    dtype, pdtype = as_dtype(config.model.dtype), as_dtype(config.model.param_dtype)
-    model = abstract_model(mcfg, dtype=dtype, param_dtype=pdtype)
-    model.scan_layers = bool(config.model.get("scan_layers", False))
-    mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp, jax.devices()[: topo.devices])
+    target = target_of(config)
+    topo = target.topo
+    mcfg, model, attention = _abstract_model(config, target, bool(config.data.get("packing")))
+    remat = check_remat(config.train.get("remat", "none"))
+    model.remat = remat  # as the train pipeline sets it
+    mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp, target.devices)
     n_dev = int(mesh.devices.size)
     t = config.train
     micro = t.micro_batch_size or t.batch_size
@@ -296,9 +298,22 @@ def dry_run_training(config: Any) -> dict[str, Any]:
         donate_argnums=(0, 1),
     )
     t0 = time.perf_counter()
-    compiled = step_fn.lower(abs_params, _abstract(opt_shapes, opt_shard), batch).compile()
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # splash: shard_map per device
+        lowered = step_fn.lower(abs_params, _abstract(opt_shapes, opt_shard), batch)
+    compiled, oom = _compile(lowered)
+    kernels = lowered.as_text().count("tpu_custom_call")  # distinct Mosaic kernels (splash)
+    step_shape = Step(
+        kind="train",
+        rows=micro // n_dev,
+        length=length,
+        passes=accum,
+        attention=attention["backend"],
+        ce_chunk=int(config.ce_chunk),
+        remat=remat,
+        shards=int(mesh.shape.get("fsdp", 1)),
+    )
     return _report(
-        topo,
+        target,
         mcfg,
         f"train step (AdamW, {accum} micro-batch(es))",
         {
@@ -306,47 +321,127 @@ def dry_run_training(config: Any) -> dict[str, Any]:
             "per_process": [accum, micro // topo.hosts, length],
         },
         dict(mesh.shape),
-        _memory(compiled),
+        None if compiled is None else _memory(compiled),
         time.perf_counter() - t0,
+        attention=attention,
+        estimate=_estimate(config, mcfg, target, step_shape),
+        oom=oom,
+        mosaic_kernels=kernels,
     )
 
 
+def _estimate(config: Any, mcfg: Any, target: Target, step: Any) -> dict[str, Any] | None:
+    """The roofline ESTIMATE of ``step`` on the target chip (None for chips without figures)."""
+    import dataclasses as dc
+
+    import jax.numpy as jnp
+
+    from resofilter_jax.dry_run_estimate import estimate
+    from resofilter_jax.models.loading import as_dtype
+
+    dtype = str(config.model.dtype)
+    step = dc.replace(
+        step,
+        compute_bytes=jnp.dtype(as_dtype(dtype)).itemsize,
+        param_bytes=jnp.dtype(as_dtype(config.model.param_dtype)).itemsize,
+    )
+    precision = str(config.model.get("matmul_precision", "default"))
+    out = estimate(mcfg, step, target.topo.chip, dtype=dtype, precision=precision)
+    if out is not None:
+        out["tokens_per_s"] = out["tokens_per_s_per_device"] * target.topo.devices
+        low = dtype in ("bfloat16", "float16")  # the precision setting is for fp32 operands
+        out["matmul"] = f"{dtype} operands" + ("" if low else f", matmul_precision={precision}")
+    return out
+
+
 def _report(
-    topo: Topology,
+    target: Target,
     mcfg: Any,
     step: str,
     batch: dict[str, list[int]],
     mesh: dict[str, int],
-    memory: dict[str, int],
+    memory: dict[str, int] | None,
     compile_s: float,
+    *,
+    attention: dict[str, str],
+    estimate: dict[str, Any] | None,
+    oom: str | None = None,
+    mosaic_kernels: int = 0,
 ) -> dict[str, Any]:
     """Prints and returns the dry run's findings."""
+    topo = target.topo
     cap = topo.memory_gib
-    fits = None if cap is None else memory["total"] <= cap * GIB
+    if memory is None:  # the TPU compiler refused: the program does not fit in HBM
+        fits = False
+    else:
+        fits = None if cap is None else memory["total"] <= cap * GIB
+    tpu = target.compiler == "tpu"
     report = {
         "topology": dataclasses.asdict(topo) | {"devices": topo.devices, "memory_gib": cap},
+        "compiler": {"used": target.compiler, "why": target.why},
+        "attention": attention,
+        "mosaic_kernels": mosaic_kernels,
         "model": {"model_type": mcfg.model_type, "params": mcfg.num_params_estimate},
         "step": step,
         "mesh": mesh,
         "batch": batch,
         "per_device_bytes": memory,
-        "per_device_gib": {k: v / GIB for k, v in memory.items()},
+        "per_device_gib": None if memory is None else {k: v / GIB for k, v in memory.items()},
+        "memory_is": "exact (XLA:TPU)" if tpu else "arguments/outputs exact, temporaries XLA:CPU's",
         "fits": fits,
+        "compiler_error": oom,
+        "estimate": estimate,
         "compile_s": compile_s,
     }
     verdict = "unknown memory" if fits is None else ("fits" if fits else "DOES NOT FIT")
+    slices = f" in {topo.slices} slices" if topo.slices > 1 else ""
     lines = [
-        f"dry run: {topo.name} = {topo.hosts} host(s) x {topo.per_host} {topo.chip} "
+        f"dry run: {topo.name} = {topo.hosts} host(s) x {topo.per_host} {topo.chip}{slices} "
         f"({topo.devices} devices), mesh {mesh}",
+        f"compiler: {'XLA:TPU' if tpu else 'XLA:CPU'}: {target.why}",
         f"model {mcfg.model_type}, {mcfg.num_params_estimate / 1e9:.2f}B parameters; step: {step}",
+        _attention_line(attention)
+        + (
+            f"; {mosaic_kernels} distinct Mosaic kernel(s) in the program" if mosaic_kernels else ""
+        ),
         f"batch: global {batch['global']}, per process {batch['per_process']}",
-        "per device: "
-        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items() if k != "aliased")
-        + (f" of {cap:.0f} GiB -> {verdict}" if cap else ""),
-        f"compiled in {compile_s:.1f} s (CPU backend; temporaries are an estimate)",
     ]
+    if memory is None:
+        where = "on-chip VMEM (a fusion or kernel)" if "vmem" in str(oom).lower() else "HBM"
+        lines.append(f"per device: DOES NOT FIT in {where}: the TPU compiler says: {oom}")
+    else:
+        lines.append(
+            "per device: "
+            + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items() if k != "aliased")
+            + (f" of {cap:.0f} GiB -> {verdict}" if cap else "")
+            + (" (the TPU compiler's figures)" if tpu else "")
+        )
+    if estimate is not None:
+        e = estimate
+        lines.append(
+            f"ESTIMATE (roofline from analytic FLOPs, not measured): step {e['step_s'] * 1e3:.1f}"
+            f" ms, MFU {e['mfu']:.0%} (upper bound), {e['tokens_per_s']:,.0f} tokens/s; "
+            f"{e['model_tflop']:.2f} model TFLOP per device, {e['matmul']} at "
+            f"{e['peak_tflops']:.0f} TFLOP/s (bf16 peak {e['bf16_peak_tflops']:.0f}), "
+            f"HBM {e['hbm_gbps']:.0f} GB/s, {e['memory_bound_share']:.0%} of the time "
+            "memory-bound"
+        )
+    lines.append(
+        f"compiled in {compile_s:.1f} s"
+        + ("" if tpu else " (CPU backend; temporaries are the CPU compiler's estimate)")
+    )
     print("\n".join(lines), flush=True)
     return report
+
+
+def _attention_line(a: dict[str, str]) -> str:
+    line = f"attention: {a['requested']} -> {a['backend']} on the target ({a['reason']})"
+    if a["compiled"] != a["backend"]:
+        line += (
+            f"; compiled with {a['compiled']} instead: {a['not_lowered']} (the reference's "
+            "[heads, seq, seq] scores make temporaries an overestimate)"
+        )
+    return line
 
 
 def run_dry(config: Any, kind: str) -> dict[str, Any]:
@@ -361,4 +456,28 @@ def run_dry(config: Any, kind: str) -> dict[str, Any]:
             "the dry run needs --config.model.path=<config.json, model directory or .gguf> "
             "(only the architecture is read)"
         )
-    return dry_run_training(config) if kind == "train" else dry_run_scoring(config)
+    with _target_matmuls():
+        return dry_run_training(config) if kind == "train" else dry_run_scoring(config)
+
+
+@contextlib.contextmanager
+def _target_matmuls() -> Iterator[None]:
+    """bf16 matmuls compile as the accelerator runs them (native bf16 operands), not widened
+    to fp32 as on this host's CPU when it has no bf16 units (`precision.
+    native_low_precision_matmul` asks the host; ``RESOFILTER_CPU_BF16=1`` overrides it)."""
+    from resofilter_jax.models import precision
+
+    cached = getattr(precision, "_cpu_has_bf16_units", None)
+    old = os.environ.get("RESOFILTER_CPU_BF16")
+    os.environ["RESOFILTER_CPU_BF16"] = "1"
+    if cached is not None:
+        cached.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RESOFILTER_CPU_BF16", None)
+        else:
+            os.environ["RESOFILTER_CPU_BF16"] = old
+        if cached is not None:
+            cached.cache_clear()

@@ -16,29 +16,30 @@ pytestmark = pytest.mark.slow  # dry runs: compiles for pod topologies
 REPO = Path(__file__).resolve().parents[1]
 
 # gemma-2-2b's published config.json (architecture only; no weights are needed).
-GEMMA2_2B = {
-    "architectures": ["Gemma2ForCausalLM"],
-    "model_type": "gemma2",
-    "attn_logit_softcapping": 50.0,
-    "final_logit_softcapping": 30.0,
-    "head_dim": 256,
-    "hidden_act": "gelu_pytorch_tanh",
-    "hidden_activation": "gelu_pytorch_tanh",
-    "hidden_size": 2304,
-    "intermediate_size": 9216,
-    "max_position_embeddings": 8192,
-    "num_attention_heads": 8,
-    "num_hidden_layers": 26,
-    "num_key_value_heads": 4,
-    "query_pre_attn_scalar": 256,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 10000.0,
-    "sliding_window": 4096,
-    "vocab_size": 256000,
-    "bos_token_id": 2,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-}
+GEMMA2_2B = REPO / "tests/data/gemma-2-2b/config.json"
+
+# A config file that is `base` with dry_run_compiler set: pins the compiler of a dry run
+# whatever is installed (these tests check the virtual-CPU path; test_tpu_compile.py the
+# TPU compiler).
+PINNED_CONFIG = """
+import importlib.util
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location("base_config", {base!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.dry_run_compiler = {compiler!r}
+    return c
+"""
+
+
+def pinned_config(base: str, tmp_path: Path, compiler: str = "cpu") -> str:
+    """A config file: ``configs/<base>`` with ``dry_run_compiler=compiler``."""
+    path = tmp_path / f"{compiler}_{base}"
+    path.write_text(PINNED_CONFIG.format(base=str(REPO / "configs" / base), compiler=compiler))
+    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -64,23 +65,29 @@ def test_parse_topology_rejects_unknown_names(name: str) -> None:
         parse_topology(name)
 
 
-def _dry_run(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "resofilter_jax.score", *args, "--config.dry_run=True"]
+def _dry_run(args: list[str], command: str = "score") -> tuple[dict, str]:
+    """(report, stdout) of ``python -m resofilter_jax.<command> ARGS --config.dry_run=True``."""
+    cmd = [sys.executable, "-m", f"resofilter_jax.{command}", *args, "--config.dry_run=True"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "per device:" in proc.stdout
-    return json.loads(proc.stdout[proc.stdout.index("\n{") + 1 :])
+    return json.loads(proc.stdout[proc.stdout.index("\n{") + 1 :]), proc.stdout
 
 
-def test_ifd_dry_run_for_a_pod_slice() -> None:
-    """SmolLM2 IFD on a v5e-32 slice: 32 devices, replicated fp32 parameters per device."""
-    report = _dry_run(
+def test_ifd_dry_run_for_a_pod_slice(tmp_path: Path) -> None:
+    """SmolLM2 IFD on a v5e-32 slice on virtual CPU devices: 32 devices, replicated fp32
+    parameters per device; splash (auto's TPU pick) is compiled as the reference."""
+    report, out = _dry_run(
         [
             "--config",
-            str(REPO / "configs/ifd_smollm2_sharegpt.py"),
+            pinned_config("ifd_smollm2_sharegpt.py", tmp_path),
             "--config.dry_run_topology=v5e-32",
         ]
     )
+    assert report["compiler"]["used"] == "cpu" and "XLA:CPU" in out
+    assert report["attention"]["backend"] == "splash"
+    assert report["attention"]["compiled"] == "reference"
+    assert "only the TPU compiler (libtpu) lowers it" in out
     assert report["topology"]["devices"] == 32 and report["topology"]["hosts"] == 8
     assert report["mesh"] == {"data": 32}
     rows, length = report["batch"]["global"]
@@ -91,44 +98,44 @@ def test_ifd_dry_run_for_a_pod_slice() -> None:
     assert report["fits"] is True and mem["total"] < 16 * GIB
 
 
-def test_resonance_dry_run_of_the_paper_setting(tmp_path: Path) -> None:
-    """gemma-2-2b resonance (last-3 up_proj, max_length 768) on 2 nodes x 8 H100."""
-    config_json = tmp_path / "config.json"
-    config_json.write_text(json.dumps(GEMMA2_2B))
-    report = _dry_run(
+def test_resonance_dry_run_of_the_paper_setting() -> None:
+    """gemma-2-2b resonance (last-3 up_proj, max_length 768) on 2 nodes x 8 H100: virtual
+    CPU devices; auto finds no fused GPU kernel for packed rows with a soft-cap."""
+    report, out = _dry_run(
         [
             "--config",
             str(REPO / "configs/reso_gemma2_metamath.py"),
-            f"--config.model.path={config_json}",
+            f"--config.model.path={GEMMA2_2B}",
             "--config.data.path=unused.json",
             "--config.dry_run_topology=2x8xh100",
         ]
     )
     assert report["topology"]["devices"] == 16
+    assert report["compiler"]["used"] == "cpu" and "no h100 compiler" in out
+    assert report["attention"]["backend"] == report["attention"]["compiled"] == "reference"
+    assert report["estimate"]["step_s"] > 0 and "ESTIMATE" in out
     assert report["batch"]["global"][1] == 768
     assert report["model"]["params"] > 2.5e9
     assert report["per_device_bytes"]["arguments"] > 2.5e9 * 4 * 0.9
     assert report["fits"] is True
 
 
-def test_train_dry_run_with_fsdp() -> None:
-    """SmolLM2 SFT on 4 hosts x 4 v5e: params + AdamW state sharded over fsdp=4."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "resofilter_jax.train",
-        "--config",
-        str(REPO / "configs/sft_smollm2.py"),
-        "--config.dry_run=True",
-        "--config.dry_run_topology=4x4xv5e",
-        "--config.mesh.fsdp=4",
-        "--config.train.batch_size=32",
-        "--config.train.micro_batch_size=16",
-        "--config.max_length=256",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout[proc.stdout.index("\n{") + 1 :])
+def test_train_dry_run_with_fsdp(tmp_path: Path) -> None:
+    """SmolLM2 SFT on 4 hosts x 4 v5e (virtual CPU devices): params + AdamW state sharded
+    over fsdp=4."""
+    report, _ = _dry_run(
+        [
+            "--config",
+            pinned_config("sft_smollm2.py", tmp_path),
+            "--config.dry_run_topology=4x4xv5e",
+            "--config.mesh.fsdp=4",
+            "--config.train.batch_size=32",
+            "--config.train.micro_batch_size=16",
+            "--config.max_length=256",
+        ],
+        command="train",
+    )
+    assert report["compiler"]["used"] == "cpu"
     assert report["mesh"] == {"data": 4, "fsdp": 4}
     assert report["batch"]["global"] == [2, 16, 256]
     assert report["batch"]["per_process"] == [2, 4, 256]

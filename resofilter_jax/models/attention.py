@@ -17,6 +17,10 @@ model's features (`resolve_attention`), and logs what it chose and why. An expli
 that cannot express the case is refused with a ValueError. On CPU the Pallas kernels run in
 interpret mode (slow; it is how their use here is tested).
 
+On several TPU devices splash runs per device under `shard_map` (Mosaic kernels are not
+partitioned by XLA): the step must be traced with its mesh in context,
+`with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):` around the call that traces it.
+
 Rows follow `attention_mask_bias`: `attention_mask` [b, s] holds a segment id per token (0 =
 padding); a real query sees the earlier keys of its own segment (and, with a window w, only
 keys j > i - w). What a padding query computes differs between backends: it is finite and
@@ -28,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any
 
 import jax
@@ -332,9 +337,18 @@ def self_attention(
     )
 
 
+def _target_platform() -> str:
+    """The platform the traced program is compiled for: that of the mesh in context
+    (`jax.set_mesh`; a dry run's abstract TPU devices) or else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return _platform(platform or jax.default_backend())
+
+
 def _interpret() -> bool:
-    """Pallas kernels run interpreted on CPU (tests, dry runs)."""
-    return jax.default_backend() == "cpu"
+    """Pallas kernels run interpreted when the program is compiled for CPU (tests)."""
+    return _target_platform() == "cpu"
 
 
 def _xla(
@@ -470,7 +484,8 @@ def _splash(
     sliding_window: int | None,
     softcap: float | None,
 ) -> Array:
-    """TPU splash attention, vmapped over the batch, heads-first; GQA is native."""
+    """TPU splash attention, vmapped over the batch, heads-first; GQA is native. On a
+    multi-device mesh the kernel runs per device under `shard_map` (`_per_device`)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     b, s, h, d = q.shape
@@ -485,5 +500,90 @@ def _splash(
     def one(qi: Array, ki: Array, vi: Array, seg: Array) -> Array:
         return kernel(qi, ki, vi, segment_ids=splash.SegmentIds(q=seg, kv=seg))
 
-    out = jax.vmap(one)(qs, ks, vs, segments)  # [b, h, p, d]
+    if jnp.dtype(q.dtype).name in LOW_PRECISION:
+        one = _native_precision(one)
+
+    def rows(qb: Array, kb: Array, vb: Array, sb: Array) -> Array:
+        return jax.vmap(one)(qb, kb, vb, sb)  # [rows, h, p, d]
+
+    out = _per_device(rows, b, 4)(qs, ks, vs, segments)  # [b, h, p, d]
     return out.transpose(0, 2, 1, 3)[:, :s].astype(q.dtype)  # [b, s, h, d]
+
+
+def _native_precision(fn: Any) -> Any:
+    """``fn`` with its forward and backward passes traced at the default matmul precision.
+
+    Mosaic has no bf16 x bf16 dot at fp32 precision ("Bad lhs type"), so the splash kernels
+    of low-precision operands take the native pass whatever `model.matmul_precision` says,
+    as the precision contract pins every bf16 matmul to DEFAULT. The backward kernels are
+    traced after the forward pass, outside any scope around the call; hence the custom VJP.
+    """
+
+    @jax.custom_vjp
+    def run(*args: Array) -> Array:
+        with jax.default_matmul_precision("default"):
+            return fn(*args)
+
+    def fwd(*args: Array) -> tuple[Array, Any]:
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, *args)
+
+    def bwd(vjp: Any, grad: Array) -> tuple[Any, ...]:
+        with jax.default_matmul_precision("default"):
+            return vjp(grad)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def _batch_axes(sizes: dict[str, int], rows: int) -> tuple[str, ...]:
+    """Mesh axes (in mesh order, size > 1) the batch of ``rows`` is split over: each axis
+    is taken while the product of the taken sizes still divides ``rows``."""
+    axes: list[str] = []
+    split = 1
+    for name, size in sizes.items():
+        if size > 1 and rows % (split * size) == 0:
+            axes.append(name)
+            split *= size
+    return tuple(axes)
+
+
+def _per_device(fn: Any, rows: int, n_args: int) -> Any:
+    """``fn`` over batch-major arrays, as one kernel call per device on a multi-device mesh.
+
+    XLA cannot partition a Mosaic (TPU Pallas) kernel: on a mesh in context
+    (`jax.sharding.use_abstract_mesh`; `jax.set_mesh` too, but a dry run's compile-only
+    devices cannot run the eager mask set-up under it) with several devices the call is
+    wrapped in a `shard_map` over every mesh axis (those not already manual), the batch split
+    over the axes that divide it (`_batch_axes`: what a data / fsdp batch sharding does) and
+    replicated over the rest. A batch that no axis divides (e.g. one example inside a `vmap`
+    over examples) is computed whole on every device: correct, but not split. Interpret mode
+    (CPU) takes the same path. Without a mesh in context, ``fn`` as is.
+
+    Raises:
+        ValueError: A TPU run on several devices without a mesh in context.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        if not _interpret() and jax.default_backend() == "tpu" and jax.device_count() > 1:
+            raise ValueError(
+                "splash attention on several TPU devices runs under shard_map and needs the "
+                "mesh: trace the step inside `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`"
+            )
+        return fn
+    # Mosaic wants every mesh axis manual, size-1 axes included.
+    free = {n: k for n, k in mesh.shape.items() if n not in mesh.manual_axes}
+    if math.prod(free.values()) == 1:  # one device, or already per device (in a shard_map)
+        return fn
+    from jax.sharding import PartitionSpec as P
+
+    axes = _batch_axes(free, rows)
+    spec = P(axes if axes else None)  # leading (batch) dimension only
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(spec,) * n_args,
+        out_specs=spec,
+        axis_names=frozenset(free),
+        check_vma=False,
+    )
