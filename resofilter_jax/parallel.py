@@ -6,6 +6,7 @@ axis over the ``data`` mesh axis.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,17 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = DATA_AXIS
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.asarray(devices, dtype=object), (axis,))
+
+
+def traced_on(mesh: Mesh) -> contextlib.AbstractContextManager:
+    """Context for calling (and so tracing) a jitted step that runs on ``mesh``.
+
+    Kernels that XLA cannot partition (splash attention's Mosaic kernel) read the mesh from
+    this context and run per device under ``shard_map`` (``models/attention.py``); without
+    it, a splash run on several TPU devices is refused. Nothing else changes: enter it
+    around every call of a step (it costs a context switch, and no extra compile).
+    """
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def batch_sharding(mesh: Mesh, axis: str = DATA_AXIS) -> NamedSharding:

@@ -49,7 +49,7 @@ from resofilter_jax.data import (
 from resofilter_jax.data.encoded_cache import EncodedCache
 from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.models.base import CausalLM
-from resofilter_jax.parallel import make_mesh
+from resofilter_jax.parallel import make_mesh, traced_on
 from resofilter_jax.scoring import outputs, projection, projection_parts
 from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.param_select import select_params
@@ -365,9 +365,13 @@ def score_resonance(
     def dispatch(batch: Batch) -> Any:
         if "slots" in batch:
             keys = ("input_ids", "attention_mask", "positions", "labels")
-            return fn(hosts.to_global({k: batch[k] for k in keys}), slots=batch["slots"])
+            packed = hosts.to_global({k: batch[k] for k in keys})
+            with traced_on(mesh):
+                return fn(packed, slots=batch["slots"])
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-        return fn(hosts.to_global(arrays))  # [P * B, L] global batch
+        rows = hosts.to_global(arrays)  # [P * B, L] global batch
+        with traced_on(mesh):
+            return fn(rows)
 
     return run_shards(
         hosts,

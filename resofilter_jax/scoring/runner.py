@@ -37,7 +37,7 @@ from resofilter_jax.data import (
 )
 from resofilter_jax.data.encoded_cache import EncodedCache
 from resofilter_jax.models.base import CausalLM
-from resofilter_jax.parallel import make_mesh, replicate
+from resofilter_jax.parallel import make_mesh, replicate, traced_on
 from resofilter_jax.scoring import outputs
 from resofilter_jax.scoring.distributed_plan import Hosts
 from resofilter_jax.scoring.ifd import (
@@ -234,7 +234,9 @@ def score_ifd(
 
     def dispatch(batch: Batch) -> Any:
         arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
-        return fn(state, hosts.to_global(arrays))  # [P * B, L] global batch
+        batch_on_mesh = hosts.to_global(arrays)  # [P * B, L] global batch
+        with traced_on(mesh):
+            return fn(state, batch_on_mesh)
 
     return run_shards(
         hosts,

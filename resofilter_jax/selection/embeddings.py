@@ -35,7 +35,7 @@ from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.checks import check_max_length
 from resofilter_jax.models.precision import matmul_precision_scope
-from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
+from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch, traced_on
 
 __all__ = [
     "EMB_TYPES",
@@ -181,7 +181,8 @@ def embed_texts(
     def dispatch(batch: dict[str, np.ndarray]) -> Array:
         arrays = shard_batch({k: batch[k] for k in ("input_ids", "attention_mask")}, mesh)
         ids, mask = arrays["input_ids"], arrays["attention_mask"]
-        return pooled_embeddings(graphdef, state, ids, mask, pooling=pooling)
+        with traced_on(mesh):
+            return pooled_embeddings(graphdef, state, ids, mask, pooling=pooling)
 
     def collect(_: None, plan: Any, batch: dict, n_tokens: int, result: Array) -> None:
         del batch, n_tokens

@@ -47,7 +47,7 @@ from resofilter_jax.models.base import CausalLM
 from resofilter_jax.models.generate import generate
 from resofilter_jax.models.loading import load_model
 from resofilter_jax.models.precision import with_matmul_precision
-from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch
+from resofilter_jax.parallel import make_mesh, num_devices, replicate, shard_batch, traced_on
 from resofilter_jax.runtime import enable_compilation_cache, versions
 from resofilter_jax.training.sft_data import Row, collate_rows, row_length, single_rows
 from resofilter_jax.training.trainer import row_loss_sums
@@ -183,7 +183,9 @@ def heldout_loss(
     )
     for picks, batch in batches:
         batch = shard_batch({k: v[0] for k, v in batch.items()}, mesh)
-        s, c = (np.asarray(x) for x in row_sums(state, batch))
+        with traced_on(mesh):
+            sums_counts = row_sums(state, batch)  # [rows] x2
+        s, c = (np.asarray(x) for x in sums_counts)
         real = picks >= 0
         sums[picks[real]], counts[picks[real]] = s[real], c[real]
         bar.update(int(real.sum()))

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from resofilter_jax.data.sources import read_records
-from resofilter_jax.parallel import num_devices, replicated
+from resofilter_jax.parallel import num_devices, replicated, traced_on
 from resofilter_jax.training.evaluation import heldout_examples, loss_batches
 from resofilter_jax.training.sft_data import single_rows
 from resofilter_jax.training.trainer import ModelParts, Trainer, merge_model, row_loss_sums
@@ -136,7 +136,8 @@ class HeldoutEval:
         for batch in self._batches:
             length = int(batch["input_ids"].shape[-1])
             if length not in self._compiled:
-                self._compiled[length] = fn.lower(params, batch).compile()
+                with traced_on(trainer.mesh):
+                    self._compiled[length] = fn.lower(params, batch).compile()
         self.info = {
             "path": ev.path,
             "records": len(records),

@@ -37,6 +37,7 @@ from resofilter_jax.parallel import (
     num_devices,
     param_shardings,
     replicated,
+    traced_on,
     train_batch_sharding,
 )
 from resofilter_jax.scoring.losses import token_losses
@@ -274,9 +275,9 @@ class Trainer:
 
         ``rows``: the global rows of a micro-batch when ``batch`` holds this process's rows.
         """
-        self.params, self.opt_state, metrics = self._step(
-            self.params, self.opt_state, self.put_batch(batch, rows)
-        )
+        arrays = self.put_batch(batch, rows)
+        with traced_on(self.mesh):
+            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, arrays)
         return metrics
 
     def model(self) -> CausalLM:
