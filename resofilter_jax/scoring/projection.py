@@ -15,13 +15,14 @@ Entries are independent with mean 0 and variance 1, so ``E[<p(x), p(y)>] = <x, y
 depends only on (seed, r, K, kind) and the PRNG implementation (recorded in the index): never
 on the batch, the microbatch, the devices or the block size below.
 
-**Computation.** ``S`` is never materialised. Inside the jitted per-example function a loop
-over blocks of ``B`` rows of each matrix generates that block's rows of ``S`` and accumulates
-``g_block @ S_block`` in fp32 (``Precision.HIGHEST``: no TF32 on GPUs). Per device: one
-block, about ``3 * B * K * 4`` bytes, shared by a microbatch, plus ``K`` fp32 per example;
-per microbatch step ``D * K / 32`` random words (rademacher) or ``D * K`` normals, and
-``2 * D * K`` flops per example. ``B`` defaults to ``min(8192, 2**24 // K)`` rows (a 64 MiB
-fp32 block); it changes only the fp32 summation order.
+**Computation.** ``S`` is never materialised. Inside the jitted step, for every example of the
+microbatch at once (``vmap``; packed rows: every slot), a loop over blocks of ``B`` rows of each
+matrix generates that block's rows of ``S`` once and accumulates ``g_block @ S_block`` in fp32
+(``Precision.HIGHEST``: no TF32 on GPUs). Per device: one block, about ``3 * B * K * 4``
+bytes, shared by a microbatch, plus ``K`` fp32 per example; per microbatch step
+``D * K / 32`` random words (rademacher) or ``D * K`` normals, and ``2 * D * K`` flops per
+example. ``B`` defaults to ``min(8192, 2**24 // K)`` rows (a 64 MiB fp32 block); it changes
+only the fp32 summation order.
 
 **Files** (written by :mod:`resofilter_jax.scoring.reso_runner`)::
 

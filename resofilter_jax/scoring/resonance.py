@@ -59,7 +59,9 @@ from resofilter_jax.scoring.reso_features import (
     RULES,
     SCALARS,
     ResonanceSpec,
+    feature_bytes,
     feature_names,
+    features_in_turn,
     matrix_feature_names,
     matrix_features,
     update_delta,
@@ -94,34 +96,57 @@ def example_bytes(
     backward_layers: int | None = None,
     segments: int = 1,
 ) -> int:
-    """Estimated device bytes one row needs in a step (gradients, features, activations).
+    """Estimated device bytes of a step of one row (gradients, features, activations).
 
-    Unpacked (``segments`` 1, ``vmap``): the example's fp32 gradient, update and feature
-    buffers of the chosen matrices (~6 copies). Packed (``segments`` S > 1): S gradients,
-    plus ~5 copies for the features, which run one example at a time. Then saved
-    activations of the
-    layers the backward pass crosses (~10 hidden- and 4 intermediate-sized vectors per token
-    and two [heads, L, L] attention maps per layer, plus one layer in flight), one chunk of
-    fp32 logits with its cotangent, the segment-masked output gradient of the widest chosen
-    matrix when packed, and the projection accumulator when ``spec.projection`` is set (its
-    shared block is not per example: see :func:`microbatch_size`).
+    Each further row of the step adds :func:`_row_bytes`; this adds what a step holds once.
+    Per example (``segments`` S of them in a packed row, one unpacked): its fp32 gradient of
+    the chosen matrices and its projection accumulator when ``spec.projection`` is set (the
+    projection's shared block is not per row: see :func:`microbatch_size`). Per row: saved
+    activations of the layers the backward pass crosses (~10 hidden- and 4
+    intermediate-sized vectors per token and two [heads, L, L] attention maps per layer,
+    plus one layer in flight), one chunk of fp32 logits with its cotangent and, packed, the
+    segment-masked output gradient of the widest chosen matrix. Features
+    (:func:`feature_bytes`): unpacked, every example of the step at once (per row); packed,
+    the S slots of one row at once, rows in turn (once per step, with that row's gradients).
     """
-    cfg = model.config
+    row = _row_bytes(model, spec, seq_len, backward_layers, segments)
+    if segments == 1:
+        return row
+    n_chosen = sum(math.prod(shape) for shape in _chosen_shapes(model, spec))
+    return row + segments * (4 * n_chosen + feature_bytes(_chosen_shapes(model, spec)))
+
+
+def _chosen_shapes(model: CausalLM, spec: ResonanceSpec) -> list[tuple[int, ...]]:
     shapes = param_shapes(model)
-    sizes = {p: math.prod(shape) for p, shape in shapes.items()}
-    n_chosen = sum(sizes[p] for p in spec.params)
+    return [shapes[p] for p in spec.params]
+
+
+def _row_bytes(
+    model: CausalLM,
+    spec: ResonanceSpec,
+    seq_len: int,
+    backward_layers: int | None,
+    segments: int,
+) -> int:
+    """Device bytes each row adds to a step (see :func:`example_bytes`)."""
+    cfg = model.config
+    chosen = _chosen_shapes(model, spec)
+    n_chosen = sum(math.prod(shape) for shape in chosen)
     if backward_layers is None:
         backward_layers = _backward_layers(spec.params, cfg.num_hidden_layers)
     c = jnp.dtype(DTYPES[spec.compute_dtype]).itemsize
     per_layer = seq_len * (10 * cfg.hidden_size + 4 * cfg.intermediate_size) * c
     per_layer += 2 * cfg.num_attention_heads * seq_len * seq_len * c
     logits = 3 * min(spec.ce_chunk, seq_len) * cfg.vocab_size * 4
-    proj = spec.projection.example_bytes() if spec.projection is not None else 0
+    per_example = 4 * n_chosen
+    if spec.projection is not None:
+        per_example += spec.projection.example_bytes()
+    if segments == 1:  # the features of every example of the step at once
+        per_example += feature_bytes(chosen)
     masked = 0
     if segments > 1:
-        masked = segments * seq_len * max(max(shapes[p]) for p in spec.params) * c
-    grads = 6 * 4 * n_chosen if segments == 1 else (segments + 5) * 4 * n_chosen
-    return grads + proj + (backward_layers + 1) * per_layer + logits + masked
+        masked = segments * seq_len * max(max(shape) for shape in chosen) * c
+    return segments * per_example + (backward_layers + 1) * per_layer + logits + masked
 
 
 def _backward_layers(params: Sequence[str], num_layers: int) -> int:
@@ -145,7 +170,8 @@ def param_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
 def microbatch_size(
     model: CausalLM, spec: ResonanceSpec, seq_len: int, rows: int, *, segments: int = 1
 ) -> int:
-    """Rows per device per step (the projection's shared block comes off the budget).
+    """Rows per device per step (the projection's shared block comes off the budget): one
+    row (:func:`example_bytes`), then as many as fit of :func:`_row_bytes` each.
 
     ``segments``: examples packed per row (1: unpacked, one example per row).
     """
@@ -165,7 +191,8 @@ def microbatch_size(
             + "; raise the budget, shorten max_length or choose fewer / smaller parameters"
             + ("" if segments == 1 else ", or pack fewer examples per row")
         )
-    return max(1, min(rows, budget // need))
+    more = (budget - need) // _row_bytes(model, spec, seq_len, None, segments)
+    return max(1, min(rows, 1 + more))
 
 
 def max_slots(model: CausalLM, spec: ResonanceSpec, seq_len: int, limit: int) -> int:
@@ -289,28 +316,39 @@ class ResonanceFn:
         out["loss"], out["n_tokens"] = loss, n.astype(jnp.int32)
         return out
 
+    def _matrix_features(self, th: dict[str, Array], gr: dict[str, Array]) -> dict[str, Array]:
+        """Per-matrix features [n_params] of one example's gradients."""
+        per: dict[str, dict[str, Array]] = {}
+        for ps in _shape_groups(self.spec.params, self._shapes):  # one loop body per shape
+            f = features_in_turn([th[p] for p in ps], [gr[p] for p in ps], self.spec)  # [k] each
+            per.update({p: {k: v[i] for k, v in f.items()} for i, p in enumerate(ps)})
+        feats = [per[p] for p in self.spec.params]
+        return {k: jnp.stack([f[k] for f in feats]) for k in feats[0]}  # [n_params] each
+
+    def _projection(self, gr: dict[str, Array]) -> Array:
+        """[K] projection of one example's fp32 gradients (documented order); ``vmap`` it:
+        the projection matrix is generated once for the whole batch."""
+        assert self.spec.projection is not None
+        return project([gr[p] for p in self.spec.params], self.spec.projection)
+
     def _features(self, th: dict[str, Array], gr: dict[str, Array]) -> dict[str, Array]:
         """Per-matrix features [n_params] (+ ``projection`` [K]) of one example's gradients."""
-        spec = self.spec
-        groups: dict[tuple[int, ...], list[str]] = {}  # same-shaped matrices share one program
-        for p in spec.params:
-            groups.setdefault(tuple(th[p].shape), []).append(p)
-        per: dict[str, dict[str, Array]] = {}
-        for ps in groups.values():
-            t = jnp.stack([th[p] for p in ps])  # [k, *shape]
-            g = jnp.stack([gr[p] for p in ps]).astype(jnp.float32)  # [k, *shape]
-            f = jax.vmap(lambda t1, g1: matrix_features(t1, update_delta(t1, g1, spec), spec))(t, g)
-            per.update({p: {k: v[i] for k, v in f.items()} for i, p in enumerate(ps)})
-        feats = [per[p] for p in spec.params]
-        out = {k: jnp.stack([f[k] for f in feats]) for k in feats[0]}  # [n_params] each
-        if spec.projection is not None:  # fp32 gradients, documented order
-            out["projection"] = project([gr[p] for p in spec.params], spec.projection)  # [K]
+        out = self._matrix_features(th, gr)
+        if self.spec.projection is not None:
+            out["projection"] = self._projection(gr)
         return out
 
     def _packed_rows(
         self, theta: nnx.State, rest: nnx.State, rows: dict[str, Array], slots: int
     ) -> dict[str, Array]:
-        """Results [m, S, ...] of the examples in m packed rows (one backward pass)."""
+        """Results [m, S, ...] of the examples in m packed rows (one backward pass).
+
+        Features: the S slots of a row at once (``vmap``), rows in turn (a row's feature
+        temporaries, S times those of one example, are all a step holds of them), rows without
+        an example skipped. Projections: every slot of the m rows at once, so the projection
+        matrix is generated once per step. Empty slots are computed (zero gradients: finite
+        results) and masked to the empty result 0.
+        """
         cdt = DTYPES[self.spec.compute_dtype]
         theta_c = jax.tree.map(lambda x: x.astype(cdt), theta)
         grads, loss_sum, n = segment_grads(
@@ -322,20 +360,29 @@ class ResonanceFn:
             ce_chunk=self.spec.ce_chunk,
         )  # [m, S, *shape] each; [m, S]
         m = loss_sum.shape[0]
-        flat = {p: g.reshape(m * slots, *g.shape[2:]) for p, g in grads.items()}
         th = _by_name(theta)
-        used = n.reshape(m * slots) > 0  # [m * S]
+        used = n > 0  # [m, S]
+        slot_features = jax.vmap(self._matrix_features, in_axes=(None, 0))  # [S, ...] each
         empty = jax.tree.map(
             lambda x: jnp.zeros(x.shape, x.dtype),
-            jax.eval_shape(self._features, th, {p: g[0] for p, g in flat.items()}),
+            jax.eval_shape(slot_features, th, {p: g[0] for p, g in grads.items()}),
         )
 
-        def features(x: tuple[dict[str, Array], Array]) -> dict[str, Array]:
-            g, ok = x  # one slot: a real branch, so empty slots cost nothing
-            return jax.lax.cond(ok, lambda: self._features(th, g), lambda: empty)
+        def row(x: tuple[dict[str, Array], Array]) -> dict[str, Array]:
+            g, ok = x  # [S, *shape] each, [S]
+            return jax.lax.cond(jnp.any(ok), lambda: slot_features(th, g), lambda: empty)
 
-        out = jax.lax.map(features, (flat, used))  # [m * S, ...]
-        out = jax.tree.map(lambda v: v.reshape(m, slots, *v.shape[1:]), out)
+        out = jax.lax.map(row, (grads, used))  # [m, S, ...]
+        if self.spec.projection is not None:
+            flat = {p: g.reshape(m * slots, *g.shape[2:]) for p, g in grads.items()}  # [m * S, ...]
+            proj = jax.vmap(self._projection)(flat)  # [m * S, K]
+            out["projection"] = proj.reshape(m, slots, -1)
+
+        def empty_masked(v: Array) -> Array:  # [m, S, ...]
+            ok = used.reshape(used.shape + (1,) * (v.ndim - 2))
+            return jnp.where(ok, v, jnp.zeros((), v.dtype))
+
+        out = jax.tree.map(empty_masked, out)
         out["loss"] = loss_sum / jnp.maximum(n, 1.0)
         out["n_tokens"] = n.astype(jnp.int32)
         return out
@@ -361,6 +408,7 @@ class ResonanceFn:
         rows = bsz // shards
         m = microbatch_size(self.model, self.spec, seq, rows, segments=slots or 1)
         steps = -(-rows // m)
+        m = -(-rows // steps)  # as many steps, the fewest padding rows (each costs a backward)
         pad = steps * m - rows
 
         def to_steps(x: Array) -> Array:  # [B, ...] -> [steps, shards * m, ...]
@@ -390,6 +438,14 @@ class ResonanceFn:
             out = jax.lax.map(one, xs)
         out = jax.tree.map(from_steps, out)
         return _finish(out, self.spec)
+
+
+def _shape_groups(params: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    """``params`` grouped by shape (first-seen order)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for p in params:
+        groups.setdefault(tuple(shapes[p]), []).append(p)
+    return list(groups.values())
 
 
 def _cast(x: Any, dtype: jnp.dtype) -> Any:
