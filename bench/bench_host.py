@@ -51,7 +51,7 @@ def host_pass(config, records, tokenizer, workers: int, cache=None) -> dict[str,
         plan_batches,
     )
     from resofilter_jax.scoring.ifd import ifd_sequences
-    from resofilter_jax.scoring.shard_loop import length_buckets
+    from resofilter_jax.scoring.shard_loop import length_buckets, resolve_token_budget
 
     t = {"encode": 0.0, "pack_plan": 0.0, "collate": 0.0, "tokens": 0, "rows": 0}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -78,7 +78,7 @@ def host_pass(config, records, tokenizer, workers: int, cache=None) -> dict[str,
             buckets=length_buckets(
                 lengths, config.max_length, config.min_bucket, config.bucket_step
             ),
-            token_budget=config.token_budget,
+            token_budget=resolve_token_budget(config.token_budget, "cpu"),
             pow2_tail=True,
         )
         t2 = time.perf_counter()

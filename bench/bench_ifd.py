@@ -180,7 +180,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.config} is not an IFD config")
     wd = common.work_dir(args.work_dir)
     config.compilation_cache_dir = str(wd / "jax_cache")
-    common.machine_block(args, model_path, config.token_budget)
+    common.machine_block(args, model_path, config.token_budget or 4096)  # GEMM table rows
 
     from resofilter_jax.data import encode_ifd_pairs
     from resofilter_jax.data.sources import read_records

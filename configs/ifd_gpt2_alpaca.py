@@ -44,9 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ifd = ml_collections.ConfigDict()
     c.ifd.token_losses = False
     c.ifd.informative_threshold = DEFAULT_INFORMATIVE_THRESHOLD
-    c.token_budget = 16384  # padded tokens per batch (does not change scores)
+    c.token_budget = 0  # padded tokens per batch; 0 = auto: 2048 on CPU, 16384 on GPU/TPU
     c.min_bucket = 64
-    c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
+    c.bucket_step = 0  # > 0: buckets double up to it, then grow by it (packed rows pad less at 0)
     c.pack = True  # several sequences per row (segment masks): far less padding, same scores
     c.ce_chunk = 128  # CE sequence chunk
     c.num_devices = 0  # 0 = all local devices

@@ -51,9 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ifd = ml_collections.ConfigDict()
     c.ifd.token_losses = False
     # Batching (does not change scores): padded tokens per batch, smallest length bucket.
-    c.token_budget = 16384
+    c.token_budget = 0  # 0 = auto: 2048 on CPU (less padding), 16384 on GPU/TPU
     c.min_bucket = 64
-    c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
+    c.bucket_step = 0  # > 0: buckets double up to it, then grow by it (packed rows pad less at 0)
     c.pack = True  # several sequences per row (segment masks): far less padding, same scores
     c.ce_chunk = 128  # sequence chunk of the cross-entropy (bounds [batch, chunk, vocab] logits)
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all

@@ -167,7 +167,10 @@ def dry_run_scoring(config: Any) -> dict[str, Any]:
     mcfg, model, attention = _abstract_model(config, target, pack)
     mesh = make_mesh(target.devices)
     length = int(config.max_length)
-    rows = _rows(int(config.token_budget), length, n_dev)
+    from resofilter_jax.scoring.shard_loop import resolve_token_budget
+
+    budget = resolve_token_budget(int(config.token_budget), topo.platform)  # 0: the target's
+    rows = _rows(budget, length, n_dev)
     bs = batch_sharding(mesh)
     step_shape = dict(rows=rows // n_dev, length=length, attention=attention["backend"])
     t0 = time.perf_counter()

@@ -53,3 +53,25 @@ def test_a_resonance_run_compiles_once_per_shape_and_slot_count(data: Path, tmp_
     loop = summary["loop"]
     assert all(len(s) == 3 for s in loop["shapes"])  # (rows, length, segment slots)
     assert_within_budget(loop)
+
+
+def test_auto_token_budget_is_chosen_by_platform(data: Path, tmp_path: Path) -> None:
+    """``token_budget=0`` (the IFD recipes' default): 2048 padded tokens per batch on CPU,
+    16384 on accelerators; a run on CPU plans its batches with 2048."""
+    from resofilter_jax.scoring.shard_loop import resolve_token_budget
+
+    assert resolve_token_budget(0, "cpu") == 2048
+    assert resolve_token_budget(0, "gpu") == resolve_token_budget(0, "tpu") == 16384
+    assert resolve_token_budget(512, "cpu") == resolve_token_budget(512, "tpu") == 512
+    with pytest.raises(ValueError, match="token_budget"):
+        resolve_token_budget(-1, "cpu")
+    model = tmp_path / "gpt2"
+    save_tiny_model("gpt2", build_tokenizer("none"), model)
+    config = load_config(ROOT / "configs/ifd_gpt2_alpaca.py")
+    assert config.token_budget == 0
+    over = {"model.path": str(model), "data.path": str(data), "output_dir": str(tmp_path / "o")}
+    over |= {"max_length": 48, "min_bucket": 16, "shard_size": 100, "progress": False}
+    over |= {"compilation_cache_dir": "", "host.encoded_cache_dir": ""}
+    summary = score.run(load_config(ROOT / "configs/ifd_gpt2_alpaca.py", over))
+    padded = [rows * length for rows, length in summary["loop"]["shapes"]]
+    assert max(padded) <= 2048 < 2 * max(padded), summary["loop"]["shapes"]

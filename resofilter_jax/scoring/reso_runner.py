@@ -69,6 +69,7 @@ from resofilter_jax.scoring.shard_loop import (
     ShardCallback,
     ShardWork,
     length_buckets,
+    resolve_token_budget,
     run_shards,
     shard_plans,
 )
@@ -248,7 +249,8 @@ def score_resonance(
             ``records[lo:hi]`` (:class:`~resofilter_jax.scoring.record_stream.StreamedRecords`).
         spec: Parameters, update rule and features.
         max_length, template: SFT encoding settings (ResoFilter's tokenization).
-        token_budget: Padded tokens per batch (rows x bucket length).
+        token_budget: Padded tokens per batch (rows x bucket length); 0: by platform
+            (:func:`~resofilter_jax.scoring.shard_loop.resolve_token_budget`).
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
         bucket_step: > 0: buckets double only up to this length, then grow by it.
         pack: Pack several examples into one row (one backward pass gives each its own
@@ -281,6 +283,7 @@ def score_resonance(
     """
     mesh = mesh if mesh is not None else make_mesh()
     hosts = Hosts(mesh)
+    token_budget = resolve_token_budget(token_budget, mesh.devices.flat[0].platform)
     ranges = outputs.shard_ranges(len(records), shard_size)
     cap = -(-shard_size // hosts.count)  # most examples of one process in a shard
     dup = find_duplicates(records) if duplicate_of is None else duplicate_of  # [N] int64

@@ -58,6 +58,7 @@ from resofilter_jax.scoring.shard_loop import (
     ShardCallback,
     ShardWork,
     length_buckets,
+    resolve_token_budget,
     run_shards,
     shard_plans,
 )
@@ -149,7 +150,8 @@ def score_ifd(
             ``ifd``, the informative-token IFD (:mod:`~resofilter_jax.scoring.ifd_family`).
         informative_threshold: Its ``|delta_t|`` threshold (nats).
         max_length, template: Superfiltering's encoding settings.
-        token_budget: Padded tokens per batch (rows x bucket length).
+        token_budget: Padded tokens per batch (rows x bucket length); 0: by platform
+            (:func:`~resofilter_jax.scoring.shard_loop.resolve_token_budget`).
         min_bucket: Smallest bucket length (buckets double up to ``max_length``).
         bucket_step: > 0: buckets double only up to this length, then grow by it.
         chunk: Sequence chunk of the cross-entropy.
@@ -183,6 +185,7 @@ def score_ifd(
     threshold = informative_threshold if kind.informative else None
     mesh = mesh if mesh is not None else make_mesh()
     hosts = Hosts(mesh)
+    token_budget = resolve_token_budget(token_budget, mesh.devices.flat[0].platform)
     ranges = outputs.shard_ranges(len(records), shard_size)
     cap = 2 * -(-shard_size // hosts.count)  # most sequences of one process in a shard
     graphdef, state = nnx.split(model)

@@ -153,6 +153,29 @@ class ShardProgress:
         self.bar.close()
 
 
+# Padded tokens per batch when a scoring config says 0 ("auto"), by platform. On a CPU a GEMM
+# runs at full rate from ~1024 rows of tokens, so small batches cost nothing and pad far less
+# (each length bucket's last batch is padded with dummy rows). 128 ShareGPT rows under SmolLM2,
+# packed, bucket_step 0: 45,469 real tokens padded to 57,344 (16384), 49,152 (4096) or 47,104
+# (2048); bench/bench_ifd.py on a 2-core AMD EPYC: 2048 gave 1.07x the tokens/s of 4096
+# (BENCHMARKS.md). Accelerators want large batches to fill their matrix units.
+AUTO_TOKEN_BUDGET = {"cpu": 2048}
+AUTO_TOKEN_BUDGET_ACCELERATOR = 16384
+
+
+def resolve_token_budget(token_budget: int, platform: str) -> int:
+    """``token_budget``, or for 0 (auto) the platform's default (``AUTO_TOKEN_BUDGET``).
+
+    Raises:
+        ValueError: For a negative budget.
+    """
+    if token_budget < 0:
+        raise ValueError(f"token_budget must be > 0, or 0 for auto; got {token_budget}")
+    if token_budget:
+        return int(token_budget)
+    return AUTO_TOKEN_BUDGET.get(platform, AUTO_TOKEN_BUDGET_ACCELERATOR)
+
+
 def length_buckets(
     lengths: Sequence[int], max_length: int, min_bucket: int, step: int = 0
 ) -> list[int]:
