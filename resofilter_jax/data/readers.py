@@ -24,7 +24,7 @@ from resofilter_jax.data.records import (
     TruncatedInputError,
 )
 
-__all__ = ["READERS", "detect_reader", "iter_raw_rows"]
+__all__ = ["READERS", "detect_reader", "iter_raw_rows", "parquet_row"]
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -231,7 +231,7 @@ def _iter_jsonl(path: str | os.PathLike[str]) -> Iterator[RawRow]:
             row_number += 1
 
 
-def _parquet_row(batch: Any, i: int, where: str) -> dict[str, Any] | RowError:
+def parquet_row(batch: Any, i: int, where: str) -> dict[str, Any] | RowError:
     """Row ``i`` of a record batch, or a row error naming the first column whose value
     has no Python form (invalid UTF-8 in a string, a date out of Python's range)."""
     row = {}
@@ -259,7 +259,7 @@ def _iter_parquet(path: str | os.PathLike[str]) -> Iterator[RawRow]:
                 rows: list[dict[str, Any] | RowError] = batch.to_pylist()
             except (ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
                 rows = [
-                    _parquet_row(batch, i, f"row {row_number + i}") for i in range(batch.num_rows)
+                    parquet_row(batch, i, f"row {row_number + i}") for i in range(batch.num_rows)
                 ]
             for row in rows:
                 yield row_number, row

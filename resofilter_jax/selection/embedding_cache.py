@@ -85,5 +85,6 @@ class EmbeddingCache:
         meta = {"kind": kind, "shape": list(shape), "dtype": "float32", "settings": settings}
         atomic_write_bytes(sidecar, json.dumps(meta, indent=1, default=str).encode())
         loaded = self.load(kind, settings)
-        assert loaded is not None
+        if loaded is None:  # written just now: another process replaced or removed it
+            raise RuntimeError(f"the {kind} embeddings just written to {array} cannot be read back")
         return loaded

@@ -27,7 +27,7 @@ from resofilter_jax.data import (
     iter_raw_rows,
     to_records,
 )
-from resofilter_jax.data.readers import _parquet_row  # the reader's own row conversion
+from resofilter_jax.data.readers import parquet_row  # the reader's own row conversion
 from resofilter_jax.data.sources import naming_the_file
 from resofilter_jax.data.templates import user_query
 from resofilter_jax.selection.output import write_rows
@@ -132,7 +132,7 @@ def _batch_rows(batch: Any, first: int) -> list[dict[str, Any] | RowError]:
     try:
         return batch.to_pylist()
     except (ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
-        return [_parquet_row(batch, i, f"row {first + i}") for i in range(batch.num_rows)]
+        return [parquet_row(batch, i, f"row {first + i}") for i in range(batch.num_rows)]
 
 
 def _parquet_rows_at(path: str, wanted: np.ndarray, first_good: bool) -> Iterator[RawRow]:
@@ -161,7 +161,7 @@ def _parquet_rows_at(path: str, wanted: np.ndarray, first_good: bool) -> Iterato
                 try:
                     rows = taken.to_pylist()
                 except (ValueError, OverflowError):
-                    rows = [_parquet_row(taken, i, f"row {start + j}") for i, j in enumerate(local)]
+                    rows = [parquet_row(taken, i, f"row {start + j}") for i, j in enumerate(local)]
                 yield from zip((start + j for j in local), rows, strict=True)
             start = end
     except (pa.ArrowException, OSError) as e:
