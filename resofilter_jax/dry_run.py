@@ -181,6 +181,7 @@ def dry_run_scoring(config: Any) -> dict[str, Any]:
                 make_resonance_fn,
                 max_slots,
                 microbatch_size,
+                param_shapes,
             )
 
             spec = reso_runner.spec_from_config(config, model)
@@ -197,7 +198,7 @@ def dry_run_scoring(config: Any) -> dict[str, Any]:
             step = f"resonance ({len(spec.params)} matrices, {spec.rule}"
             step += f", {slots} examples per row)" if slots else ")"
             micro = microbatch_size(model, spec, length, rows // n_dev, segments=slots or 1)
-            shapes = {n: tuple(v.shape) for n, v in _named(model).items() if n in spec.params}
+            shapes = {n: s for n, s in param_shapes(model).items() if n in spec.params}
             step_shape |= dict(
                 kind="resonance",
                 rows=micro,
@@ -238,12 +239,6 @@ def dry_run_scoring(config: Any) -> dict[str, Any]:
         oom=oom,
         mosaic_kernels=kernels,
     )
-
-
-def _named(model: Any) -> dict[str, Any]:
-    from resofilter_jax.models.registry import named_params
-
-    return named_params(model)
 
 
 def dry_run_training(config: Any) -> dict[str, Any]:
