@@ -543,3 +543,13 @@ def test_remat_policies_keep_the_gradients_and_cut_the_memory(family: str, scan:
         assert temp["dots"] < 0.5 * temp["none"], temp  # measured 0.35-0.42x
     with pytest.raises(ValueError, match="remat must be one of"):
         check_remat("full")
+
+
+def test_remat_without_scanned_layers_is_flagged_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    """On CPU a remat policy with unscanned layers saves little: the train command says so."""
+    with caplog.at_level("WARNING"):
+        check_remat("dots", scan_layers=True)
+        check_remat("none", scan_layers=False)
+        assert "scan_layers=True" not in caplog.text
+        check_remat("dots", scan_layers=False)
+    assert "remat=dots saves little memory on CPU" in caplog.text

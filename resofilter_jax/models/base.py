@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from resofilter_jax.models import precision
@@ -174,14 +175,24 @@ LayerStep = Callable[[nnx.Module, Array, Any], Array]
 REMAT_POLICIES = ("none", "layer", "dots")
 
 
-def check_remat(remat: str) -> str:
+def check_remat(remat: str, *, scan_layers: bool | None = None) -> str:
     """``remat`` if it names a policy of :data:`REMAT_POLICIES`.
+
+    With ``scan_layers=False`` on CPU a policy other than ``none`` logs a warning: XLA:CPU
+    then keeps every layer's activations anyway (SmolLM2 at 8 x 512 rows: 9.9 GiB of step
+    temporaries unrolled with ``layer``, 10.7 GiB with ``none``, 1.95 GiB scanned).
 
     Raises:
         ValueError: Otherwise.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    if remat != "none" and scan_layers is False and jax.default_backend() == "cpu":
+        logging.warning(
+            "remat=%s saves little memory on CPU with unscanned layers (XLA keeps every "
+            "layer's activations anyway); set --config.model.scan_layers=True",
+            remat,
+        )
     return remat
 
 

@@ -140,7 +140,7 @@ def _check_config(config: ml_collections.ConfigDict, n_devices: int) -> int:
     if config.get("require_data_path", False) and not config.data.path:
         raise ValueError("this config needs --config.data.path=<local data file>")
     check_eval_config(config)
-    check_remat(t.get("remat", "none"))
+    check_remat(t.get("remat", "none"), scan_layers=bool(config.model.scan_layers))
     return t.batch_size // micro
 
 
