@@ -207,23 +207,16 @@ def project_side(
     """The project's Trainer: ``step(batch) -> (loss, grad norm)`` (waits for the step)."""
     import jax
 
-    from resofilter_jax.models.attention import configure_attention
-    from resofilter_jax.models.base import check_remat
     from resofilter_jax.models.loading import load_model
     from resofilter_jax.models.registry import named_params
-    from resofilter_jax.models.stacking import set_scan_layers
     from resofilter_jax.parallel import make_train_mesh
     from resofilter_jax.training.optim import optimizer_from_config
-    from resofilter_jax.training.trainer import Trainer
+    from resofilter_jax.training.trainer import Trainer, configure_for_training
 
     prec = run_precision(args, config)
     t0 = time.perf_counter()
     lm = load_model(config.model.path, dtype=args.dtype, param_dtype=args.param_dtype)
-    # As the train command (training/pipeline.py): layers stored stacked when scanned, and the
-    # recipe's per-layer rematerialisation.
-    set_scan_layers(lm.model, bool(config.model.get("scan_layers", False)))
-    lm.model.remat = check_remat(config.train.get("remat", "none"))
-    attention = configure_attention(lm.model, config.model.get("attention", "auto"), packed=False)
+    attention = configure_for_training(lm.model, config, packed=False)  # as the train command
     shapes = {n: tuple(v.shape) for n, v in named_params(lm.model).items()}
     tx, _, warm = optimizer_from_config(config.optim, shapes, n_steps)
     devices = jax.local_devices()[:1]  # one device, as the torch loop

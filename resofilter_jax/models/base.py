@@ -183,7 +183,7 @@ def check_remat(remat: str, *, scan_layers: bool | None = None) -> str:
     temporaries unrolled with ``layer``, 10.7 GiB with ``none``, 1.95 GiB scanned).
 
     Raises:
-        ValueError: Otherwise.
+        ValueError: If ``remat`` names no policy.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")

@@ -36,13 +36,11 @@ from resofilter_jax.configuration import check_config, host_settings
 from resofilter_jax.data import encode_sft_examples, status_counts
 from resofilter_jax.data.atomic import atomic_write_bytes, disk_full_error, is_disk_full
 from resofilter_jax.data.sources import read_records
-from resofilter_jax.models.attention import configure_attention
 from resofilter_jax.models.base import check_remat
 from resofilter_jax.models.export import export_hf
 from resofilter_jax.models.loading import as_dtype, load_model
 from resofilter_jax.models.precision import with_matmul_precision
 from resofilter_jax.models.registry import named_params
-from resofilter_jax.models.stacking import set_scan_layers
 from resofilter_jax.parallel import (
     initialize_distributed,
     make_train_mesh,
@@ -70,7 +68,7 @@ from resofilter_jax.training.sft_data import (
     rows_fingerprint,
     single_rows,
 )
-from resofilter_jax.training.trainer import Trainer, merge_model
+from resofilter_jax.training.trainer import Trainer, configure_for_training, merge_model
 
 
 def read_training_rows(
@@ -140,7 +138,7 @@ def _check_config(config: ml_collections.ConfigDict, n_devices: int) -> int:
     if config.get("require_data_path", False) and not config.data.path:
         raise ValueError("this config needs --config.data.path=<local data file>")
     check_eval_config(config)
-    check_remat(t.get("remat", "none"), scan_layers=bool(config.model.scan_layers))
+    check_remat(t.get("remat", "none"))  # before loading; the CPU warning comes with the model
     return t.batch_size // micro
 
 
@@ -339,11 +337,7 @@ def _run_locked(
         max_length=config.max_length,
         shardings=lambda shapes: param_shardings(shapes, mesh),
     )
-    set_scan_layers(lm.model, bool(config.model.scan_layers))  # True: layers stored stacked
-    lm.model.remat = config.train.get("remat", "none")  # checked by _check_config
-    attention = configure_attention(
-        lm.model, config.model.get("attention", "auto"), packed=bool(config.data.packing)
-    )
+    attention = configure_for_training(lm.model, config, packed=bool(config.data.packing))
     rows, data_info = read_training_rows(config, lm.tokenizer, data_path)
     plan, total = _plan(config, len(rows))
     fingerprint = rows_fingerprint(rows)

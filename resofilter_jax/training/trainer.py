@@ -30,8 +30,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resofilter_jax.data import IGNORE_INDEX
-from resofilter_jax.models.base import CausalLM
+from resofilter_jax.models.attention import configure_attention
+from resofilter_jax.models.base import CausalLM, check_remat
 from resofilter_jax.models.registry import param_name
+from resofilter_jax.models.stacking import set_scan_layers
 from resofilter_jax.parallel import (
     PARTITION_RULES,
     num_devices,
@@ -54,6 +56,20 @@ class ModelParts(NamedTuple):
     graphdef: Any
     rest: Any  # non-parameter state (empty for the model families here)
     paths: dict[str, tuple]  # HF name -> NNX state path
+
+
+def configure_for_training(model: CausalLM, config: Any, *, packed: bool) -> str:
+    """The train config's model settings on ``model``, in place; returns the attention backend.
+
+    Layers stored stacked with ``model.scan_layers`` (:func:`set_scan_layers`), the
+    ``train.remat`` policy (:func:`check_remat` warns where it cannot help) and
+    ``model.attention`` for packed or unpacked rows. The train command and the benchmark both
+    build their model with it.
+    """
+    scan = bool(config.model.get("scan_layers", False))
+    set_scan_layers(model, scan)  # True: layers stored stacked
+    model.remat = check_remat(config.train.get("remat", "none"), scan_layers=scan)
+    return configure_attention(model, config.model.get("attention", "auto"), packed=packed)
 
 
 def split_model(model: CausalLM) -> tuple[ModelParts, Params]:
