@@ -11,7 +11,9 @@ Also here: how trained parameters are compared (:func:`assert_params_close`). Ad
 rounding difference of the gradient is amplified in the update. Every element is held to
 ``rtol`` of its tensor (the parity tests' convention), or, where that fails, to the
 first-order bound of that amplification, and the bound may be needed by at most 1 in 2000
-elements.
+elements. The bound is for one step from the same state: the parity tests start each step
+from the other run's state (``train`` returns AdamW's moments for that), because a rounding
+difference amplified at step 1 reaches every later gradient, which the bound does not model.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def train(
     -100 where not trained on). Returns per step: ``loss`` (token mean over the step),
     ``grad_norm`` (before clipping), ``lr``, and for error analysis per parameter name
     ``grad_max`` (max |g| after clipping) and ``denom`` (``sqrt(v_hat) + eps`` of the update),
-    and ``params``, the state dict after the step.
+    and the state after the step: ``params`` (the state dict), AdamW's ``exp_avg`` and
+    ``exp_avg_sq`` per parameter name.
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2 or not decay_matrices_only]
@@ -125,11 +128,13 @@ def train(
         grad_max = {n: float(p.grad.abs().max()) for n, p in params}  # after clipping
         opt.step()
         sched.step()
-        denom = {}  # sqrt(v_hat) + eps of this step's update, per element
+        denom, exp_avg, exp_avg_sq = {}, {}, {}  # per parameter name
         for n, p in params:
             state = opt.state[p]
             v_hat = state["exp_avg_sq"] / (1 - betas[1] ** float(state["step"]))
-            denom[n] = (v_hat.sqrt() + eps).numpy().copy()
+            denom[n] = (v_hat.sqrt() + eps).numpy().copy()  # sqrt(v_hat) + eps of the update
+            exp_avg[n] = state["exp_avg"].numpy().copy()
+            exp_avg_sq[n] = state["exp_avg_sq"].numpy().copy()
         opt.zero_grad(set_to_none=True)
         out.append(
             {
@@ -139,6 +144,8 @@ def train(
                 "grad_max": grad_max,
                 "denom": denom,
                 "params": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+                "exp_avg": exp_avg,
+                "exp_avg_sq": exp_avg_sq,
             }
         )
     return out
