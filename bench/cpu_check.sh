@@ -3,8 +3,11 @@
 # machine at hand, against the fp32 PyTorch loops measured in the same runs. Made for a CPU
 # with bf16 units (AVX512_BF16 / AMX-BF16), where the targets apply; on any other CPU it
 # records the same figures (the summary says which kind of CPU it ran on).
+# Run it inside the project's environment (README's second command sets it up; the torch
+# loops need the `test` extra) on an otherwise idle machine: the figures are timings.
 #
-#   bash bench/cpu_check.sh                  # the whole check (~1.5 h on a 2-core VM)
+#   bash bench/cpu_check.sh                  # the whole check (~40 min on a 2-core VM,
+#                                            # estimated from its steps' timings there)
 #   CPU_CHECK_DRY=1 bash bench/cpu_check.sh  # tiny counts: every step exercised (~11 min on
 #                                            # 2 cores); its ratios are not measurements
 #   CPU_CHECK_ONLY='ifd' bash ...            # rerun only the steps matching this regex
