@@ -6,8 +6,7 @@
 # Run it inside the project's environment (README's second command sets it up; the torch
 # loops need the `test` extra) on an otherwise idle machine: the figures are timings.
 #
-#   bash bench/cpu_check.sh                  # the whole check (~40 min on a 2-core VM,
-#                                            # estimated from its steps' timings there)
+#   bash bench/cpu_check.sh                  # the whole check (~40 min on a 2-core VM)
 #   CPU_CHECK_DRY=1 bash bench/cpu_check.sh  # tiny counts: every step exercised (~11 min on
 #                                            # 2 cores); its ratios are not measurements
 #   CPU_CHECK_ONLY='ifd' bash ...            # rerun only the steps matching this regex
@@ -59,9 +58,9 @@ step machine "$PY" bench/machine.py --model smollm2 --tokens "$GEMM_TOKENS" \
 step ifd_fp32 "$PY" bench/bench_ifd.py --samples "$IFD_ROWS" --torch_samples "$IFD_TORCH" \
   --dtype float32 --json "$OUT/ifd_fp32.json"
 step ifd_bf16 "$PY" bench/bench_ifd.py --samples "$IFD_ROWS" --torch_samples "$IFD_TORCH" \
-  --dtype bfloat16 --process_runs "" --json "$OUT/ifd_bf16.json"
+  --dtype bfloat16 --torch_dtype float32 --process_runs "" --json "$OUT/ifd_bf16.json"
 step reso_bf16 "$PY" bench/bench_reso.py --samples "$RESO_ROWS" --torch_samples "$RESO_TORCH" \
-  --dtype bfloat16 --process_runs "" --json "$OUT/reso_bf16.json"
+  --dtype bfloat16 --torch_dtype float32 --process_runs "" --json "$OUT/reso_bf16.json"
 for pair in fp32:float32 bf16:bfloat16; do
   step "train_${pair%%:*}" "$PY" bench/bench_train.py --batch "$TRAIN_BATCH" \
     --seq_len "$TRAIN_LEN" --steps "$TRAIN_STEPS" --warmup_steps 1 --dtype "${pair#*:}" \

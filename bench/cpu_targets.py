@@ -92,8 +92,11 @@ def summarize(out: Path) -> dict[str, Any]:
         report = _load(out, report_name)
         value = _get(report, path)
         ranked = _get(report, ("rank_check", "n")) if "rank_check" in path else None
+        torch_dtype = _get(report, ("args", "torch_dtype"))
         if value is None:
             status = "missing"
+        elif "rank_check" not in path and torch_dtype not in (None, "float32"):
+            status = f"loop ran {torch_dtype}, not fp32"  # the targets are against fp32 loops
         elif least == 0.0:
             status = "recorded"
         elif needs_units and not bf16_units:

@@ -40,7 +40,9 @@ def test_targets_on_a_cpu_with_bf16_units(tmp_path: Path) -> None:
         "reso_bf16",
         {**steady(4.0), "rank_check": {"spearman_bf16_vs_fp32": 0.999, "n": 12}},
     )
-    write(tmp_path, "train_bf16", {"ratio": {"tokens_per_s": 2.5}})
+    write(
+        tmp_path, "train_bf16", {"ratio": {"tokens_per_s": 2.5}, "args": {"torch_dtype": "float32"}}
+    )
     got = statuses(tmp_path)
     assert got["IFD fp32, steady, tokens/s vs loop"] == "met"
     assert got["IFD fp32, whole process (warm cache)"] == "NOT met"
@@ -57,6 +59,7 @@ def test_bf16_targets_do_not_apply_without_bf16_units(tmp_path: Path) -> None:
         tmp_path, "machine", {"cpu": {"model": "EPYC", "flags": {"avx2": True, "amx_bf16": False}}}
     )
     write(tmp_path, "ifd_bf16", steady(0.9))
+    write(tmp_path, "reso_bf16", {**steady(9.0), "args": {"torch_dtype": "bfloat16"}})
     write(tmp_path, "train_fp32", {"ratio": {"tokens_per_s": 0.8}})
     summary = cpu_targets.summarize(tmp_path)
     assert not summary["bf16_units"]
@@ -64,3 +67,5 @@ def test_bf16_targets_do_not_apply_without_bf16_units(tmp_path: Path) -> None:
     assert got["IFD bf16, steady, tokens/s vs fp32 loop"] == "n/a (no bf16 units)"
     assert got["SFT step fp32, tokens/s vs fp32 torch (no target)"] == "recorded"
     assert got["IFD fp32, steady, tokens/s vs loop"] == "missing"
+    # a ratio against a bf16 torch loop is not the target's (the fp32 published loop)
+    assert got["resonance bf16, steady, tokens/s vs fp32 loop"] == "loop ran bfloat16, not fp32"
