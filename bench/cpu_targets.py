@@ -13,58 +13,43 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resofilter_jax.models.precision import CPU_BF16_FLAGS  # noqa: E402
 
 STEADY = "project steady state"
 WARM = "project whole process, warm cache"
 MIN_RANKED_ROWS = 64
+RANKING = ("rank_check", "spearman_bf16_vs_fp32")
 
-# (name, report file, path of the figure in it, at least, needs bf16 units)
-TARGETS: list[tuple[str, str, tuple[str, ...], float, bool]] = [
-    (
-        "IFD fp32, steady, tokens/s vs loop",
-        "ifd_fp32",
-        ("ratios", STEADY, "tokens_per_s"),
-        1.0,
-        False,
-    ),
-    (
-        "IFD fp32, whole process (warm cache)",
-        "ifd_fp32",
-        ("ratios", WARM, "tokens_per_s"),
-        1.0,
-        False,
-    ),
-    (
-        "IFD bf16, steady, tokens/s vs fp32 loop",
-        "ifd_bf16",
-        ("ratios", STEADY, "tokens_per_s"),
-        3.0,
-        True,
-    ),
-    (
-        "resonance bf16, steady, tokens/s vs fp32 loop",
-        "reso_bf16",
-        ("ratios", STEADY, "tokens_per_s"),
-        5.0,
-        True,
-    ),
-    ("SFT step bf16, tokens/s vs fp32 torch", "train_bf16", ("ratio", "tokens_per_s"), 2.0, True),
-    (
-        "SFT step fp32, tokens/s vs fp32 torch (no target)",
-        "train_fp32",
-        ("ratio", "tokens_per_s"),
-        0.0,
-        False,
-    ),
-    ("Spearman(IFD bf16, fp32)", "ifd_bf16", ("rank_check", "spearman_bf16_vs_fp32"), 0.99, False),
-    (
-        "Spearman(resonance bf16, fp32)",
-        "reso_bf16",
-        ("rank_check", "spearman_bf16_vs_fp32"),
-        0.99,
-        False,
-    ),
+
+class Target(NamedTuple):
+    """One figure of a report: ``path`` into ``report``.json, at least ``least`` (None: no
+    target, recorded only); ``bf16`` targets apply only on a CPU with bf16 units."""
+
+    name: str
+    report: str
+    path: tuple[str, ...]
+    least: float | None
+    bf16: bool = False
+
+
+# where the figures sit in the reports: ratios against the loop of the same run, rankings
+STEADY_RATIO = ("ratios", STEADY, "tokens_per_s")
+WARM_RATIO = ("ratios", WARM, "tokens_per_s")
+TRAIN_RATIO = ("ratio", "tokens_per_s")
+
+TARGETS = [
+    Target("IFD fp32, steady, tokens/s vs loop", "ifd_fp32", STEADY_RATIO, 1.0),
+    Target("IFD fp32, whole process (warm cache)", "ifd_fp32", WARM_RATIO, 1.0),
+    Target("IFD bf16, steady, tokens/s vs fp32 loop", "ifd_bf16", STEADY_RATIO, 3.0, True),
+    Target("resonance bf16, steady, tokens/s vs fp32 loop", "reso_bf16", STEADY_RATIO, 5.0, True),
+    Target("SFT step bf16, tokens/s vs fp32 torch", "train_bf16", TRAIN_RATIO, 2.0, True),
+    Target("SFT step fp32, tokens/s vs fp32 torch (no target)", "train_fp32", TRAIN_RATIO, None),
+    Target("Spearman(IFD bf16, fp32)", "ifd_bf16", RANKING, 0.99),
+    Target("Spearman(resonance bf16, fp32)", "reso_bf16", RANKING, 0.99),
 ]
 
 
@@ -81,32 +66,40 @@ def _load(out: Path, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _status(t: Target, report: dict[str, Any] | None, bf16_units: bool) -> str:
+    value = _get(report, t.path)
+    torch_dtype = _get(report, ("args", "torch_dtype"))
+    ranked = _get(report, ("rank_check", "n"))
+    if value is None:
+        return "missing"
+    if t.path != RANKING and torch_dtype not in (None, "float32"):
+        return f"loop ran {torch_dtype}, not fp32"  # the targets are against fp32 loops
+    if t.least is None:
+        return "recorded"
+    if t.bf16 and not bf16_units:
+        return "n/a (no bf16 units)"
+    if t.path == RANKING and ranked is not None and ranked < MIN_RANKED_ROWS:
+        return f"too few rows (< {MIN_RANKED_ROWS})"
+    return "met" if value >= t.least else "NOT met"
+
+
 def summarize(out: Path) -> dict[str, Any]:
     """Every target with its measured figure and whether it is met; the machine it ran on."""
-    machine = _load(out, "machine") or {}
-    cpu = machine.get("cpu", {})
+    cpu = (_load(out, "machine") or {}).get("cpu", {})
     flags = cpu.get("flags", {})
-    bf16_units = bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+    bf16_units = any(flags.get(f) for f in CPU_BF16_FLAGS)
+    reports = {name: _load(out, name) for name in {t.report for t in TARGETS}}
     rows = []
-    for name, report_name, path, least, needs_units in TARGETS:
-        report = _load(out, report_name)
-        value = _get(report, path)
-        ranked = _get(report, ("rank_check", "n")) if "rank_check" in path else None
-        torch_dtype = _get(report, ("args", "torch_dtype"))
-        if value is None:
-            status = "missing"
-        elif "rank_check" not in path and torch_dtype not in (None, "float32"):
-            status = f"loop ran {torch_dtype}, not fp32"  # the targets are against fp32 loops
-        elif least == 0.0:
-            status = "recorded"
-        elif needs_units and not bf16_units:
-            status = "n/a (no bf16 units)"
-        elif ranked is not None and ranked < MIN_RANKED_ROWS:
-            status = f"too few rows (< {MIN_RANKED_ROWS})"
-        else:
-            status = "met" if value >= least else "NOT met"
+    for t in TARGETS:
+        report = reports[t.report]
         rows.append(
-            {"target": name, "value": value, "at_least": least, "status": status, "rows": ranked}
+            {
+                "target": t.name,
+                "value": _get(report, t.path),
+                "at_least": t.least,
+                "status": _status(t, report, bf16_units),
+                "rows": _get(report, ("rank_check", "n")) if t.path == RANKING else None,
+            }
         )
     return {"cpu": cpu.get("model"), "flags": flags, "bf16_units": bf16_units, "targets": rows}
 
@@ -121,7 +114,7 @@ def main() -> None:
     print(f"{'target':<52}{'measured':>10}{'needed':>9}  status")
     for r in summary["targets"]:
         value = "-" if r["value"] is None else f"{r['value']:.3f}"
-        need = "-" if r["at_least"] == 0.0 else f">={r['at_least']:g}"
+        need = "-" if r["at_least"] is None else f">={r['at_least']:g}"
         rows = f" ({r['rows']} rows)" if r["rows"] is not None else ""
         print(f"{r['target']:<52}{value:>10}{need:>9}  {r['status']}{rows}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -157,10 +157,8 @@ def state_from_torch(trainer: Trainer, step: dict[str, Any], count: int) -> dict
 
     def fill(x: Any) -> Any:
         if isinstance(x, optax.ScaleByAdamState):
-            mu = {k: step["exp_avg"][k] for k in names}
-            return x._replace(
-                count=np.int32(count), mu=mu, nu={k: step["exp_avg_sq"][k] for k in names}
-            )
+            mu, nu = ({k: step[m][k] for k in names} for m in ("exp_avg", "exp_avg_sq"))
+            return x._replace(count=np.int32(count), mu=mu, nu=nu)
         if isinstance(x, optax.ScaleByScheduleState):
             return x._replace(count=np.int32(count))
         return x
@@ -179,9 +177,9 @@ def assert_moments_close(
     rounding: |d mu| <= (1 - b1) |d g|; |d sqrt(nu)| <= sqrt(1 - b2) |d g| (sqrt(nu) is the
     norm of (sqrt(b2 nu_prev), sqrt(1 - b2) g)); plus fp32 rounding of the moments."""
     state = adam_state(got)
+    rounding = 8 * np.finfo(np.float32).eps
     for k, mu in state.mu.items():
         dg = GRAD_ERR * grad_max[k]
-        rounding = 8 * np.finfo(np.float32).eps
         np.testing.assert_allclose(
             mu, want["exp_avg"][k], rtol=rounding, atol=(1 - b1) * dg, err_msg=k
         )

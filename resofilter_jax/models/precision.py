@@ -126,7 +126,7 @@ def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -
     return y.astype(dtype if out_dtype is None else out_dtype)
 
 
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # cpuinfo flags of CPU bf16 units
 
 
 @functools.cache
@@ -139,7 +139,7 @@ def _cpu_has_bf16_units() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(f in flags.split() for f in _CPU_BF16_FLAGS)
+    return any(f in flags.split() for f in CPU_BF16_FLAGS)
 
 
 def native_low_precision_matmul() -> bool:
