@@ -73,9 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.resonance = resonance_config()
     c.features = features_config()
     # Batching (does not change scores beyond fp32 rounding): padded tokens per batch.
-    c.token_budget = 8192
+    # 0 = auto: 2048 on CPU, 16384 on GPU/TPU (memory per step is capped by
+    # resonance.memory_budget_gb either way). On 64 GSM8K rows the packed rows pad 12,446 real
+    # tokens to 14,848 with these settings, against 18,688 with the earlier 8192 / step 128.
+    c.token_budget = 0
     c.min_bucket = 64
-    c.bucket_step = 128  # buckets double up to this length, then grow by it (less padding)
+    c.bucket_step = 0  # > 0: buckets double up to it, then grow by it (packed rows pad less at 0)
     # Several examples per row; one backward pass gives each its own gradient (same results).
     c.pack = True
     c.num_devices = 0  # data-parallel over the first N local devices; 0 = all

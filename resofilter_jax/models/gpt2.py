@@ -83,7 +83,8 @@ class GPT2MLP(nnx.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x: Array) -> Array:
-        return self.c_proj(activation(self.act, self.c_fc(x)))  # [b, s, hidden]
+        h = activation(self.act, self.c_fc(x).astype(jnp.float32))  # fp32 [b, s, intermediate]
+        return self.c_proj(h.astype(x.dtype))  # [b, s, hidden]
 
 
 class GPT2Block(nnx.Module):

@@ -77,7 +77,10 @@ class GatedMLP(nnx.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x).astype(jnp.float32)  # [b, s, intermediate]
+        up = self.up_proj(x).astype(jnp.float32)
+        # activation and product in fp32, one rounding to the compute dtype (precision.py)
+        return self.down_proj((activation(self.act, gate) * up).astype(x.dtype))
 
 
 class LlamaDecoderLayer(nnx.Module):
