@@ -85,10 +85,14 @@ def _status(t: Target, report: dict[str, Any] | None, bf16_units: bool) -> str:
 
 def summarize(out: Path) -> dict[str, Any]:
     """Every target with its measured figure and whether it is met; the machine it ran on."""
-    cpu = (_load(out, "machine") or {}).get("cpu", {})
+    reports = {name: _load(out, name) for name in sorted({t.report for t in TARGETS})}
+    # the machine step's CPU facts, else those every benchmark report carries (a rerun of
+    # some steps with CPU_CHECK_ONLY leaves no machine.json behind)
+    cpu = (_load(out, "machine") or {}).get("cpu") or next(
+        (r["machine"]["cpu"] for r in reports.values() if _get(r, ("machine", "cpu"))), {}
+    )
     flags = cpu.get("flags", {})
     bf16_units = any(flags.get(f) for f in CPU_BF16_FLAGS)
-    reports = {name: _load(out, name) for name in {t.report for t in TARGETS}}
     rows = []
     for t in TARGETS:
         report = reports[t.report]

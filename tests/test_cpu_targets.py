@@ -69,3 +69,11 @@ def test_bf16_targets_do_not_apply_without_bf16_units(tmp_path: Path) -> None:
     assert got["IFD fp32, steady, tokens/s vs loop"] == "missing"
     # a ratio against a bf16 torch loop is not the target's (the fp32 published loop)
     assert got["resonance bf16, steady, tokens/s vs fp32 loop"] == "loop ran bfloat16, not fp32"
+
+
+def test_cpu_facts_from_a_benchmark_report_without_the_machine_step(tmp_path: Path) -> None:
+    cpu = {"model": "Xeon", "flags": {"avx512f": True, "amx_bf16": True}}
+    write(tmp_path, "ifd_bf16", {**steady(3.2), "machine": {"cpu": cpu}})
+    summary = cpu_targets.summarize(tmp_path)
+    assert summary["bf16_units"] and summary["cpu"] == "Xeon"
+    assert statuses(tmp_path)["IFD bf16, steady, tokens/s vs fp32 loop"] == "met"
