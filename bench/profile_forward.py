@@ -1,11 +1,11 @@
 """Where the time of one jitted step goes on XLA:CPU, by HLO op and by source line.
 
-Traces the scoring forward + loss (``--step forward``), its gradient (``--step grad``, the
-workload under resonance and the SFT step) of SmolLM2 at one batch shape with
-``jax.profiler``, and sums the thunk times of each HLO instruction (the thunks of the two
-cores overlap, so shares matter more than totals). Each instruction is labelled with what it
-is (a dot with its operand dtypes and shapes, a fusion with its kind and root) and the source
-line that issued it, so the table says which op of the model to fix:
+Traces the scoring forward + loss (``--step forward``) or its gradient (``--step grad``, with
+the CE chunks recomputed in the backward pass as under resonance and the SFT step) of SmolLM2
+at one batch shape with ``jax.profiler``, and sums the thunk times of each HLO instruction
+(the thunks of the two cores overlap, so shares matter more than totals). Each instruction is
+labelled with what it is (a dot with its operand dtypes and shapes, a fusion with its kind and
+root) and the source line that issued it, so the table says which op of the model to fix:
 
     python bench/profile_forward.py --dtype bfloat16 --batch 2 --length 1024
     python bench/profile_forward.py --dtype bfloat16 --step grad --batch 4 --length 512
@@ -33,7 +33,7 @@ from resofilter_jax.models.attention import configure_attention  # noqa: E402
 from resofilter_jax.models.loading import load_model  # noqa: E402
 from resofilter_jax.models.precision import matmul_precision_scope  # noqa: E402
 from resofilter_jax.runtime import tune_allocator  # noqa: E402
-from resofilter_jax.scoring.losses import sequence_losses  # noqa: E402
+from resofilter_jax.scoring.losses import token_losses  # noqa: E402
 
 
 def _source_lines(hlo_text: str) -> dict[str, str]:
@@ -146,8 +146,9 @@ def main() -> None:
 
     def loss(state: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state)
-        loss_sum, count = sequence_losses(model, ids, mask, mask.astype(jnp.float32))
-        return jnp.sum(loss_sum) / jnp.sum(count)
+        # the gradient recomputes each CE chunk, as training and resonance do
+        ce = token_losses(model, ids, mask, mask.astype(jnp.float32), remat=args.step == "grad")
+        return jnp.sum(ce) / jnp.sum(mask[:, 1:])
 
     fn = jax.jit(loss if args.step == "forward" else jax.grad(loss))
     with matmul_precision_scope(args.matmul_precision):
