@@ -177,3 +177,28 @@ def test_einsum_gradients(spec: str, shapes) -> None:
         np.testing.assert_allclose(g32, g, rtol=1e-6, atol=1e-6)
         assert g16.dtype == jnp.float32
         np.testing.assert_allclose(g16, g, rtol=0, atol=0.05 * float(jnp.abs(g).max()))
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_cpu_weight_gradients_do_not_contract_the_lhs_leading_index(transposed: bool) -> None:
+    """XLA:CPU runs a bf16 dot that contracts its LHS's leading index as an fp32 dot; the
+    contract's backward transposes an operand first (a row-major copy), so no compiled dot
+    of a linear layer's gradient contracts LHS dimension 0, and the gradient is unchanged."""
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (32, 16))  # [n, in]
+    w = jax.random.normal(kw, (24, 16) if transposed else (16, 24))
+
+    def loss(x, w):
+        y = precision.linear(x, w, transposed=transposed, dtype=jnp.bfloat16, out_dtype=jnp.float32)
+        return jnp.sum(y * y)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    compiled = grad.lower(x, w).compile().as_text()
+    dots = [line for line in compiled.splitlines() if " dot(" in line]
+    assert dots and not [d for d in dots if "lhs_contracting_dims={0}" in d], dots
+    gx, gw = grad(x, w)
+    xb, wb = (t.astype(jnp.bfloat16).astype(jnp.float32) for t in (x, w))
+    y = xb @ (wb.T if transposed else wb)  # fp32 products of the bf16 operands
+    ct = (2 * y).astype(jnp.bfloat16).astype(jnp.float32)
+    want = ct.T @ xb if transposed else xb.T @ ct
+    np.testing.assert_allclose(gw, want, rtol=0, atol=0.01 * float(jnp.abs(want).max()))
