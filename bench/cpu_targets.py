@@ -88,9 +88,8 @@ def summarize(out: Path) -> dict[str, Any]:
     reports = {name: _load(out, name) for name in sorted({t.report for t in TARGETS})}
     # the machine step's CPU facts, else those every benchmark report carries (a rerun of
     # some steps with CPU_CHECK_ONLY leaves no machine.json behind)
-    cpu = (_load(out, "machine") or {}).get("cpu") or next(
-        (r["machine"]["cpu"] for r in reports.values() if _get(r, ("machine", "cpu"))), {}
-    )
+    carried = (_get(r, ("machine", "cpu")) for r in reports.values())
+    cpu = (_load(out, "machine") or {}).get("cpu") or next(filter(None, carried), {})
     flags = cpu.get("flags", {})
     bf16_units = any(flags.get(f) for f in CPU_BF16_FLAGS)
     rows = []

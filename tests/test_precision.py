@@ -196,7 +196,7 @@ def test_cpu_weight_gradients_do_not_contract_the_lhs_leading_index(transposed: 
     compiled = grad.lower(x, w).compile().as_text()
     dots = [line for line in compiled.splitlines() if " dot(" in line]
     assert dots and not [d for d in dots if "lhs_contracting_dims={0}" in d], dots
-    gx, gw = grad(x, w)
+    _, gw = grad(x, w)
     xb, wb = (t.astype(jnp.bfloat16).astype(jnp.float32) for t in (x, w))
     y = xb @ (wb.T if transposed else wb)  # fp32 products of the bf16 operands
     ct = (2 * y).astype(jnp.bfloat16).astype(jnp.float32)

@@ -17,10 +17,9 @@ The contract, for models/, scoring/ and training/:
   dtype, and both transposed products run with compute-dtype operands and fp32 accumulation
   (:func:`einsum` carries a ``custom_vjp`` for this; plain autodiff would pair an fp32
   cotangent with a bf16 operand, which XLA runs as an fp32 GEMM).
-
 * On a CPU the weight gradient of a 2-D product (``no,ni->oi``: the token index, contracted,
   leads both operands) is computed with one operand copied into its transpose first (see
-  :func:`_leading_contraction`): XLA:CPU runs that contraction as an fp32 dot otherwise.
+  :func:`_operand_gradient`): XLA:CPU runs that contraction as an fp32 dot otherwise.
 * On a CPU without bf16 units (no AVX512_BF16 / AMX-BF16) the bf16 operands are widened to
   fp32 before the matmul (:func:`native_low_precision_matmul`): bf16 values are exact in fp32,
   so the products and the fp32 sums are the same, at the speed of the fp32 kernels.
@@ -104,23 +103,23 @@ def _row_major_transpose(x: Array) -> Array:
     return with_layout_constraint(x.T, Layout(major_to_minor=(0, 1)))
 
 
-def _leading_contraction(spec: str, ct: Array, a: Array) -> Array | None:
-    """``spec`` (a weight gradient: ``no,ni->oi`` or ``no,ni->io``) when both 2-D operands lead
-    with the one contracted index, computed with one operand transposed first; else None.
+def _operand_gradient(spec: str, ct: Array, a: Array) -> Array:
+    """``einsum(spec, ct, a)`` with fp32 accumulation: the gradient of the other operand.
 
-    XLA:CPU runs a bf16 dot whose LHS contracts its leading dimension as an fp32 dot (operands
-    converted, fp32 kernel): 100-140 GFLOP/s on an AMX core against 280-540 with the operand
-    transposed into a row-major copy first, copy included (BENCHMARKS.md). An explicit
-    transpose alone is folded back into the dot; the layout constraint keeps the copy. The
-    operand to transpose is the one whose free index leads the output, so the result needs no
-    transpose (XLA folds one into the dot and then fails to run it: a bf16 DotThunk).
+    A 2-D weight gradient (``no,ni->oi`` or ``no,ni->io``: the contracted index leads both
+    operands) is computed on CPU with one operand transposed first. XLA:CPU runs a bf16 dot
+    whose LHS contracts its leading dimension as an fp32 dot (operands converted, fp32
+    kernel): 100-140 GFLOP/s on an AMX core against 280-540 with a row-major transposed copy,
+    copy included (BENCHMARKS.md). An explicit transpose alone is folded back into the dot;
+    the layout constraint keeps the copy. The operand transposed is the one whose free index
+    leads the output, so the result needs no transpose (XLA folds one into the dot and then
+    cannot run it: a bf16 DotThunk).
     """
     inputs, out = spec.split("->")
     p, q = inputs.split(",")
-    if jax.default_backend() != "cpu" or len(p) != 2 or len(q) != 2 or len(out) != 2:
-        return None
-    if p[0] != q[0] or p[0] in out:
-        return None
+    leading = len(p) == len(q) == len(out) == 2 and p[0] == q[0] and p[0] not in out
+    if jax.default_backend() != "cpu" or not leading:
+        return _f32_acc(spec, ct, a)
     k, po, qo = p[0], p[1], q[1]
     if out == po + qo:  # [po, k] @ [k, qo]
         return _f32_acc(f"{po}{k},{k}{qo}->{out}", _row_major_transpose(ct), a)
@@ -132,8 +131,7 @@ def _lp_bwd(spec: str, res: tuple[Array, Array], ct: Array) -> tuple[Array, Arra
     spec_da, spec_db = _transposed_specs(spec)
     ct = ct.astype(a.dtype)  # the cotangent in the compute dtype, as the forward's operands
     da = _f32_acc(spec_da, ct, b).astype(a.dtype)
-    db = _leading_contraction(spec_db, ct, a)  # weight gradients of linear layers
-    db = (_f32_acc(spec_db, ct, a) if db is None else db).astype(b.dtype)
+    db = _operand_gradient(spec_db, ct, a).astype(b.dtype)
     return da, db
 
 
