@@ -59,7 +59,7 @@ from resofilter_jax.models.registry import build_model
 from resofilter_jax.scoring.param_select import select_params, sort_names
 from resofilter_jax.scoring.projection import ProjectionSpec, matrix_rows
 from resofilter_jax.scoring.record_stream import duplicate_of
-from resofilter_jax.scoring.reso_features import _order_stats
+from resofilter_jax.scoring.reso_features import order_stats
 from resofilter_jax.scoring.resonance import (
     ResonanceSpec,
     example_bytes,
@@ -78,7 +78,8 @@ def test_every_feature_matches_float64_torch_adamw_loop(name: str) -> None:
     assert_matches_loop(spec, out, ref)
 
 
-def test_order_statistics_are_exact_when_the_sample_bracket_misses_too() -> None:
+@pytest.mark.parametrize("method", ["histogram", "bisect"])
+def test_order_statistics_are_exact_when_the_sample_bracket_misses_too(method: str) -> None:
     rng = np.random.default_rng(0)
     n = 20_000
     smooth = np.abs(rng.normal(size=n)).astype(np.float32)
@@ -88,13 +89,18 @@ def test_order_statistics_are_exact_when_the_sample_bracket_misses_too() -> None
     trap = np.full(n, 3.0, np.float32)
     trap[::4] = rng.uniform(0, 1e-3, size=trap[::4].size)
     ranks = [0, 1, 2000, 4999, 5000, 10_000, 19_998, n - 1]
-    rows = np.stack([smooth, repeats, trap, np.zeros(n, np.float32)])  # [4, n]
-    got = jax.jit(jax.vmap(lambda a: _order_stats(a, ranks)))(rows)
+    # values spanning every exponent (both histogram passes, coarse bins far apart), inf, NaN
+    wide = np.abs(rng.normal(size=n)).astype(np.float32) * np.float32(2.0) ** rng.integers(
+        -140, 120, size=n
+    ).astype(np.float32)
+    wide[:3] = [0.0, np.inf, np.nan]
+    rows = np.stack([smooth, repeats, trap, np.zeros(n, np.float32), wide])  # [5, n]
+    got = jax.jit(jax.vmap(lambda a: order_stats(a, ranks, method)))(rows)
     np.testing.assert_array_equal(got, np.sort(rows, axis=1)[:, ranks])
     small = smooth[:37]  # fewer elements than the sample: the bracket is exact
-    got = _order_stats(jnp.asarray(small), [0, 18, 36])
+    got = order_stats(jnp.asarray(small), [0, 18, 36], method)
     np.testing.assert_array_equal(got, np.sort(small)[[0, 18, 36]])
-    assert _order_stats(jnp.asarray(small), []).shape == (0,)
+    assert order_stats(jnp.asarray(small), [], method).shape == (0,)
 
 
 def test_all_params_in_the_optimizer_changes_nothing_for_the_chosen() -> None:

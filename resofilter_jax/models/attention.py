@@ -337,7 +337,7 @@ def self_attention(
     )
 
 
-def _target_platform() -> str:
+def target_platform() -> str:
     """The platform the traced program is compiled for: that of the mesh in context
     (`jax.set_mesh`; a dry run's abstract TPU devices) or else JAX's default backend."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -348,7 +348,7 @@ def _target_platform() -> str:
 
 def _interpret() -> bool:
     """Pallas kernels run interpreted when the program is compiled for CPU (tests)."""
-    return _target_platform() == "cpu"
+    return target_platform() == "cpu"
 
 
 def _xla(

@@ -234,6 +234,75 @@ def _order_stats(a: Array, ranks: Sequence[int], sample: int = ORDER_SAMPLE) -> 
     return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
+HISTOGRAM_BITS = 16  # coarse bins of the histogram search: 2**16 int32 counters (256 KiB)
+
+
+def _running_sum(x: Array) -> Array:
+    """Inclusive prefix sum over the last axis as a log-depth scan: ``jnp.cumsum`` lowers to a
+    reduce-window that XLA's cost analysis counts as n^2 work (and XLA:CPU ran 2.6x slower)."""
+    return jax.lax.associative_scan(jnp.add, x, axis=x.ndim - 1)
+
+
+def _searchsorted_rows(cumulative: Array, need: Array) -> Array:
+    """[R] first index of each row of ``cumulative`` [R, m] (non-decreasing) that is >= need."""
+    return jax.vmap(lambda c, k: jnp.searchsorted(c, k, side="left"))(cumulative, need)
+
+
+def _order_stats_histogram(a: Array, ranks: Sequence[int]) -> Array:
+    """Exact order statistics of a 1-D non-negative fp32 array from two histogram passes.
+
+    The same answer as :func:`_order_stats` (radix selection on the int32 bit patterns,
+    which are monotone in the value): pass 1 counts the elements per coarse bin (the top
+    16 of the 31 significant bits); each rank's coarse bin follows from the
+    running count; pass 2 counts, per such bin, the elements by their 15 low bits, which pins
+    each rank's exact bit pattern. Integer counts are exact in any
+    order. On XLA:CPU one scatter-add pass costs about what one counting pass of the
+    bisection costs (~0.4 ms per SmolLM2 up_proj), so two passes replace 60-90 of them
+    (measured: 29 -> ms per matrix, see BENCHMARKS.md). TPUs scatter slowly: they keep the
+    bisection (:func:`order_stats`).
+    """
+    r = len(ranks)
+    shift = 31 - HISTOGRAM_BITS  # a non-negative int32 has 31 significant bits
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32)  # [n], >= 0
+    coarse = bits >> shift  # [n] in [0, 2**16): the top 16 bits
+    counts = jnp.zeros(1 << HISTOGRAM_BITS, jnp.int32).at[coarse].add(1)  # pass 1
+    running = _running_sum(counts)  # [2**16]
+    need = jnp.asarray(ranks, jnp.int32) + 1  # [R] elements at or below the answer
+    bin_of = jnp.searchsorted(running, need, side="left").astype(jnp.int32)  # [R]
+    below = running[bin_of] - counts[bin_of]  # [R] elements in lower bins
+    # One fine histogram per distinct coarse bin (ranks sharing a bin share its slot);
+    # elements of no rank's bin go to slot r, which is dropped.
+    slot_of_bin = jnp.full(1 << HISTOGRAM_BITS, r, jnp.int32)
+    slot_of_bin = slot_of_bin.at[bin_of].min(jnp.arange(r, dtype=jnp.int32))
+    fine = bits & ((1 << shift) - 1)  # [n]: the low 15 bits
+    index = slot_of_bin[coarse] * (1 << shift) + fine  # [n]
+    hist = jnp.zeros((r + 1) << shift, jnp.int32).at[index].add(1)  # pass 2
+    hist = hist.reshape(r + 1, 1 << shift)[slot_of_bin[bin_of]]  # [R, 2**15]
+    within = _searchsorted_rows(_running_sum(hist), need - below)  # [R]
+    answer = (bin_of << shift) + within.astype(jnp.int32)  # [R] bit patterns
+    return jax.lax.bitcast_convert_type(answer, jnp.float32)
+
+
+def order_stats(a: Array, ranks: Sequence[int], method: str = "auto") -> Array:
+    """``sorted(a)[k]`` for each rank k of a 1-D non-negative fp32 array, exactly.
+
+    ``method``: ``histogram`` (:func:`_order_stats_histogram`), ``bisect``
+    (:func:`_order_stats`), or ``auto``: bisect when the program is compiled for TPU
+    (slow scatters there), else histogram.
+    """
+    if not ranks:
+        return jnp.zeros((0,), jnp.float32)
+    if method == "auto":
+        from resofilter_jax.models.attention import target_platform
+
+        method = "bisect" if target_platform() == "tpu" else "histogram"
+    if method == "histogram":
+        return _order_stats_histogram(a, ranks)
+    if method == "bisect":
+        return _order_stats(a, ranks)
+    raise ValueError(f"order statistics method must be auto | histogram | bisect, got {method!r}")
+
+
 def _bound_counts(d: Array, bounds: Sequence[float]) -> Array:
     """[3, len(bounds)] int32: elements with ``|d| <= b``, ``d > b``, ``d < -b`` (a pass each)."""
     lim = jnp.asarray(np.tile(np.asarray(bounds, np.float32), 3))  # [3B]
@@ -272,13 +341,12 @@ def matrix_features(theta: Array, delta: Array, spec: ResonanceSpec) -> dict[str
     out["pearson"], out["pearson_gap"] = _angle(t - _mean(t), d - mean)
     ranks = [q * (n - 1) for q in spec.quantiles]  # torch.quantile 'linear' positions
     floors = [int(math.floor(r)) for r in ranks]
-    lows = _order_stats(a, floors)  # [n_q] x[lo]
-    # x[lo + 1]: the same value if it repeats, else the next larger element.
-    repeats = _count_le(a, lows) >= jnp.asarray(floors, jnp.int32) + 2  # [n_q]
-    larger = _in_turn(lambda j: jnp.min(jnp.where(a > lows[j], a, jnp.inf)), len(lows), jnp.float32)
-    for j, (q, r, lo) in enumerate(zip(spec.quantiles, ranks, floors, strict=True)):
-        below = lows[j]
-        above = jnp.where(repeats[j] | (lo + 1 >= n), below, larger[j])
+    # x[lo] and x[lo + 1] of each quantile (torch.quantile's linear interpolation)
+    wanted = sorted({k for lo in floors for k in (lo, min(lo + 1, n - 1))})
+    values = order_stats(a, wanted)  # [len(wanted)]
+    at = {k: values[i] for i, k in enumerate(wanted)}
+    for q, r, lo in zip(spec.quantiles, ranks, floors, strict=True):
+        below, above = at[lo], at[min(lo + 1, n - 1)]
         out[f"q{100 * q:g}_abs"] = below + (r - lo) * (above - below)
     counts = _bound_counts(d, spec.bounds)  # [3, n_bounds]
     for i, b in enumerate(spec.bounds):
@@ -292,15 +360,26 @@ def matrix_features(theta: Array, delta: Array, spec: ResonanceSpec) -> dict[str
 FEATURE_COPIES = 6
 
 
-def feature_bytes(shapes: Sequence[tuple[int, ...]]) -> int:
+def histogram_bytes(quantiles: int) -> int:
+    """Device bytes one example's histogram search (:func:`_order_stats_histogram`) holds:
+    int32 coarse counts, their running sum and the bin -> slot table (2**16 each), and per
+    rank (two per quantile: x[lo], x[lo + 1]) a fine histogram, its gathered copy and its
+    running sum (2**15 each), plus the dropped slot. Independent of the matrix size."""
+    ranks = 2 * quantiles
+    return 4 * (3 * (1 << HISTOGRAM_BITS) + (3 * ranks + 1) * (1 << (31 - HISTOGRAM_BITS)))
+
+
+def feature_bytes(shapes: Sequence[tuple[int, ...]], quantiles: int = 5) -> int:
     """Device bytes that one example's features of matrices of these shapes hold at once.
 
     Same-shaped matrices take turns (:func:`features_in_turn`): per distinct shape, the
     update of the matrix of the turn and its feature temporaries, ``FEATURE_COPIES`` fp32
-    copies of one matrix; the loops of different shapes may run side by side. (Not per
-    example, so not counted: the turn's theta, one copy per step.)
+    copies of one matrix, and the histograms of its ``quantiles`` (:func:`histogram_bytes`;
+    an upper bound where the bisection runs); the loops of different shapes may run side by
+    side. (Not per example, so not counted: the turn's theta, one copy per step.)
     """
-    return sum(FEATURE_COPIES * 4 * math.prod(s) for s in set(map(tuple, shapes)))
+    per_shape = histogram_bytes(quantiles) if quantiles else 0
+    return sum(FEATURE_COPIES * 4 * math.prod(s) + per_shape for s in set(map(tuple, shapes)))
 
 
 def features_in_turn(

@@ -113,7 +113,8 @@ def example_bytes(
     if segments == 1:
         return row
     n_chosen = sum(math.prod(shape) for shape in _chosen_shapes(model, spec))
-    return row + segments * (4 * n_chosen + feature_bytes(_chosen_shapes(model, spec)))
+    features = feature_bytes(_chosen_shapes(model, spec), len(spec.quantiles))
+    return row + segments * (4 * n_chosen + features)
 
 
 def _chosen_shapes(model: CausalLM, spec: ResonanceSpec) -> list[tuple[int, ...]]:
@@ -142,7 +143,7 @@ def _row_bytes(
     if spec.projection is not None:
         per_example += spec.projection.example_bytes()
     if segments == 1:  # the features of every example of the step at once
-        per_example += feature_bytes(chosen)
+        per_example += feature_bytes(chosen, len(spec.quantiles))
     masked = 0
     if segments > 1:
         masked = segments * seq_len * max(max(shape) for shape in chosen) * c
