@@ -155,7 +155,7 @@ def test_packed_step_runs_slots_together_and_projects_once() -> None:
     # the 8 slots of the step, never in a loop or a branch per slot or row.
     chains = _control_flow_above(jaxpr, "random_bits")
     assert chains and all(len(c) <= 1 and "cond" not in c for c in chains), chains
-    # The features' order statistics (histograms on CPU/GPU): the 4 slots of a row at once,
+    # The features' order statistics (histograms on CPU): the 4 slots of a row at once,
     # the 2 rows in turn (a loop of 2, a branch skipping rows without an example), never
     # one slot at a time.
     # (A scatter-add outside the features' row branch is not theirs.)

@@ -255,11 +255,12 @@ def _order_stats_histogram(a: Array, ranks: Sequence[int]) -> Array:
     which are monotone in the value): pass 1 counts the elements per coarse bin (the top
     16 of the 31 significant bits); each rank's coarse bin follows from the
     running count; pass 2 counts, per such bin, the elements by their 15 low bits, which pins
-    each rank's exact bit pattern. Integer counts are exact in any
-    order. On XLA:CPU one scatter-add pass costs about what one counting pass of the
-    bisection costs (~0.4 ms per SmolLM2 up_proj), so two passes replace 60-90 of them
-    (measured: 29 -> ms per matrix, see BENCHMARKS.md). TPUs scatter slowly: they keep the
-    bisection (:func:`order_stats`).
+    each rank's exact bit pattern. Integer counts are exact in any order. On XLA:CPU a
+    scatter-add pass costs ~8 counting passes of the bisection, which needs 60-90 of them:
+    the 10 ranks of the default quantiles of a SmolLM2 up_proj take 15-19 ms instead of
+    67-80 (one process, 2 cores; BENCHMARKS.md). Accelerators keep the bisection
+    (:func:`order_stats`): TPUs scatter slowly, and on a GPU most of the elements (|delta|
+    within ~1% of lr) would contend for the atomics of a few coarse bins (not measured).
     """
     r = len(ranks)
     shift = 31 - HISTOGRAM_BITS  # a non-negative int32 has 31 significant bits
@@ -287,15 +288,15 @@ def order_stats(a: Array, ranks: Sequence[int], method: str = "auto") -> Array:
     """``sorted(a)[k]`` for each rank k of a 1-D non-negative fp32 array, exactly.
 
     ``method``: ``histogram`` (:func:`_order_stats_histogram`), ``bisect``
-    (:func:`_order_stats`), or ``auto``: bisect when the program is compiled for TPU
-    (slow scatters there), else histogram.
+    (:func:`_order_stats`), or ``auto``: histogram when the program is compiled for CPU
+    (where it was measured faster), else bisect.
     """
     if not ranks:
         return jnp.zeros((0,), jnp.float32)
     if method == "auto":
         from resofilter_jax.models.attention import target_platform
 
-        method = "bisect" if target_platform() == "tpu" else "histogram"
+        method = "histogram" if target_platform() == "cpu" else "bisect"
     if method == "histogram":
         return _order_stats_histogram(a, ranks)
     if method == "bisect":
