@@ -26,6 +26,7 @@ from support.scoring import (
 from resofilter_jax.data import segment_slots
 from resofilter_jax.data.encoding import IGNORE_INDEX
 from resofilter_jax.scoring.projection import ProjectionSpec
+from resofilter_jax.scoring.reso_features import histogram_bytes
 from resofilter_jax.scoring.resonance import (
     ResonanceSpec,
     example_bytes,
@@ -119,13 +120,18 @@ def test_embeddings_and_the_lm_head_need_unpacked_rows() -> None:
 
 def test_row_memory_counts_every_packed_example() -> None:
     model, _ = loaded("llama")
-    spec = ResonanceSpec(params=("model.layers.1.mlp.up_proj.weight",))
+    # Without quantiles: their histograms (a fixed ~5 MB per example, checked below) would
+    # dwarf this tiny model's gradients and activations that the sizing is checked on here.
+    spec = ResonanceSpec(params=("model.layers.1.mlp.up_proj.weight",), quantiles=())
     one, four = (
         example_bytes(model, spec, 64, segments=2),
         example_bytes(model, spec, 64, segments=4),
     )
     assert four - one >= 2 * 4 * 64 * 128  # two more examples' fp32 gradients
-    tight = ResonanceSpec(params=spec.params, memory_budget_bytes=four - 1)
+    with_quantiles = ResonanceSpec(params=spec.params)  # the 5 default quantiles
+    histograms = example_bytes(model, with_quantiles, 64, segments=4) - four
+    assert histograms == 4 * histogram_bytes(5)  # every packed example's histograms
+    tight = ResonanceSpec(params=spec.params, quantiles=(), memory_budget_bytes=four - 1)
     assert microbatch_size(model, tight, 64, rows=8) == 1
     assert max_slots(model, tight, 64, 8) == 3 and max_slots(model, spec, 64, 8) == 8
     with pytest.raises(ValueError, match="one row of 4 packed examples"):
