@@ -1,7 +1,7 @@
 """Where the time of one jitted step goes on XLA:CPU, by HLO op and by source line.
 
 Traces the scoring forward + loss (``--step forward``) or its gradient (``--step grad``, with
-the CE chunks recomputed in the backward pass as under resonance and the SFT step) of SmolLM2
+the chunked CE as under resonance and the SFT step) of SmolLM2
 at one batch shape with ``jax.profiler``, and sums the thunk times of each HLO instruction
 (the thunks of the two cores overlap, so shares matter more than totals). Each instruction is
 labelled with what it is (a dot with its operand dtypes and shapes, a fusion with its kind and
@@ -146,8 +146,7 @@ def main() -> None:
 
     def loss(state: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state)
-        # the gradient recomputes each CE chunk, as training and resonance do
-        ce = token_losses(model, ids, mask, mask.astype(jnp.float32), remat=args.step == "grad")
+        ce = token_losses(model, ids, mask, mask.astype(jnp.float32))
         return jnp.sum(ce) / jnp.sum(mask[:, 1:])
 
     fn = jax.jit(loss if args.step == "forward" else jax.grad(loss))

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from resofilter_jax.models.config import ModelConfig
 from resofilter_jax.models.layers import attention_mask_bias, dot_product_attention
+from resofilter_jax.models.platform import platform_name, target_platform
 
 Array = jax.Array
 log = logging.getLogger("resofilter_jax.attention")
@@ -87,7 +88,7 @@ def unsupported(
         packed: rows may hold several segments (sequences) each.
         dtype: compute dtype (None = unknown: not checked).
     """
-    platform = _platform(platform)
+    platform = platform_name(platform)
     name = _dtype_name(dtype)
     if backend == "reference":
         return None
@@ -120,10 +121,6 @@ def unsupported(
     raise ValueError(f"unknown attention backend {backend!r}; use one of {CHOICES}")
 
 
-def _platform(platform: str) -> str:
-    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
-
-
 _LOGGED: set[tuple] = set()
 
 
@@ -145,7 +142,7 @@ def resolve_attention(
     """
     if name not in CHOICES:
         raise ValueError(f"unknown attention backend {name!r}; use one of {CHOICES}")
-    platform = _platform(platform)
+    platform = platform_name(platform)
     case = dict(
         platform=platform,
         packed=packed,
@@ -335,15 +332,6 @@ def self_attention(
     return _splash(
         q, k, v, attention_mask, scale=scale, sliding_window=sliding_window, softcap=softcap
     )
-
-
-def target_platform() -> str:
-    """The platform the traced program is compiled for: that of the mesh in context
-    (`jax.set_mesh`; a dry run's abstract TPU devices) or else JAX's default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    platform = getattr(device, "platform", None)
-    return _platform(platform or jax.default_backend())
 
 
 def _interpret() -> bool:

@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from resofilter_jax.models.platform import target_platform
+
 Array = jax.Array
 
 MATMUL_PRECISIONS = ("default", "high", "highest")
@@ -118,7 +120,7 @@ def _operand_gradient(spec: str, ct: Array, a: Array) -> Array:
     inputs, out = spec.split("->")
     p, q = inputs.split(",")
     leading = len(p) == len(q) == len(out) == 2 and p[0] == q[0] and p[0] not in out
-    if jax.default_backend() != "cpu" or not leading:
+    if target_platform() != "cpu" or not leading:
         return _f32_acc(spec, ct, a)
     k, po, qo = p[0], p[1], q[1]
     if out == po + qo:  # [po, k] @ [k, qo]
@@ -181,7 +183,7 @@ def native_low_precision_matmul() -> bool:
     bf16 units. Elsewhere (e.g. an AVX2-only CPU, where a bf16 x bf16 -> fp32 GEMM ran at
     0.6-0.8x the fp32 rate: BENCHMARKS.md) the operands are widened to fp32 first: the same
     products, fp32 sums, fp32 speed (``RESOFILTER_CPU_BF16=0/1`` overrides the detection)."""
-    return jax.default_backend() != "cpu" or _cpu_has_bf16_units()
+    return target_platform() != "cpu" or _cpu_has_bf16_units()
 
 
 def linear(x: Array, w: Array, *, transposed: bool, dtype: jnp.dtype, out_dtype=None) -> Array:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resofilter_jax.models.platform import target_platform
 from resofilter_jax.scoring.projection import ProjectionSpec
 
 Array = jax.Array
@@ -294,8 +295,6 @@ def order_stats(a: Array, ranks: Sequence[int], method: str = "auto") -> Array:
     if not ranks:
         return jnp.zeros((0,), jnp.float32)
     if method == "auto":
-        from resofilter_jax.models.attention import target_platform
-
         method = "histogram" if target_platform() == "cpu" else "bisect"
     if method == "histogram":
         return _order_stats_histogram(a, ranks)
@@ -370,7 +369,7 @@ def histogram_bytes(quantiles: int) -> int:
     return 4 * (3 * (1 << HISTOGRAM_BITS) + (3 * ranks + 1) * (1 << (31 - HISTOGRAM_BITS)))
 
 
-def feature_bytes(shapes: Sequence[tuple[int, ...]], quantiles: int = 5) -> int:
+def feature_bytes(shapes: Sequence[tuple[int, ...]], quantiles: int) -> int:
     """Device bytes that one example's features of matrices of these shapes hold at once.
 
     Same-shaped matrices take turns (:func:`features_in_turn`): per distinct shape, the

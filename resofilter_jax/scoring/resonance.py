@@ -307,7 +307,6 @@ class ResonanceFn:
                 dtype=model.dtype,
                 softcap=model.config.final_logit_softcapping,
                 chunk=spec.ce_chunk,
-                remat=True,
             )  # [L-1]
             n = jnp.sum(valid)
             return jnp.sum(ce * valid) / jnp.maximum(n, 1.0), n

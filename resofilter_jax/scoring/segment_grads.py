@@ -221,7 +221,6 @@ def segment_grads(
             dtype=cdt,
             softcap=model.config.final_logit_softcapping,
             chunk=ce_chunk,
-            remat=True,
         )  # [b, l-1]
         return jnp.sum(ce * weight), ce * valid
 

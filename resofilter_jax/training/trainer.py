@@ -88,7 +88,7 @@ def merge_model(parts: ModelParts, params: Mapping[str, Array]) -> CausalLM:
 
 
 def row_loss_sums(
-    model: CausalLM, batch: Mapping[str, Array], *, ce_chunk: int, remat: bool = False
+    model: CausalLM, batch: Mapping[str, Array], *, ce_chunk: int
 ) -> tuple[Array, Array]:
     """Per-row summed next-token CE over the target tokens, and their counts.
 
@@ -98,7 +98,6 @@ def row_loss_sums(
 
     Args:
         batch: ``input_ids``, ``labels``, ``segment_ids``, ``positions``, each [rows, seq].
-        remat: recompute each CE chunk in the backward pass (for training).
     Returns:
         (loss_sum [rows], count [rows]), fp32.
     """
@@ -112,7 +111,6 @@ def row_loss_sums(
         batch["positions"],
         targets=jnp.where(valid, labels, 0)[:, 1:],
         chunk=ce_chunk,
-        remat=remat,
     )  # [rows, seq - 1] fp32, 0 where not a target
     return jnp.sum(ce, axis=1), jnp.sum(valid[:, 1:], axis=1, dtype=jnp.float32)
 
@@ -124,7 +122,7 @@ def loss_sums(
 
     See :func:`row_loss_sums` for the batch layout.
     """
-    sums, counts = row_loss_sums(merge_model(parts, params), batch, ce_chunk=ce_chunk, remat=True)
+    sums, counts = row_loss_sums(merge_model(parts, params), batch, ce_chunk=ce_chunk)
     return jnp.sum(sums), jnp.sum(counts)
 
 
