@@ -6,6 +6,15 @@ Each figure is a ratio measured within one benchmark run (the project against th
 PyTorch loop of that run) or a ranking agreement; a report that is missing (its step failed or
 was not run) shows as "-". The bf16 targets apply on a CPU with bf16 units (AVX512_BF16 or
 AMX-BF16); elsewhere the figures are recorded and the summary says the targets do not apply.
+
+The bf16 throughput targets also get a GEMM ceiling where the machine step ran: the rate of
+one forward pass's GEMMs at XLA's bf16 (fp32-accumulating) rates (`machine.
+forward_gemm_rates`; from the GEMM table of the same benchmark run) over the loop's measured
+GFLOP/s: the ratio the project would reach
+if its GEMMs ran at the measured kernel rate and everything else were free. A target above
+it cannot be met on that CPU by any change outside the GEMM kernels. For the SFT step the
+forward's shapes stand in for the backward pass's products (the same matrices, transposed
+operands; their rates differ somewhat), so its ceiling is an estimate.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from resofilter_jax.models.precision import CPU_BF16_FLAGS  # noqa: E402
 
@@ -27,13 +37,15 @@ RANKING = ("rank_check", "spearman_bf16_vs_fp32")
 
 class Target(NamedTuple):
     """One figure of a report: ``path`` into ``report``.json, at least ``least`` (None: no
-    target, recorded only); ``bf16`` targets apply only on a CPU with bf16 units."""
+    target, recorded only); ``bf16`` targets apply only on a CPU with bf16 units;
+    ``loop_rate``: where the report holds the loop's GFLOP/s (for the GEMM ceiling)."""
 
     name: str
     report: str
     path: tuple[str, ...]
     least: float | None
     bf16: bool = False
+    loop_rate: tuple[str, ...] | None = None
 
 
 # where the figures sit in the reports: ratios against the loop of the same run, rankings
@@ -44,9 +56,23 @@ TRAIN_RATIO = ("ratio", "tokens_per_s")
 TARGETS = [
     Target("IFD fp32, steady, tokens/s vs loop", "ifd_fp32", STEADY_RATIO, 1.0),
     Target("IFD fp32, whole process (warm cache)", "ifd_fp32", WARM_RATIO, 1.0),
-    Target("IFD bf16, steady, tokens/s vs fp32 loop", "ifd_bf16", STEADY_RATIO, 3.0, True),
+    Target(
+        "IFD bf16, steady, tokens/s vs fp32 loop",
+        "ifd_bf16",
+        STEADY_RATIO,
+        3.0,
+        True,
+        ("torch", "useful_gflop_s"),  # the loop's forwards, as the project's useful FLOPs
+    ),
     Target("resonance bf16, steady, tokens/s vs fp32 loop", "reso_bf16", STEADY_RATIO, 5.0, True),
-    Target("SFT step bf16, tokens/s vs fp32 torch", "train_bf16", TRAIN_RATIO, 2.0, True),
+    Target(
+        "SFT step bf16, tokens/s vs fp32 torch",
+        "train_bf16",
+        TRAIN_RATIO,
+        2.0,
+        True,
+        ("torch", "executed_gflop_s"),  # the same padded batches on both sides
+    ),
     Target("SFT step fp32, tokens/s vs fp32 torch (no target)", "train_fp32", TRAIN_RATIO, None),
     Target("Spearman(IFD bf16, fp32)", "ifd_bf16", RANKING, 0.99),
     Target("Spearman(resonance bf16, fp32)", "reso_bf16", RANKING, 0.99),
@@ -83,13 +109,41 @@ def _status(t: Target, report: dict[str, Any] | None, bf16_units: bool) -> str:
     return "met" if value >= t.least else "NOT met"
 
 
+def _measure(report: dict[str, Any] | None, name: str, key: str) -> Any:
+    """``key`` of the report's measure called ``name`` (the torch loop's: ``torch``)."""
+    for m in (report or {}).get("measures", []):
+        if m.get("name", "").startswith(name):
+            return m.get(key)
+    return None
+
+
+def gemm_ceiling(t: Target, report: dict[str, Any] | None, machine: dict[str, Any]) -> Any:
+    """The ratio the bf16 GEMM rate allows against this report's loop (None: not known): the
+    rates of the report's own GEMM table (measured in the same run as its loop; the VM's
+    speed drifts between steps) where the machine step gave the layer count, else the
+    machine step's."""
+    from machine import forward_gemm_rates
+
+    layers, table = _get(machine, ("model", "layers")), _get(report, ("machine", "gemm"))
+    if layers and table:
+        rate = forward_gemm_rates(table, layers).get("xla_bf16_f32acc")
+    else:
+        rate = _get(machine, ("model", "forward_gemm_gflop_s", "xla_bf16_f32acc"))
+    if t.loop_rate is None or not rate:
+        return None
+    where, key = t.loop_rate
+    loop = _get(report, (where, key)) or _measure(report, where, key)
+    return rate / loop if loop else None
+
+
 def summarize(out: Path) -> dict[str, Any]:
     """Every target with its measured figure and whether it is met; the machine it ran on."""
     reports = {name: _load(out, name) for name in sorted({t.report for t in TARGETS})}
     # the machine step's CPU facts, else those every benchmark report carries (a rerun of
     # some steps with CPU_CHECK_ONLY leaves no machine.json behind)
     carried = (_get(r, ("machine", "cpu")) for r in reports.values())
-    cpu = (_load(out, "machine") or {}).get("cpu") or next(filter(None, carried), {})
+    machine = _load(out, "machine") or {}
+    cpu = machine.get("cpu") or next(filter(None, carried), {})
     flags = cpu.get("flags", {})
     bf16_units = any(flags.get(f) for f in CPU_BF16_FLAGS)
     rows = []
@@ -102,6 +156,7 @@ def summarize(out: Path) -> dict[str, Any]:
                 "at_least": t.least,
                 "status": _status(t, report, bf16_units),
                 "rows": _get(report, ("rank_check", "n")) if t.path == RANKING else None,
+                "gemm_ceiling": gemm_ceiling(t, report, machine),
             }
         )
     return {"cpu": cpu.get("model"), "flags": flags, "bf16_units": bf16_units, "targets": rows}
@@ -119,7 +174,9 @@ def main() -> None:
         value = "-" if r["value"] is None else f"{r['value']:.3f}"
         need = "-" if r["at_least"] is None else f">={r['at_least']:g}"
         rows = f" ({r['rows']} rows)" if r["rows"] is not None else ""
-        print(f"{r['target']:<52}{value:>10}{need:>9}  {r['status']}{rows}")
+        ceiling = r["gemm_ceiling"]
+        cap = "" if ceiling is None else f"; bf16 GEMM ceiling {ceiling:.2f}x"
+        print(f"{r['target']:<52}{value:>10}{need:>9}  {r['status']}{rows}{cap}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -346,6 +346,25 @@ def machine_report(
     return {"cpu": cpu, "runtime": runtime, "gemm": table, "gemm_repeats": repeats}
 
 
+def forward_gemm_rates(table: Sequence[Mapping[str, Any]], layers: int) -> dict[str, float]:
+    """GFLOP/s of one forward pass's GEMMs at each kind's rates (a FLOP-weighted harmonic mean).
+
+    ``table`` holds :func:`model_gemm_shapes` rows (label ``a+b`` = that many GEMMs of the
+    shape per layer; ``lm_head`` once per forward), ``layers`` the model's layer count. A
+    scorer that ran every model GEMM at a kind's rate and everything else (attention, norms,
+    the loss) for free would run at this rate: the roofline of the GEMM kernels themselves.
+    """
+    flops: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for row in table:
+        label = row["label"]
+        times = 1 if label == "lm_head" else len(label.split("+")) * layers
+        for kind, s in row["seconds"].items():
+            flops[kind] = flops.get(kind, 0.0) + times * row["gflop"]
+            seconds[kind] = seconds.get(kind, 0.0) + times * s
+    return {kind: flops[kind] / seconds[kind] for kind in flops if seconds[kind] > 0}
+
+
 def model_config(path: str) -> Any:
     """The ModelConfig of a ``.gguf`` file, a HF directory, or ``smollm2`` (embedded GGUF)."""
     from resofilter_jax.models.config import config_from_hf
@@ -389,6 +408,12 @@ def main() -> None:
     t0 = time.perf_counter()
     out = machine_report(shapes, args.repeats, torch_device=args.torch_device)
     print(f"({time.perf_counter() - t0:.1f} s)")
+    if args.model and out["gemm"]:
+        layers = model_config(args.model).num_hidden_layers
+        rates = forward_gemm_rates(out["gemm"], layers)
+        out["model"] = {"path": args.model, "layers": layers, "forward_gemm_gflop_s": rates}
+        print(f"one forward's GEMMs ({layers} layers + LM head), GFLOP/s at each kind's rates:")
+        print("  " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

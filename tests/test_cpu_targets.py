@@ -77,3 +77,34 @@ def test_cpu_facts_from_a_benchmark_report_without_the_machine_step(tmp_path: Pa
     summary = cpu_targets.summarize(tmp_path)
     assert summary["bf16_units"] and summary["cpu"] == "Xeon"
     assert statuses(tmp_path)["IFD bf16, steady, tokens/s vs fp32 loop"] == "met"
+
+
+def test_gemm_ceiling_from_the_machine_table(tmp_path: Path) -> None:
+    """The bf16 GEMM rate of one forward (layers x per-layer GEMMs + the LM head once) over
+    the loop's GFLOP/s; no ceiling where the machine step left no model rates."""
+    import machine
+
+    table = [  # seconds per GEMM: the layers' pair runs at 100 GFLOP/s, the head at 400
+        {"label": "q_proj+o_proj", "gflop": 1.0, "seconds": {"xla_bf16_f32acc": 0.01}},
+        {"label": "lm_head", "gflop": 4.0, "seconds": {"xla_bf16_f32acc": 0.01}},
+    ]
+    rates = machine.forward_gemm_rates(table, layers=3)  # 6 GFLOP in 0.06 s + 4 in 0.01 s
+    assert abs(rates["xla_bf16_f32acc"] - 10.0 / 0.07) < 1e-9
+    write(tmp_path, "machine", {"cpu": {"flags": {"avx512_bf16": True}}})
+    write(tmp_path, "ifd_bf16", {**steady(1.5), "torch": {"useful_gflop_s": 50.0}})
+    measures = [{"name": "torch float32", "executed_gflop_s": 100.0}]
+    write(tmp_path, "train_bf16", {"ratio": {"tokens_per_s": 1.2}, "measures": measures})
+    rows = {r["target"]: r for r in cpu_targets.summarize(tmp_path)["targets"]}
+    assert all(r["gemm_ceiling"] is None for r in rows.values())
+    model = {"layers": 3, "forward_gemm_gflop_s": {"xla_bf16_f32acc": 150.0}}
+    write(tmp_path, "machine", {"cpu": {"flags": {"avx512_bf16": True}}, "model": model})
+    rows = {r["target"]: r for r in cpu_targets.summarize(tmp_path)["targets"]}
+    assert rows["IFD bf16, steady, tokens/s vs fp32 loop"]["gemm_ceiling"] == 3.0
+    assert rows["SFT step bf16, tokens/s vs fp32 torch"]["gemm_ceiling"] == 1.5
+    assert rows["IFD fp32, steady, tokens/s vs loop"]["gemm_ceiling"] is None
+    # a report's own GEMM table (same run as its loop) wins over the machine step's rates
+    own = {"gemm": table}  # 10 / 0.07 GFLOP/s at 3 layers
+    write(tmp_path, "ifd_bf16", {**steady(1.5), "torch": {"useful_gflop_s": 50.0}, "machine": own})
+    rows = {r["target"]: r for r in cpu_targets.summarize(tmp_path)["targets"]}
+    got = rows["IFD bf16, steady, tokens/s vs fp32 loop"]["gemm_ceiling"]
+    assert abs(got - 10.0 / 0.07 / 50.0) < 1e-9
