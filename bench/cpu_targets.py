@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import forward_gemm_rates  # noqa: E402
+
 from resofilter_jax.models.precision import CPU_BF16_FLAGS  # noqa: E402
 
 STEADY = "project steady state"
@@ -122,8 +124,6 @@ def gemm_ceiling(t: Target, report: dict[str, Any] | None, machine: dict[str, An
     rates of the report's own GEMM table (measured in the same run as its loop; the VM's
     speed drifts between steps) where the machine step gave the layer count, else the
     machine step's."""
-    from machine import forward_gemm_rates
-
     layers, table = _get(machine, ("model", "layers")), _get(report, ("machine", "gemm"))
     if layers and table:
         rate = forward_gemm_rates(table, layers).get("xla_bf16_f32acc")

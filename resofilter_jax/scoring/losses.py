@@ -65,9 +65,14 @@ def _chunk_ce(
     hc: Array, weight: Array, tc: Array, dtype: jnp.dtype, softcap: float | None
 ) -> Array:
     """Per-token CE [b, c] of one chunk."""
-    logits = _logits(hc, weight, dtype, softcap)  # [b, c, vocab]
+    return _ce_of_logits(_logits(hc, weight, dtype, softcap), tc)[0]
+
+
+def _ce_of_logits(logits: Array, tc: Array) -> tuple[Array, Array]:
+    """(CE [b, c], logsumexp [b, c]) of fp32 logits [b, c, vocab] and targets tc [b, c]."""
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c]
     picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [b, c]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
+    return lse - picked, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -94,14 +99,13 @@ def _ce_fwd(dtype: jnp.dtype, softcap: float | None, h_chunks: Any, weight: Any,
     def one(a: tuple[Array, Array]) -> tuple[Array, Array]:
         hc, tc = a
         logits = _logits(hc, w, dtype, softcap)  # [b, c, vocab]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c]
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [b, c]
+        ce, lse = _ce_of_logits(logits, tc)  # [b, c] each
         dlogits = jnp.exp(logits - lse[..., None])  # softmax [b, c, vocab]
         dlogits = dlogits - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)
         if softcap is not None:  # d(tanh(z / cap) * cap) / dz = 1 - (logits / cap)**2
             dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
         dh = precision.einsum("bcv,vd->bcd", dlogits, w, dtype=dtype, out_dtype=jnp.float32)
-        return lse - picked, dh  # [b, c], [b, c, hidden]
+        return ce, dh  # [b, c], [b, c, hidden]
 
     # the weight's gradient needs the inputs again; hidden's dtype travels as an empty array
     inputs = (hs, w, ts) if weight.perturbed else None
