@@ -1,7 +1,8 @@
 """Where the time of one jitted step goes on XLA:CPU, by HLO op and by source line.
 
-Traces the scoring forward + loss (``--step forward``) or its gradient (``--step grad``, with
-the chunked CE as under resonance and the SFT step) of SmolLM2
+Traces the scoring forward + loss (``--step forward``) or its gradient (``--step grad``: the
+per-token chunked CE, as under resonance; ``--step train_grad``: the summed CE whose gradient
+the forward pass computes, as the SFT step) of SmolLM2
 at one batch shape with ``jax.profiler``, and sums the thunk times of each HLO instruction
 (the thunks of the two cores overlap, so shares matter more than totals). Each instruction is
 labelled with what it is (a dot with its operand dtypes and shapes, a fusion with its kind and
@@ -9,6 +10,8 @@ root) and the source line that issued it, so the table says which op of the mode
 
     python bench/profile_forward.py --dtype bfloat16 --batch 2 --length 1024
     python bench/profile_forward.py --dtype bfloat16 --step grad --batch 4 --length 512
+    python bench/profile_forward.py --dtype bfloat16 --param_dtype float32 --step train_grad \
+        --batch 8 --length 512 --iters 2
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from resofilter_jax.models.attention import configure_attention  # noqa: E402
 from resofilter_jax.models.loading import load_model  # noqa: E402
 from resofilter_jax.models.precision import matmul_precision_scope  # noqa: E402
 from resofilter_jax.runtime import tune_allocator  # noqa: E402
-from resofilter_jax.scoring.losses import token_losses  # noqa: E402
+from resofilter_jax.scoring.losses import token_loss_sum, token_losses  # noqa: E402
 
 
 def _source_lines(hlo_text: str) -> dict[str, str]:
@@ -128,7 +131,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--param_dtype", default="", help="default: --dtype")
     ap.add_argument("--matmul_precision", default="highest")
-    ap.add_argument("--step", choices=("forward", "grad"), default="forward")
+    ap.add_argument("--step", choices=("forward", "grad", "train_grad"), default="forward")
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo_out", default="", help="also write the optimised HLO text here")
@@ -146,8 +149,11 @@ def main() -> None:
 
     def loss(state: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state)
-        ce = token_losses(model, ids, mask, mask.astype(jnp.float32))
-        return jnp.sum(ce) / jnp.sum(mask[:, 1:])
+        if args.step == "train_grad":
+            total = token_loss_sum(model, ids, mask, mask.astype(jnp.float32), chunk=256)
+        else:
+            total = jnp.sum(token_losses(model, ids, mask, mask.astype(jnp.float32)))
+        return total / jnp.sum(mask[:, 1:])
 
     fn = jax.jit(loss if args.step == "forward" else jax.grad(loss))
     with matmul_precision_scope(args.matmul_precision):

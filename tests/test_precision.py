@@ -202,3 +202,43 @@ def test_cpu_weight_gradients_do_not_contract_the_lhs_leading_index(transposed: 
     ct = (2 * y).astype(jnp.bfloat16).astype(jnp.float32)
     want = ct.T @ xb if transposed else xb.T @ ct
     np.testing.assert_allclose(gw, want, rtol=0, atol=0.01 * float(jnp.abs(want).max()))
+
+
+def compiled_dots(hlo: str) -> list[tuple[str, str, str, str]]:
+    """(result, lhs, rhs element types, the dot's dimension attributes) of every dot in
+    compiled HLO text (operand types looked up from their definitions)."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    dots = re.findall(r"= (\w+)\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\), ([^m]*)", hlo)
+    return [(res, types[a], types[b], dims) for res, a, b, dims in dots]
+
+
+def test_cpu_attention_gradient_runs_bf16_dots() -> None:
+    """The compiled bf16 attention (forward and gradient, several causal blocks) keeps every
+    dot on bf16 operands: no transpose folded into a dot's operand (XLA:CPU then converts the
+    operands to fp32), no contraction of the LHS's leading non-batch index (the key and value
+    gradients); and its gradient matches fp32's to bf16 accuracy."""
+    from resofilter_jax.models.layers import attention_mask_bias, dot_product_attention
+
+    keys = jax.random.split(jax.random.key(2), 4)
+    b, s, h, kv, d = 2, 64, 4, 2, 16
+    q = jax.random.normal(keys[0], (b, s, h, d))
+    k, v = (jax.random.normal(x, (b, s, kv, d)) for x in keys[1:3])
+    ct = jax.random.normal(keys[3], (b, s, h, d))
+    mask = attention_mask_bias(jnp.ones((b, s), jnp.int32))
+
+    def loss(q, k, v, dtype):
+        out = dot_product_attention(
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, scale=0.25, chunk=16
+        )
+        return jnp.sum(out.astype(jnp.float32) * ct)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    dots = compiled_dots(grad.lower(q, k, v, jnp.bfloat16).compile().as_text())
+    assert len(dots) >= 12, dots  # 4 blocks x (2 forward + 4 backward) products, some fused
+    assert all(lhs == rhs == "bf16" and res == "f32" for res, lhs, rhs, _ in dots), dots
+    assert not [x for x in dots if "lhs_contracting_dims={2}" in x[3]], dots
+    got = grad(q, k, v, jnp.bfloat16)
+    with jax.default_matmul_precision("highest"):
+        want = grad(q, k, v, jnp.float32)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=0.03 * float(jnp.abs(w).max()))

@@ -290,8 +290,11 @@ def dot_product_attention(
     t, kv = k.shape[1], k.shape[2]
     groups = h // kv
     qt = q.reshape(b, s, kv, groups, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, s, d]
-    kt = k.transpose(0, 2, 1, 3)  # [b, kv, t, d]
-    vt = v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    # Row-major copies: the last block reads every key, and XLA:CPU would fold these
+    # transposes into that block's dots and run them as fp32 dots (queries are sliced per
+    # block, which copies them anyway).
+    kt = precision.materialized(k.transpose(0, 2, 1, 3))  # [b, kv, t, d]
+    vt = precision.materialized(v.transpose(0, 2, 1, 3))  # [b, kv, t, d]
     # Causal blocks need queries and keys at the same positions; otherwise (e.g. a decode step
     # against a cache) one block sees every key.
     step = s if chunk is None or chunk >= s or s != t else chunk

@@ -100,32 +100,59 @@ def _lp_fwd(spec: str, a: Array, b: Array) -> tuple[Array, tuple[Array, Array]]:
     return _f32_acc(spec, a, b), (a, b)
 
 
-def _row_major_transpose(x: Array) -> Array:
-    """x.T [m, n] -> [n, m] as a real row-major copy (XLA may not fold it into the next dot)."""
-    return with_layout_constraint(x.T, Layout(major_to_minor=(0, 1)))
+def _row_major(x: Array) -> Array:
+    """x pinned to the row-major layout (XLA may not fold a neighbouring transpose into it)."""
+    return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+
+
+def _swap_last(x: Array) -> Array:
+    """x [..., m, n] -> [..., n, m] as a real row-major copy."""
+    return _row_major(jnp.swapaxes(x, -1, -2))
+
+
+def materialized(x: Array) -> Array:
+    """``x`` (typically a transpose) as a row-major copy on CPU; unchanged elsewhere.
+
+    XLA:CPU folds a transpose into the layout of the dot that reads it, and runs a bf16 dot
+    whose operand has a non-row-major layout as an fp32 dot (operands converted): attention's
+    full-length key block did so, at about half the bf16 rate (BENCHMARKS.md)."""
+    return _row_major(x) if target_platform() == "cpu" else x
 
 
 def _operand_gradient(spec: str, ct: Array, a: Array) -> Array:
     """``einsum(spec, ct, a)`` with fp32 accumulation: the gradient of the other operand.
 
-    A 2-D weight gradient (``no,ni->oi`` or ``no,ni->io``: the contracted index leads both
-    operands) is computed on CPU with one operand transposed first. XLA:CPU runs a bf16 dot
-    whose LHS contracts its leading dimension as an fp32 dot (operands converted, fp32
+    A product that contracts the leading non-batch index of both operands (a weight gradient
+    ``no,ni->oi``, or attention's ``bkqt,bkqd->bktd``: batch indices first in both operands
+    and the output) is computed on CPU with one operand transposed first. XLA:CPU runs a bf16
+    dot whose LHS contracts its leading dimension as an fp32 dot (operands converted, fp32
     kernel): 100-140 GFLOP/s on an AMX core against 280-540 with a row-major transposed copy,
-    copy included (BENCHMARKS.md). An explicit transpose alone is folded back into the dot;
-    the layout constraint keeps the copy. The operand transposed is the one whose free index
-    leads the output, so the result needs no transpose (XLA folds one into the dot and then
-    cannot run it: a bf16 DotThunk).
+    copy included (BENCHMARKS.md); attention's key/value gradients at [4, 3, 384, 512] ran
+    2.5-3.5x faster on a Zen 4. An explicit transpose alone is folded back into the dot; the
+    layout constraint keeps the copy. In a 2-D product the operand transposed is the one
+    whose free index leads the output, so the result needs no transpose (XLA folds one into
+    the dot and then cannot run it: a bf16 DotThunk); in a batched one the smaller operand is,
+    and the (small) result is then transposed from a pinned row-major dot output.
     """
     inputs, out = spec.split("->")
     p, q = inputs.split(",")
-    leading = len(p) == len(q) == len(out) == 2 and p[0] == q[0] and p[0] not in out
+    nb = len(out) - 2  # batch indices lead both operands and the output
+    batch, k = out[:nb], p[nb] if len(p) > nb else ""
+    leading = (
+        len(p) == len(q) == len(out) == nb + 2
+        and p[:nb] == q[:nb] == batch
+        and q[nb] == k
+        and k not in out
+    )
     if target_platform() != "cpu" or not leading:
         return _f32_acc(spec, ct, a)
-    k, po, qo = p[0], p[1], q[1]
-    if out == po + qo:  # [po, k] @ [k, qo]
-        return _f32_acc(f"{po}{k},{k}{qo}->{out}", _row_major_transpose(ct), a)
-    return _f32_acc(f"{qo}{k},{k}{po}->{out}", _row_major_transpose(a), ct)  # [qo, k] @ [k, po]
+    po, qo = p[nb + 1], q[nb + 1]
+    if out[nb:] != po + qo:  # [.., qo, po]: the same product with the operands' roles swapped
+        ct, a, po, qo = a, ct, qo, po
+    if nb and a.size < ct.size:  # [B, qo, k] @ [B, k, po] -> [B, qo, po], then swapped
+        y = _f32_acc(f"{batch}{qo}{k},{batch}{k}{po}->{batch}{qo}{po}", _swap_last(a), ct)
+        return _swap_last(_row_major(y))
+    return _f32_acc(f"{batch}{po}{k},{batch}{k}{qo}->{out}", _swap_last(ct), a)  # [B, po, qo]
 
 
 def _lp_bwd(spec: str, res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
@@ -160,6 +187,21 @@ def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -
     else:  # the same products (bf16 values are exact in fp32), summed in fp32 by fp32 kernels
         y = _f32_acc(spec, a.astype(jnp.float32), b.astype(jnp.float32))
     return y.astype(dtype if out_dtype is None else out_dtype)
+
+
+def weight_gradient(x: Array, dy: Array, *, dtype: jnp.dtype) -> Array:
+    """``x.T @ dy`` [in, out] in fp32 for x [n, in] and dy [n, out]: a weight's gradient, the
+    token index contracted, under the contract (operands in ``dtype``, fp32 accumulation; on a
+    CPU ``x`` is copied into its transpose first, see :func:`_operand_gradient`). For products
+    written by hand in a custom rule; :func:`einsum`'s backward pass does this itself."""
+    dtype = jnp.dtype(dtype)
+    x, dy = x.astype(dtype), dy.astype(dtype)
+    if dtype != jnp.float32 and native_low_precision_matmul():
+        y = _operand_gradient("ni,no->io", x, dy)  # [in, out]
+        if target_platform() == "cpu":  # a later transpose must not fold into this dot:
+            y = with_layout_constraint(y, Layout(major_to_minor=(0, 1)))  # (no bf16 DotThunk)
+        return y
+    return _f32_acc("ni,no->io", x.astype(jnp.float32), dy.astype(jnp.float32))
 
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # cpuinfo flags of CPU bf16 units

@@ -42,7 +42,7 @@ from resofilter_jax.parallel import (
     traced_on,
     train_batch_sharding,
 )
-from resofilter_jax.scoring.losses import token_losses
+from resofilter_jax.scoring.losses import token_loss_sum, token_losses
 from resofilter_jax.training import multihost
 
 Array = jax.Array
@@ -101,9 +101,18 @@ def row_loss_sums(
     Returns:
         (loss_sum [rows], count [rows]), fp32.
     """
+    ce, valid = _batch_loss(token_losses, model, batch, ce_chunk)  # [rows, seq - 1], 0 if no target
+    return jnp.sum(ce, axis=1), jnp.sum(valid[:, 1:], axis=1, dtype=jnp.float32)
+
+
+def _batch_loss(
+    loss_fn: Callable[..., Array], model: CausalLM, batch: Mapping[str, Array], ce_chunk: int
+) -> tuple[Array, Array]:
+    """(``loss_fn`` (``token_losses`` or ``token_loss_sum``) on the batch's targets, valid
+    [rows, seq] bool: where token t is a target)."""
     labels = batch["labels"]  # [rows, seq]
-    valid = labels != IGNORE_INDEX  # [rows, seq]; position 0 is never a target
-    ce = token_losses(
+    valid = labels != IGNORE_INDEX  # position 0 is never a target
+    loss = loss_fn(
         model,
         batch["input_ids"],
         batch["segment_ids"],
@@ -111,8 +120,8 @@ def row_loss_sums(
         batch["positions"],
         targets=jnp.where(valid, labels, 0)[:, 1:],
         chunk=ce_chunk,
-    )  # [rows, seq - 1] fp32, 0 where not a target
-    return jnp.sum(ce, axis=1), jnp.sum(valid[:, 1:], axis=1, dtype=jnp.float32)
+    )
+    return loss, valid
 
 
 def loss_sums(
@@ -120,10 +129,11 @@ def loss_sums(
 ) -> tuple[Array, Array]:
     """Summed CE over every target token of a micro-batch, and their count (fp32 scalars).
 
-    See :func:`row_loss_sums` for the batch layout.
+    The sum of :func:`row_loss_sums` (see it for the batch layout), computed as one scalar so
+    that the CE's gradient comes from the forward pass's logits (``token_loss_sum``).
     """
-    sums, counts = row_loss_sums(merge_model(parts, params), batch, ce_chunk=ce_chunk)
-    return jnp.sum(sums), jnp.sum(counts)
+    total, valid = _batch_loss(token_loss_sum, merge_model(parts, params), batch, ce_chunk)
+    return total, jnp.sum(valid[:, 1:], dtype=jnp.float32)
 
 
 def schedule_count(opt_state: Any) -> Array:
