@@ -259,6 +259,24 @@ def cache_attention_mask(
 ATTENTION_CHUNK = 128  # query rows per causal block (see `dot_product_attention`)
 
 
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+    """Softmax over the last axis (x fp32), with the compact derivative ``y * (dx - <y, dx>)``.
+
+    ``jax.nn.softmax`` without the ``jax_softmax_custom_jvp`` flag differentiates through the
+    exponentials and the division; this form keeps only the probabilities for the backward pass
+    and takes fewer passes over the [.., q, k] scores."""
+    e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    y = softmax(primals[0])
+    dx = tangents[0]
+    return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
 def dot_product_attention(
     q: Array,
     k: Array,
@@ -298,11 +316,15 @@ def dot_product_attention(
     # Causal blocks need queries and keys at the same positions; otherwise (e.g. a decode step
     # against a cache) one block sees every key.
     step = s if chunk is None or chunk >= s or s != t else chunk
+    starts = list(range(0, s, step))
+    # split, not slices: the gradient of a split is one concatenation (of slices, a sum of
+    # zero-padded full-length arrays: 3.5% of the SFT step's time on a Zen 4)
+    q_blocks = jnp.split(qt, starts[1:], axis=3) if len(starts) > 1 else [qt]
     blocks = []
-    for start in range(0, s, step):
+    for start, q_block in zip(starts, q_blocks, strict=True):
         stop = min(s, start + step)
         rows, keys = stop - start, (stop if step < s else t)
-        qc = qt[:, :, :, start:stop].reshape(b, kv, groups * rows, d)  # [b, kv, g*rows, d]
+        qc = q_block.reshape(b, kv, groups * rows, d)  # [b, kv, g*rows, d]
         scores = precision.einsum(
             "bkqd,bktd->bkqt", qc, kt[:, :, :keys], dtype=q.dtype, out_dtype=jnp.float32
         )
@@ -311,7 +333,7 @@ def dot_product_attention(
             scores = jnp.tanh(scores / softcap) * softcap
         visible = mask[:, :, None, start:stop, :keys]  # [b, 1, 1, rows, keys]
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = softmax(scores).astype(v.dtype)
         probs = probs.reshape(b, kv, groups * rows, keys)
         out = precision.einsum("bkqt,bktd->bkqd", probs, vt[:, :, :keys], dtype=v.dtype)
         # out: [b, kv, g*rows, d]
