@@ -115,8 +115,11 @@ def materialized(x: Array) -> Array:
 
     XLA:CPU folds a transpose into the layout of the dot that reads it, and runs a bf16 dot
     whose operand has a non-row-major layout as an fp32 dot (operands converted): attention's
-    full-length key block did so, at about half the bf16 rate (BENCHMARKS.md)."""
-    return _row_major(x) if target_platform() == "cpu" else x
+    full-length key block did so, at about half the bf16 rate (BENCHMARKS.md). Only bf16 (or
+    other low-precision) operands on the native path are copied: an fp32 dot is one either
+    way, and its summation order (hence its rounding) stays the one XLA picks unpinned."""
+    native = x.dtype != jnp.float32 and native_low_precision_matmul()
+    return _row_major(x) if native and target_platform() == "cpu" else x
 
 
 def _operand_gradient(spec: str, ct: Array, a: Array) -> Array:
