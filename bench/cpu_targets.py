@@ -14,7 +14,9 @@ GFLOP/s: the ratio the project would reach
 if its GEMMs ran at the measured kernel rate and everything else were free. A target above
 it cannot be met on that CPU by any change outside the GEMM kernels. For the SFT step the
 forward's shapes stand in for the backward pass's products (the same matrices, transposed
-operands; their rates differ somewhat), so its ceiling is an estimate.
+operands; their rates differ somewhat), so its ceiling is an estimate. The ceiling assumes
+the loop's FLOPs; the project runs the LM head on scored tokens only (``scoring/losses.py``),
+so where many positions carry no loss (padding, prompts) it can go past it.
 """
 
 from __future__ import annotations

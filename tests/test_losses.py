@@ -169,3 +169,79 @@ def test_weighted_sum_gradient_recomputes_no_logits() -> None:
     both = flops(jax.grad(loss, argnums=(0, 1))) - forward
     assert forward >= gemm
     assert 1.9 * gemm < both < 2.5 * gemm, (both / gemm, forward / gemm)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_scored_tokens_equal_plain_autodiff(softcap: float | None, chunk: int) -> None:
+    """With ``scored``, the scored tokens' CE and the gradients (hidden, weight) equal
+    autodiff's of the masked CE; the other tokens are 0."""
+    h, w, t, g = _inputs()
+    scored = _weights() != 0
+
+    def ours(h: jax.Array, w: jax.Array) -> jax.Array:
+        return chunked_token_ce(
+            h, w, t, dtype=jnp.float32, softcap=softcap, chunk=chunk, scored=scored
+        )
+
+    def ref(h: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.where(scored, _reference_ce(h, w, t, softcap), 0.0)
+
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(jax.jit(ours)(h, w), ref(h, w), rtol=1e-5, atol=1e-6)
+        want = jax.grad(lambda h, w: jnp.sum(g * ref(h, w)), argnums=(0, 1))(h, w)
+        got = jax.jit(jax.grad(lambda h, w: jnp.sum(g * ours(h, w)), argnums=(0, 1)))(h, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_unscored_tokens_are_not_computed() -> None:
+    """Tokens of weight 0 (and unscored ones) are sorted behind the scored ones, in order, and
+    the chunks holding none of these are skipped: NaN hidden states there reach no result
+    (computed, they would make every sum NaN), while scored tokens placed at the rows' ends
+    are sorted in front and come out as autodiff's."""
+    h, w, t, _ = _inputs()
+    scored = jnp.zeros((B, S), bool).at[:, S - 5 :].set(True)  # 10 tokens: one chunk of 16
+    computed = scored.at[0, :6].set(True)  # ... and the first 6 unscored tokens fill it up
+    h_nan = jnp.where(computed[..., None], h, jnp.nan)
+    m = scored.astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        ce = jax.jit(
+            lambda h: chunked_token_ce(h, w, t, dtype=jnp.float32, chunk=8, scored=scored)
+        )(h_nan)
+        want = jnp.where(scored, _reference_ce(h, w, t, None), 0.0)
+        np.testing.assert_allclose(ce, want, rtol=1e-5, atol=1e-6)
+
+        def total(h: jax.Array, w: jax.Array) -> jax.Array:
+            return chunked_ce_sum(h, w, t, m, dtype=jnp.float32, chunk=8)
+
+        value, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(h_nan, w)
+        ref_grads = jax.grad(lambda h, w: jnp.sum(m * _reference_ce(h, w, t, None)), (0, 1))(h, w)
+    np.testing.assert_allclose(value, jnp.sum(want), rtol=1e-5)
+    np.testing.assert_allclose(grads[0], jnp.where(scored[..., None], ref_grads[0], 0.0), atol=1e-6)
+    np.testing.assert_allclose(grads[1], ref_grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_are_sorted_per_device_of_the_traced_mesh() -> None:
+    """Under ``parallel.traced_on`` the tokens are sorted within each device's rows (a sort
+    across the sharded batch would gather it), with the same results as without a mesh."""
+    from resofilter_jax.parallel import batch_sharding, make_mesh, traced_on
+    from resofilter_jax.scoring.losses import _layout
+
+    mesh = make_mesh(jax.devices()[:2])
+    h, w, t, _ = _inputs()
+    m = _weights()
+    with traced_on(mesh):
+        assert _layout(t.shape, 8, m != 0).groups == 2
+    assert _layout(t.shape, 8, m != 0).groups == 1
+
+    def total(h: jax.Array, w: jax.Array) -> jax.Array:
+        return chunked_ce_sum(h, w, t, m, dtype=jnp.float32, chunk=8)
+
+    fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+    with jax.default_matmul_precision("highest"):
+        want = fn(h, w)
+        with traced_on(mesh):
+            got = fn(jax.device_put(h, batch_sharding(mesh)), w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

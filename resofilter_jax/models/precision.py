@@ -170,6 +170,11 @@ def _lp_bwd(spec: str, res: tuple[Array, Array], ct: Array) -> tuple[Array, Arra
 _low_precision_einsum.defvjp(_lp_fwd, _lp_bwd)
 
 
+def _widened(dtype: jnp.dtype) -> bool:
+    """Whether low-precision operands are widened to fp32 here (no bf16 units on this CPU)."""
+    return dtype != jnp.float32 and not native_low_precision_matmul()
+
+
 def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -> Array:
     """``jnp.einsum(spec, a, b)`` under the contract: operands in ``dtype``, fp32 accumulation.
 
@@ -182,29 +187,40 @@ def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -
             op is a softmax, logsumexp or loss.
     """
     dtype = jnp.dtype(dtype)
-    a, b = a.astype(dtype), b.astype(dtype)
-    if dtype == jnp.float32:
-        y = _f32_acc(spec, a, b)  # plain autodiff is already exact here
-    elif native_low_precision_matmul():
-        y = _low_precision_einsum(spec, a, b)
-    else:  # the same products (bf16 values are exact in fp32), summed in fp32 by fp32 kernels
-        y = _f32_acc(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    if dtype == jnp.float32 or _widened(dtype):
+        y = contract(spec, a, b, dtype=dtype)  # plain autodiff is already exact here
+    else:
+        y = _low_precision_einsum(spec, a.astype(dtype), b.astype(dtype))
     return y.astype(dtype if out_dtype is None else out_dtype)
+
+
+def contract(spec: str, a: Array, b: Array, *, dtype: jnp.dtype) -> Array:
+    """The fp32 result of ``jnp.einsum(spec, a, b)`` under the contract, differentiated by plain
+    autodiff: for products written by hand inside a custom rule (:func:`einsum` is the one for
+    model code). On a CPU without bf16 units the bf16 operands are widened to fp32 (bf16
+    values are exact in fp32: the same products, fp32 sums, the fp32 kernels' speed)."""
+    dtype = jnp.dtype(dtype)
+    wide = jnp.float32 if _widened(dtype) else dtype
+    return _f32_acc(spec, a.astype(dtype).astype(wide), b.astype(dtype).astype(wide))
+
+
+def contract_gradient(spec: str, ct: Array, a: Array, *, dtype: jnp.dtype) -> Array:
+    """:func:`contract` for a gradient-shaped product that contracts the leading (token) index
+    of both operands, a weight's ``ni,no->io`` or attention's ``bkqt,bkqd->bktd``: on a CPU
+    with bf16 operands it runs in the fast form of :func:`_operand_gradient`, its result
+    pinned row-major so that a later transpose cannot fold into the dot (XLA:CPU cannot run
+    that dot: "Unsupported element type for DotThunk: BF16 x BF16 = F32"). fp32 result."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32 or _widened(dtype):
+        return contract(spec, ct, a, dtype=dtype)
+    y = _operand_gradient(spec, ct.astype(dtype), a.astype(dtype))
+    return _row_major(y) if target_platform() == "cpu" else y
 
 
 def weight_gradient(x: Array, dy: Array, *, dtype: jnp.dtype) -> Array:
     """``x.T @ dy`` [in, out] in fp32 for x [n, in] and dy [n, out]: a weight's gradient, the
-    token index contracted, under the contract (operands in ``dtype``, fp32 accumulation; on a
-    CPU ``x`` is copied into its transpose first, see :func:`_operand_gradient`). For products
-    written by hand in a custom rule; :func:`einsum`'s backward pass does this itself."""
-    dtype = jnp.dtype(dtype)
-    x, dy = x.astype(dtype), dy.astype(dtype)
-    if dtype != jnp.float32 and native_low_precision_matmul():
-        y = _operand_gradient("ni,no->io", x, dy)  # [in, out]
-        if target_platform() == "cpu":  # a later transpose must not fold into this dot:
-            y = with_layout_constraint(y, Layout(major_to_minor=(0, 1)))  # (no bf16 DotThunk)
-        return y
-    return _f32_acc("ni,no->io", x.astype(jnp.float32), dy.astype(jnp.float32))
+    token index contracted (:func:`contract_gradient`)."""
+    return contract_gradient("ni,no->io", x, dy, dtype=dtype)
 
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # cpuinfo flags of CPU bf16 units

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,28 +24,30 @@ def chunked_token_ce(
     dtype: jnp.dtype,
     softcap: float | None = None,
     chunk: int = 128,
+    scored: Array | None = None,
 ) -> Array:
-    """Cross-entropy of `targets` under logits = hidden @ weight.T, one sequence chunk at a time.
+    """Cross-entropy of `targets` under logits = hidden @ weight.T, one chunk of tokens at a time.
 
-    Logits of one chunk ([b, chunk, vocab]) exist at a time, also under `grad`: the matmul runs
-    in `dtype` with fp32 accumulation, and soft-capping, logsumexp and the loss are fp32. Under
-    differentiation each chunk's forward also computes the gradient of every token's loss
-    with respect to its own hidden state (:func:`_ce_fwd`), so the backward pass needs no
+    Logits of one chunk ([rows, chunk, vocab]) exist at a time, also under `grad`: the matmul
+    runs in `dtype` with fp32 accumulation, and soft-capping, logsumexp and the loss are fp32.
+    Under differentiation each chunk's forward also computes the gradient of every token's
+    loss with respect to its own hidden state (:func:`_ce_fwd`), so the backward pass needs no
     logits for `hidden`'s gradient, and recomputes them only where `weight` is differentiated.
+    With `scored`, only the scored tokens are computed (:func:`_layout`); the others are 0.
 
     Args:
         hidden: [..., seq, hidden] states that predict `targets`.
         weight: [vocab, hidden] LM head.
         targets: [..., seq] int token ids.
+        scored: [..., seq], nonzero where the loss is wanted (default: everywhere).
     Returns:
         [..., seq] fp32 per-token cross-entropy.
     """
-    *lead, s, _ = hidden.shape
-    h_chunks = _split_chunks(hidden, chunk, tail=1)  # [n, b, chunk, hidden]
-    t_chunks = _split_chunks(targets, chunk)  # [n, b, chunk]
-    ce = _chunked_ce(jnp.dtype(dtype), softcap, h_chunks, weight, t_chunks)  # [n, b, chunk]
-    n, b, c = ce.shape
-    return ce.swapaxes(0, 1).reshape(b, n * c)[:, :s].reshape(*lead, s)
+    lay = _layout(targets.shape, chunk, scored)
+    h_chunks, t_chunks = _to_chunks(hidden, lay, tail=1), _to_chunks(targets, lay)
+    ce = _chunked_ce(jnp.dtype(dtype), softcap, h_chunks, weight, t_chunks, lay.active)
+    ce = _from_chunks(ce, lay)  # [..., seq]
+    return ce if scored is None else jnp.where(scored != 0, ce, 0.0)
 
 
 def chunked_ce_sum(
@@ -63,7 +66,8 @@ def chunked_ce_sum(
     the backward pass only scales it (:func:`_ce_sum_fwd`): each chunk's logits serve the
     loss, the hidden states' gradient and the LM head's, three LM-head-sized products and one
     softmax per chunk, against four and two when a per-token cotangent makes the weight's
-    gradient recompute the logits (:func:`chunked_token_ce` under autodiff).
+    gradient recompute the logits (:func:`chunked_token_ce` under autodiff). Tokens of weight
+    0 are not computed (unless `weights` itself is differentiated).
 
     Args:
         hidden: [..., seq, hidden]; weight: [vocab, hidden]; targets: [..., seq] int;
@@ -71,23 +75,98 @@ def chunked_ce_sum(
     Returns:
         fp32 scalar.
     """
-    h_chunks = _split_chunks(hidden, chunk, tail=1)  # [n, b, chunk, hidden]
-    t_chunks = _split_chunks(targets, chunk)  # [n, b, chunk]
-    w_chunks = _split_chunks(weights.astype(jnp.float32), chunk)  # [n, b, chunk], 0 on padding
-    return _chunked_ce_sum(jnp.dtype(dtype), softcap, h_chunks, weight, t_chunks, w_chunks)
+    lay = _layout(targets.shape, chunk, weights != 0)
+    h_chunks, t_chunks = _to_chunks(hidden, lay, tail=1), _to_chunks(targets, lay)
+    w_chunks = _to_chunks(weights.astype(jnp.float32), lay)  # [n, g, c], 0 on padding
+    return _chunked_ce_sum(
+        jnp.dtype(dtype), softcap, h_chunks, weight, t_chunks, w_chunks, lay.active
+    )
 
 
-def _split_chunks(x: Array, chunk: int, *, tail: int = 0) -> Array:
-    """x [..., seq, *tail] -> [n, b, chunk, *tail] (b: the leading axes flattened; ``tail``
-    trailing axes after seq), the sequence zero-padded to n * chunk."""
-    s, rest = x.shape[x.ndim - 1 - tail], x.shape[x.ndim - tail :]
-    x = x.reshape(-1, s, *rest)  # [b, seq, *tail]
-    chunk = min(chunk, s)
-    pad = -s % chunk
+class _Layout(NamedTuple):
+    """Where each token goes in the chunks [n, groups, size] the CE loops over.
+
+    The tokens of each group of rows (the rows of one device when a mesh is being traced on,
+    all rows otherwise) are laid end to end, the scored ones first (a stable sort), and cut
+    into n chunks of `size` tokens; only the first `active` chunks hold scored tokens, and the
+    loops stop there. In a batch of SFT rows right-padded to 512 with ~25% of the positions
+    scored (GSM8K), 3 of 4 LM-head products and softmax passes go; the permutation's gathers
+    are [tokens, hidden]."""
+
+    shape: tuple[int, ...]  # [..., seq] of the tokens
+    groups: int
+    size: int  # tokens per group and chunk
+    n: int
+    order: Array | None  # [groups, tokens per group]: chunk slot -> token (None: identity)
+    inverse: Array | None  # token -> chunk slot
+    active: Array  # int32 scalar
+
+
+def _row_groups(rows: int) -> int:
+    """Groups of rows sorted apart: the devices of the mesh being traced on
+    (``parallel.traced_on``), so that a batch sharded over them is sorted where it lives; 1
+    without a mesh (or when the rows do not split evenly)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = 1 if mesh.empty else mesh.size
+    return devices if rows % devices == 0 else 1
+
+
+def _layout(shape: tuple[int, ...], chunk: int, scored: Array | None) -> _Layout:
+    """The chunk layout of tokens of `shape` [..., seq] (:class:`_Layout`)."""
+    *lead, s = shape
+    rows = math.prod(lead)
+    groups = _row_groups(rows) if scored is not None else 1
+    per_group = rows // groups * s
+    size = rows // groups * min(chunk, s)
+    n = -(-per_group // size)
+    if scored is None:
+        return _Layout(tuple(shape), groups, size, n, None, None, jnp.asarray(n, jnp.int32))
+    keep = scored.reshape(groups, per_group) != 0
+    order = jnp.argsort(~keep, axis=-1, stable=True)  # scored tokens first, in order
+    inverse = jnp.argsort(order, axis=-1)
+    count = jnp.max(jnp.sum(keep, axis=-1))
+    active = ((count + size - 1) // size).astype(jnp.int32)
+    return _Layout(tuple(shape), groups, size, n, order, inverse, active)
+
+
+@jax.custom_vjp
+def _permute(x: Array, order: Array, inverse: Array) -> Array:
+    """x [g, t, ...] with its tokens reordered: ``x[:, order]`` (a gather both ways; autodiff
+    would scatter-add the cotangent)."""
+    return jnp.take_along_axis(x, order.reshape(*order.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+def _permute_fwd(x: Array, order: Array, inverse: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _permute(x, order, inverse), (order, inverse)
+
+
+def _permute_bwd(res: tuple[Array, Array], ct: Array) -> tuple[Array, None, None]:
+    order, inverse = res
+    return _permute(ct, inverse, order), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _to_chunks(x: Array, lay: _Layout, *, tail: int = 0) -> Array:
+    """x [..., seq, *tail] -> [n, groups, size, *tail] in the layout's order, zero-padded."""
+    rest = x.shape[x.ndim - tail :]
+    x = x.reshape(lay.groups, -1, *rest)  # [g, tokens per group, *tail]
+    if lay.order is not None:
+        x = _permute(x, lay.order, lay.inverse)
+    pad = lay.n * lay.size - x.shape[1]
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * tail)
-    n = x.shape[1] // chunk
-    return x.reshape(x.shape[0], n, chunk, *rest).swapaxes(0, 1)  # [n, b, chunk, *tail]
+    return x.reshape(lay.groups, lay.n, lay.size, *rest).swapaxes(0, 1)
+
+
+def _from_chunks(y: Array, lay: _Layout) -> Array:
+    """y [n, groups, size] -> [..., seq] in the tokens' own order."""
+    y = y.swapaxes(0, 1).reshape(lay.groups, lay.n * lay.size)
+    y = y[:, : math.prod(lay.shape) // lay.groups]
+    if lay.order is not None:
+        y = _permute(y, lay.inverse, lay.order)
+    return y.reshape(lay.shape)
 
 
 def _logits(hc: Array, weight: Array, dtype: jnp.dtype, softcap: float | None) -> Array:
@@ -119,65 +198,109 @@ def _ce_of_logits(logits: Array, tc: Array) -> tuple[Array, Array]:
     return lse - picked, lse
 
 
+def _chunk_grads(
+    hc: Array,
+    w_c: Array,
+    tc: Array,
+    wc: Array | None,
+    dtype: jnp.dtype,
+    softcap: float | None,
+    *,
+    hidden: bool,
+    head: bool,
+) -> tuple[Array, Array | None, Array | None]:
+    """One chunk's CE [b, c] and the gradients of ``sum(wc * ce)`` (wc None: every token's own,
+    weight 1) with respect to hc ([b, c, hidden] fp32, if `hidden`) and the head ([hidden,
+    vocab] fp32, transposed, if `head`), from the chunk's own logits: ``dlogits @ W`` and
+    ``hc.T @ dlogits`` (the CPU's fast form of the latter: ``precision.weight_gradient``)."""
+    logits = _logits(hc, w_c, dtype, softcap)  # [b, c, vocab]
+    ce, lse = _ce_of_logits(logits, tc)  # [b, c] each
+    dlogits = _dlogits(logits, lse, tc, softcap)  # [b, c, vocab]
+    if wc is not None:
+        dlogits = dlogits * wc[..., None]
+    dh = dw_t = None
+    if hidden:
+        dh = precision.einsum("bcv,vd->bcd", dlogits, w_c, dtype=dtype, out_dtype=jnp.float32)
+    if head:
+        d, vocab = hc.shape[-1], w_c.shape[0]
+        dw_t = precision.weight_gradient(hc.reshape(-1, d), dlogits.reshape(-1, vocab), dtype=dtype)
+    return ce, dh, dw_t
+
+
+def _over_chunks(step: Any, count: Array, init: Any) -> Any:
+    """``step(i, carry)`` for chunks i < count (a loop whose trip count is a traced value)."""
+    return jax.lax.fori_loop(0, count, step, init)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked_ce(
-    dtype: jnp.dtype, softcap: float | None, h_chunks: Array, weight: Array, t_chunks: Array
+    dtype: jnp.dtype,
+    softcap: float | None,
+    h_chunks: Array,
+    weight: Array,
+    t_chunks: Array,
+    active: Array,
 ) -> Array:
-    """CE [n, b, c] of chunks h_chunks [n, b, c, hidden], t_chunks [n, b, c]."""
-    if h_chunks.shape[0] == 1:
-        return _chunk_ce(h_chunks[0], weight, t_chunks[0], dtype, softcap)[None]
-    return jax.lax.map(
-        lambda a: _chunk_ce(a[0], weight, a[1], dtype, softcap), (h_chunks, t_chunks)
-    )
+    """CE [n, g, c] of chunks h_chunks [n, g, c, hidden], t_chunks [n, g, c]; 0 in chunks
+    from `active` on."""
+
+    def step(i: Array, ce: Array) -> Array:
+        return ce.at[i].set(_chunk_ce(h_chunks[i], weight, t_chunks[i], dtype, softcap))
+
+    return _over_chunks(step, active, jnp.zeros(t_chunks.shape, jnp.float32))
 
 
-def _ce_fwd(dtype: jnp.dtype, softcap: float | None, h_chunks: Any, weight: Any, t_chunks: Any):
+def _ce_fwd(
+    dtype: jnp.dtype,
+    softcap: float | None,
+    h_chunks: Any,
+    weight: Any,
+    t_chunks: Any,
+    active: Any,
+):
     """The CE and, where `hidden` is differentiated, each token's own gradient
-    ``d ce[t] / d hidden[t] = (softmax - onehot) [* softcap'] @ weight`` ([n, b, c, hidden],
+    ``d ce[t] / d hidden[t] = (softmax - onehot) [* softcap'] @ weight`` ([n, g, c, hidden],
     fp32): ce[t] depends on no other position, so the backward pass only scales it by the
     cotangent. The autodiff form (logits recomputed in the backward pass) spent a third LM-head
     GEMM and a second softmax pass on it: ~16% of the packed resonance step on a 2-core Zen 4
     (BENCHMARKS.md)."""
-    hs, w, ts = h_chunks.value, weight.value, t_chunks.value
-
-    def one(a: tuple[Array, Array]) -> tuple[Array, Array]:
-        hc, tc = a
-        logits = _logits(hc, w_c, dtype, softcap)  # [b, c, vocab]
-        ce, lse = _ce_of_logits(logits, tc)  # [b, c] each
-        dlogits = _dlogits(logits, lse, tc, softcap)  # [b, c, vocab]
-        dh = precision.einsum("bcv,vd->bcd", dlogits, w_c, dtype=dtype, out_dtype=jnp.float32)
-        return ce, dh  # [b, c], [b, c, hidden]
-
+    hs, w, ts, count = h_chunks.value, weight.value, t_chunks.value, active.value
     # the weight's gradient needs the inputs again; hidden's dtype travels as an empty array
-    inputs = (hs, w, ts) if weight.perturbed else None
+    inputs = (hs, w, ts, count) if weight.perturbed else None
     h_dtype = jnp.zeros((0,), hs.dtype)
     if not h_chunks.perturbed:
-        return _chunked_ce(dtype, softcap, hs, w, ts), (None, h_dtype, inputs)
+        return _chunked_ce(dtype, softcap, hs, w, ts, count), (None, h_dtype, inputs)
     w_c = w.astype(dtype)  # the head in the compute dtype once, not per chunk
-    ce, dh = jax.lax.map(one, (hs, ts))  # [n, b, c], [n, b, c, hidden]
+
+    def step(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        ce, dh = carry
+        c, d, _ = _chunk_grads(hs[i], w_c, ts[i], None, dtype, softcap, hidden=True, head=False)
+        return ce.at[i].set(c), dh.at[i].set(d)
+
+    init = (jnp.zeros(ts.shape, jnp.float32), jnp.zeros(hs.shape, jnp.float32))
+    ce, dh = _over_chunks(step, count, init)  # [n, g, c], [n, g, c, hidden]
     return ce, (dh, h_dtype, inputs)
 
 
 def _ce_bwd(dtype: jnp.dtype, softcap: float | None, res: tuple, g: Any) -> tuple:
-    """Cotangents of (h_chunks, weight, targets) for g [n, b, c]: the hidden one from the
-    saved per-token gradients, the weight's (only where it is differentiated; None is a
+    """Cotangents of (h_chunks, weight, targets, active) for g [n, g, c]: the hidden one from
+    the saved per-token gradients, the weight's (only where it is differentiated; None is a
     zero) with each chunk's logits recomputed, summed over the chunks in fp32."""
     dh, h_dtype, inputs = res
     if isinstance(g, SymbolicZero):
-        return None, None, None
+        return None, None, None, None
     d_hidden = None if dh is None else (g[..., None] * dh).astype(h_dtype.dtype)
     d_weight = None
     if inputs is not None:
-        hs, w, ts = inputs
+        hs, w, ts, count = inputs
 
-        def add(acc: Array, a: tuple[Array, Array, Array]) -> tuple[Array, None]:
-            hc, tc, gc = a
-            _, pull = jax.vjp(lambda w_: _chunk_ce(hc, w_, tc, dtype, softcap), w)
-            return acc + pull(gc)[0].astype(jnp.float32), None
+        def step(i: Array, acc: Array) -> Array:
+            _, pull = jax.vjp(lambda w_: _chunk_ce(hs[i], w_, ts[i], dtype, softcap), w)
+            return acc + pull(g[i])[0].astype(jnp.float32)
 
-        d_weight, _ = jax.lax.scan(add, jnp.zeros(w.shape, jnp.float32), (hs, ts, g))
+        d_weight = _over_chunks(step, count, jnp.zeros(w.shape, jnp.float32))
         d_weight = d_weight.astype(w.dtype)  # [vocab, hidden]
-    return d_hidden, d_weight, None
+    return d_hidden, d_weight, None, None
 
 
 _chunked_ce.defvjp(_ce_fwd, _ce_bwd, symbolic_zeros=True)
@@ -191,9 +314,11 @@ def _chunked_ce_sum(
     weight: Array,
     t_chunks: Array,
     w_chunks: Array,
+    active: Array,
 ) -> Array:
-    """sum(w_chunks * CE) over chunks h_chunks [n, b, c, hidden], t_chunks / w_chunks [n, b, c]."""
-    return jnp.sum(w_chunks * _chunked_ce(dtype, softcap, h_chunks, weight, t_chunks))
+    """sum(w_chunks * CE) over chunks h_chunks [n, g, c, hidden], t_chunks / w_chunks
+    [n, g, c] (the chunks from `active` on have weight 0)."""
+    return jnp.sum(w_chunks * _chunked_ce(dtype, softcap, h_chunks, weight, t_chunks, active))
 
 
 def _ce_sum_fwd(
@@ -203,47 +328,54 @@ def _ce_sum_fwd(
     weight: Any,
     t_chunks: Any,
     w_chunks: Any,
+    active: Any,
 ):
     """The weighted CE sum and its gradients with respect to the differentiated inputs, one
-    chunk's logits at a time: hidden's ``(weights * dlogits) @ W`` [n, b, c, hidden] and the
-    head's ``(weights * dlogits).T @ hidden``, summed over the chunks in fp32 ([hidden, vocab]:
-    the CPU's fast form of that product, see ``precision.weight_gradient``)."""
+    chunk's logits at a time (:func:`_chunk_grads`): hidden's [n, g, c, hidden] and the
+    head's, summed over the chunks in fp32 as [hidden, vocab]. Where the weights themselves
+    are differentiated every chunk is computed (their gradient is the CE of every token)."""
     hs, w, ts, ws = h_chunks.value, weight.value, t_chunks.value, w_chunks.value
+    count = jnp.asarray(ts.shape[0], jnp.int32) if w_chunks.perturbed else active.value
     dtypes = (jnp.zeros((0,), hs.dtype), jnp.zeros((0,), w.dtype))  # dtypes as residuals
     if not (h_chunks.perturbed or weight.perturbed):
-        ce = _chunked_ce(dtype, softcap, hs, w, ts)  # [n, b, c]
+        ce = _chunked_ce(dtype, softcap, hs, w, ts, count)  # [n, g, c]
         return jnp.sum(ws * ce), (None, None, ce if w_chunks.perturbed else None, dtypes)
     d, vocab = hs.shape[-1], w.shape[0]
     w_c = w.astype(dtype)  # the head in the compute dtype once, not per chunk
+    want = {"hidden": h_chunks.perturbed, "head": weight.perturbed}
 
-    def one(acc: Array, a: tuple[Array, Array, Array]) -> tuple[Array, tuple]:
-        hc, tc, wc = a  # [b, c, hidden], [b, c], [b, c]
-        logits = _logits(hc, w_c, dtype, softcap)  # [b, c, vocab]
-        ce, lse = _ce_of_logits(logits, tc)  # [b, c] each
-        dlogits = _dlogits(logits, lse, tc, softcap) * wc[..., None]  # [b, c, vocab]
-        dh = None
-        if h_chunks.perturbed:
-            dh = precision.einsum("bcv,vd->bcd", dlogits, w_c, dtype=dtype, out_dtype=jnp.float32)
-        if weight.perturbed:  # [hidden, vocab]
-            acc = acc + precision.weight_gradient(
-                hc.reshape(-1, d), dlogits.reshape(-1, vocab), dtype=dtype
-            )
-        return acc, (ce, dh)
+    def step(i: Array, carry: tuple) -> tuple:
+        acc, ce, dh = carry
+        c, dh_i, dw_t = _chunk_grads(hs[i], w_c, ts[i], ws[i], dtype, softcap, **want)
+        return (
+            acc if dw_t is None else acc + dw_t,
+            ce.at[i].set(c),
+            dh if dh_i is None else dh.at[i].set(dh_i),
+        )
 
-    acc = jnp.zeros((d, vocab) if weight.perturbed else (), jnp.float32)
-    dw_t, (ce, dh) = jax.lax.scan(one, acc, (hs, ts, ws))  # [hidden, vocab], [n, b, c], ...
-    grads = (dh, dw_t if weight.perturbed else None, ce if w_chunks.perturbed else None)
+    init = (
+        jnp.zeros((d, vocab) if weight.perturbed else (), jnp.float32),
+        jnp.zeros(ts.shape, jnp.float32),
+        jnp.zeros(hs.shape if h_chunks.perturbed else (), jnp.float32),
+    )
+    dw_t, ce, dh = _over_chunks(step, count, init)  # [hidden, vocab], [n, g, c], ...
+    grads = (
+        dh if h_chunks.perturbed else None,
+        dw_t if weight.perturbed else None,
+        ce if w_chunks.perturbed else None,
+    )
     return jnp.sum(ws * ce), (*grads, dtypes)
 
 
 def _ce_sum_bwd(dtype: jnp.dtype, softcap: float | None, res: tuple, g: Any) -> tuple:
-    """Cotangents of (h_chunks, weight, t_chunks, w_chunks): the saved gradients times g."""
+    """Cotangents of (h_chunks, weight, t_chunks, w_chunks, active): the saved gradients
+    times g."""
     dh, dw_t, ce, (h_dtype, w_dtype) = res
     if isinstance(g, SymbolicZero):
-        return None, None, None, None
+        return None, None, None, None, None
     d_hidden = None if dh is None else (g * dh).astype(h_dtype.dtype)
     d_weight = None if dw_t is None else (g * dw_t.T).astype(w_dtype.dtype)  # [vocab, hidden]
-    return d_hidden, d_weight, None, None if ce is None else g * ce
+    return d_hidden, d_weight, None, None if ce is None else g * ce, None
 
 
 _chunked_ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd, symbolic_zeros=True)
@@ -276,8 +408,9 @@ def token_losses(
         [batch, seq - 1] fp32.
     """
     hidden, weight, targets, kw = _head_inputs(model, input_ids, attention_mask, positions, targets)
-    ce = chunked_token_ce(hidden, weight, targets, **kw, chunk=chunk)  # [batch, seq - 1]
-    return ce * loss_mask[:, 1:].astype(jnp.float32)
+    scored = loss_mask[:, 1:]
+    ce = chunked_token_ce(hidden, weight, targets, **kw, chunk=chunk, scored=scored)
+    return ce * scored.astype(jnp.float32)  # [batch, seq - 1]
 
 
 def _head_inputs(

@@ -307,7 +307,8 @@ class ResonanceFn:
                 dtype=model.dtype,
                 softcap=model.config.final_logit_softcapping,
                 chunk=spec.ce_chunk,
-            )  # [L-1]
+                scored=valid,
+            )  # [L-1], 0 where not valid
             n = jnp.sum(valid)
             return jnp.sum(ce * valid) / jnp.maximum(n, 1.0), n
 

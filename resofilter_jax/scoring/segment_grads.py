@@ -221,7 +221,8 @@ def segment_grads(
             dtype=cdt,
             softcap=model.config.final_logit_softcapping,
             chunk=ce_chunk,
-        )  # [b, l-1]
+            scored=valid,
+        )  # [b, l-1], 0 where not valid
         return jnp.sum(ce * weight), ce * valid
 
     grads, ce = jax.grad(total_loss, has_aux=True)(probes)
