@@ -175,10 +175,16 @@ def rope_cos_sin(positions: Array, inv_freq: Array, dtype: jnp.dtype) -> tuple[A
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates x [batch, seq, heads, head_dim] by the half-split convention of HF."""
+    """Rotates x [batch, seq, heads, head_dim] by the half-split convention of HF.
+
+    Computed in fp32 from x and the tables as given and rounded once to x's dtype: in bf16
+    each of the four ops rounded its result, and on a CPU each is a convert pair (the query
+    rotation was 2.2% of the bf16 SFT step's op time on a Zen 4). fp32 inputs: unchanged."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    cos_f, sin_f = cos.astype(jnp.float32), sin.astype(jnp.float32)
+    return (xf * cos_f[:, :, None, :] + rotated * sin_f[:, :, None, :]).astype(x.dtype)
 
 
 def attention_mask_bias(attention_mask: Array, sliding_window: int | None = None) -> Array:
