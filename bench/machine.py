@@ -16,7 +16,10 @@ What is measured: for each (M, K, N) GEMM ``[M, K] @ [K, N]``, in one process, i
   (``lax.dot_general(..., preferred_element_type=float32)``: the project's precision contract);
 * ``xla_bf16_bf16out``: bf16 operands, bf16 result (``jnp.dot`` of bf16 arrays; what the
   code did before the contract, which XLA:CPU runs at fp32 speed);
-* ``torch_fp32``: ``torch.matmul`` of fp32 tensors (torch's own TF32 setting left as it is).
+* ``torch_fp32``: ``torch.matmul`` of fp32 tensors (torch's own TF32 setting left as it is);
+* ``torch_bf16``: ``torch.matmul`` of bf16 tensors (bf16 result; on a CPU oneDNN's kernels,
+  which use AVX512_BF16 / AMX where the CPU has them): a second library's bf16 GEMMs on the
+  same machine, so that a GEMM ceiling is not only XLA's kernels' (``best_bf16`` below).
 
 Rates are ``2 M K N / median(seconds)`` in GFLOP/s, each timed call ending in a device sync
 (``block_until_ready`` / ``torch.cuda.synchronize``); operands are made and cast before timing.
@@ -55,7 +58,10 @@ KINDS: dict[str, str] = {  # key -> column title
     "xla_bf16_f32acc": "XLA bf16,f32acc",
     "xla_bf16_bf16out": "XLA bf16,bf16out",
     "torch_fp32": "torch fp32",
+    "torch_bf16": "torch bf16",
 }
+BF16_KINDS = ("xla_bf16_f32acc", "torch_bf16")  # bf16 GEMM kernels with fp32 accumulation
+BEST_BF16 = "best_bf16"  # per GEMM, the faster of BF16_KINDS (forward_gemm_rates)
 
 
 # --------------------------------------------------------------------------- CPU facts
@@ -213,6 +219,7 @@ def _kernels(torch_device: str) -> dict[str, Callable[[Any, Any], Any]]:
         "xla_bf16_f32acc": lambda a, b: acc(a, b).block_until_ready(),
         "xla_bf16_bf16out": lambda a, b: b16(a, b).block_until_ready(),
         "torch_fp32": torch_mm,
+        "torch_bf16": torch_mm,
     }
 
 
@@ -251,11 +258,12 @@ def gemm_table(
         if {"xla_bf16_f32acc", "xla_bf16_bf16out"} & set(kinds):
             ab, bb = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
             ops.update(xla_bf16_f32acc=(ab, bb), xla_bf16_bf16out=(ab, bb))
-        if "torch_fp32" in kinds:
-            ops["torch_fp32"] = (
-                torch.from_numpy(a).to(torch_device),
-                torch.from_numpy(b).to(torch_device),
-            )
+        for kd, tdtype in (("torch_fp32", torch.float32), ("torch_bf16", torch.bfloat16)):
+            if kd in kinds:
+                ops[kd] = (
+                    torch.from_numpy(a).to(torch_device, tdtype),
+                    torch.from_numpy(b).to(torch_device, tdtype),
+                )
         order = [kd for kd in kinds if kd in ops]
         for kd in order:  # compile + warm
             kern[kd](*ops[kd])
@@ -353,13 +361,18 @@ def forward_gemm_rates(table: Sequence[Mapping[str, Any]], layers: int) -> dict[
     shape per layer; ``lm_head`` once per forward), ``layers`` the model's layer count. A
     scorer that ran every model GEMM at a kind's rate and everything else (attention, norms,
     the loss) for free would run at this rate: the roofline of the GEMM kernels themselves.
+    Where the table has both :data:`BF16_KINDS`, :data:`BEST_BF16` takes each GEMM at the
+    faster of the two: the best bf16 kernel this machine's libraries offer for that shape.
     """
     flops: dict[str, float] = {}
     seconds: dict[str, float] = {}
     for row in table:
         label = row["label"]
         times = 1 if label == "lm_head" else len(label.split("+")) * layers
-        for kind, s in row["seconds"].items():
+        per_kind = dict(row["seconds"])
+        if all(kd in per_kind for kd in BF16_KINDS):
+            per_kind[BEST_BF16] = min(per_kind[kd] for kd in BF16_KINDS)
+        for kind, s in per_kind.items():
             flops[kind] = flops.get(kind, 0.0) + times * row["gflop"]
             seconds[kind] = seconds.get(kind, 0.0) + times * s
     return {kind: flops[kind] / seconds[kind] for kind in flops if seconds[kind] > 0}

@@ -108,3 +108,25 @@ def test_gemm_ceiling_from_the_machine_table(tmp_path: Path) -> None:
     rows = {r["target"]: r for r in cpu_targets.summarize(tmp_path)["targets"]}
     got = rows["IFD bf16, steady, tokens/s vs fp32 loop"]["gemm_ceiling"]
     assert abs(got - 10.0 / 0.07 / 50.0) < 1e-9
+    assert rows["IFD bf16, steady, tokens/s vs fp32 loop"]["best_kernel_ceiling"] is None
+
+
+def test_best_kernel_ceiling_takes_each_gemm_at_the_faster_library() -> None:
+    """With torch's bf16 GEMMs in the table, ``best_bf16`` runs each GEMM at the faster of
+    the two kinds (per shape, not the faster forward): here 6 GFLOP in 0.03 s + 4 in 0.01."""
+    import machine
+
+    table = [
+        {"label": "a+b", "gflop": 1.0, "seconds": {"xla_bf16_f32acc": 0.01, "torch_bf16": 0.005}},
+        {
+            "label": "lm_head",
+            "gflop": 4.0,
+            "seconds": {"xla_bf16_f32acc": 0.01, "torch_bf16": 0.02},
+        },
+    ]
+    rates = machine.forward_gemm_rates(table, layers=3)
+    assert abs(rates["xla_bf16_f32acc"] - 10.0 / 0.07) < 1e-9
+    assert abs(rates["torch_bf16"] - 10.0 / 0.05) < 1e-9
+    assert abs(rates[machine.BEST_BF16] - 10.0 / 0.04) < 1e-9
+    fp32_only = [{"label": "lm_head", "gflop": 4.0, "seconds": {"xla_fp32": 0.02}}]
+    assert machine.BEST_BF16 not in machine.forward_gemm_rates(fp32_only, layers=3)

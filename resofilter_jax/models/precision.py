@@ -188,13 +188,13 @@ def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -
     """
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32 or _widened(dtype):
-        y = contract(spec, a, b, dtype=dtype)  # plain autodiff is already exact here
+        y = _contract(spec, a, b, dtype=dtype)  # plain autodiff is already exact here
     else:
         y = _low_precision_einsum(spec, a.astype(dtype), b.astype(dtype))
     return y.astype(dtype if out_dtype is None else out_dtype)
 
 
-def contract(spec: str, a: Array, b: Array, *, dtype: jnp.dtype) -> Array:
+def _contract(spec: str, a: Array, b: Array, *, dtype: jnp.dtype) -> Array:
     """The fp32 result of ``jnp.einsum(spec, a, b)`` under the contract, differentiated by plain
     autodiff: for products written by hand inside a custom rule (:func:`einsum` is the one for
     model code). On a CPU without bf16 units the bf16 operands are widened to fp32 (bf16
@@ -204,23 +204,23 @@ def contract(spec: str, a: Array, b: Array, *, dtype: jnp.dtype) -> Array:
     return _f32_acc(spec, a.astype(dtype).astype(wide), b.astype(dtype).astype(wide))
 
 
-def contract_gradient(spec: str, ct: Array, a: Array, *, dtype: jnp.dtype) -> Array:
-    """:func:`contract` for a gradient-shaped product that contracts the leading (token) index
+def _contract_gradient(spec: str, ct: Array, a: Array, *, dtype: jnp.dtype) -> Array:
+    """:func:`_contract` for a gradient-shaped product that contracts the leading (token) index
     of both operands, a weight's ``ni,no->io`` or attention's ``bkqt,bkqd->bktd``: on a CPU
     with bf16 operands it runs in the fast form of :func:`_operand_gradient`, its result
     pinned row-major so that a later transpose cannot fold into the dot (XLA:CPU cannot run
     that dot: "Unsupported element type for DotThunk: BF16 x BF16 = F32"). fp32 result."""
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32 or _widened(dtype):
-        return contract(spec, ct, a, dtype=dtype)
+        return _contract(spec, ct, a, dtype=dtype)
     y = _operand_gradient(spec, ct.astype(dtype), a.astype(dtype))
     return _row_major(y) if target_platform() == "cpu" else y
 
 
 def weight_gradient(x: Array, dy: Array, *, dtype: jnp.dtype) -> Array:
     """``x.T @ dy`` [in, out] in fp32 for x [n, in] and dy [n, out]: a weight's gradient, the
-    token index contracted (:func:`contract_gradient`)."""
-    return contract_gradient("ni,no->io", x, dy, dtype=dtype)
+    token index contracted (:func:`_contract_gradient`)."""
+    return _contract_gradient("ni,no->io", x, dy, dtype=dtype)
 
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # cpuinfo flags of CPU bf16 units

@@ -123,7 +123,8 @@ def _layout(shape: tuple[int, ...], chunk: int, scored: Array | None) -> _Layout
         return _Layout(tuple(shape), groups, size, n, None, None, jnp.asarray(n, jnp.int32))
     keep = scored.reshape(groups, per_group) != 0
     order = jnp.argsort(~keep, axis=-1, stable=True)  # scored tokens first, in order
-    inverse = jnp.argsort(order, axis=-1)
+    slots = jnp.broadcast_to(jnp.arange(per_group, dtype=order.dtype), order.shape)
+    inverse = jnp.zeros_like(order).at[jnp.arange(groups)[:, None], order].set(slots)
     count = jnp.max(jnp.sum(keep, axis=-1))
     active = ((count + size - 1) // size).astype(jnp.int32)
     return _Layout(tuple(shape), groups, size, n, order, inverse, active)
@@ -227,11 +228,6 @@ def _chunk_grads(
     return ce, dh, dw_t
 
 
-def _over_chunks(step: Any, count: Array, init: Any) -> Any:
-    """``step(i, carry)`` for chunks i < count (a loop whose trip count is a traced value)."""
-    return jax.lax.fori_loop(0, count, step, init)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked_ce(
     dtype: jnp.dtype,
@@ -247,7 +243,7 @@ def _chunked_ce(
     def step(i: Array, ce: Array) -> Array:
         return ce.at[i].set(_chunk_ce(h_chunks[i], weight, t_chunks[i], dtype, softcap))
 
-    return _over_chunks(step, active, jnp.zeros(t_chunks.shape, jnp.float32))
+    return jax.lax.fori_loop(0, active, step, jnp.zeros(t_chunks.shape, jnp.float32))
 
 
 def _ce_fwd(
@@ -278,7 +274,7 @@ def _ce_fwd(
         return ce.at[i].set(c), dh.at[i].set(d)
 
     init = (jnp.zeros(ts.shape, jnp.float32), jnp.zeros(hs.shape, jnp.float32))
-    ce, dh = _over_chunks(step, count, init)  # [n, g, c], [n, g, c, hidden]
+    ce, dh = jax.lax.fori_loop(0, count, step, init)  # [n, g, c], [n, g, c, hidden]
     return ce, (dh, h_dtype, inputs)
 
 
@@ -298,7 +294,7 @@ def _ce_bwd(dtype: jnp.dtype, softcap: float | None, res: tuple, g: Any) -> tupl
             _, pull = jax.vjp(lambda w_: _chunk_ce(hs[i], w_, ts[i], dtype, softcap), w)
             return acc + pull(g[i])[0].astype(jnp.float32)
 
-        d_weight = _over_chunks(step, count, jnp.zeros(w.shape, jnp.float32))
+        d_weight = jax.lax.fori_loop(0, count, step, jnp.zeros(w.shape, jnp.float32))
         d_weight = d_weight.astype(w.dtype)  # [vocab, hidden]
     return d_hidden, d_weight, None, None
 
@@ -358,7 +354,7 @@ def _ce_sum_fwd(
         jnp.zeros(ts.shape, jnp.float32),
         jnp.zeros(hs.shape if h_chunks.perturbed else (), jnp.float32),
     )
-    dw_t, ce, dh = _over_chunks(step, count, init)  # [hidden, vocab], [n, g, c], ...
+    dw_t, ce, dh = jax.lax.fori_loop(0, count, step, init)  # [hidden, vocab], [n, g, c], ...
     grads = (
         dh if h_chunks.perturbed else None,
         dw_t if weight.perturbed else None,
