@@ -31,7 +31,10 @@ machine, with the recipe ``configs/sft_smollm2.py`` (AdamW lr 2e-5, betas (0.9, 
    prompt tokens masked, right-truncated to ``--seq_len``), one example per row, right-padded
    to a fixed ``[batch, seq_len]`` (``sft_data.collate_rows``). Step ``s`` takes rows
    ``s*batch .. (s+1)*batch - 1`` (cycling). Both sides get exactly these token ids, labels
-   (-100 on prompts and padding) and attention masks.
+   (-100 on prompts and padding) and attention masks. ``--pack_batches``: the project
+   trains on each step's rows packed into as few ``seq_len`` rows as hold them
+   (``data.pack_batches``; the same examples, targets and loss per step; rows counted in
+   "exec GF/s" as run); torch keeps the padded rows.
 2. project: ``resofilter_jax.training.trainer.Trainer`` (the real jitted, donated step: forward
    in ``--dtype`` with ``--param_dtype`` master weights, chunked CE with remat, token-mean
    loss, fp32 gradients, optax clip + AdamW) on one device; each step is
@@ -118,6 +121,12 @@ def parse_args() -> argparse.Namespace:
         help="interleaved: step s of the project, then of torch, per s (a shared machine's load "
         "hits both alike); sequential: all project steps, then all torch steps",
     )
+    add(
+        "--pack_batches",
+        action="store_true",
+        help="project side: each step's rows packed into as few seq_len rows as hold them "
+        "(data.pack_batches: the same examples, targets and loss); torch keeps the padded rows",
+    )
     add("--torch_threads", type=int, default=0, help="torch intra-op threads (0: its default)")
     add("--data", choices=tuple(DATA_ASSETS), default="gsm8k", help="embedded data set")
     add("--data_path", default="", help="data file (default: the embedded --data set)")
@@ -174,23 +183,32 @@ def run_precision(args: argparse.Namespace, config: Any) -> str:
 
 
 def make_batches(
-    config: Any, tok: Any, data_path: str, batch: int, seq_len: int, n_steps: int
-) -> tuple[list[dict[str, np.ndarray]], list[list[int]], dict[str, Any]]:
-    """``n_steps`` batches [1, batch, seq_len] of real rows; per step the rows' real lengths."""
+    config: Any, tok: Any, data_path: str, batch: int, seq_len: int, n_steps: int, pack: bool
+) -> tuple[
+    list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[list[int]], dict[str, Any]
+]:
+    """``n_steps`` batches [1, batch, seq_len] of real rows, the same steps' rows as the project
+    collates them (``pack``: packed into [1, rows, seq_len], ``sft_data.pick_rows``, the most
+    rows any step needs), and per step the rows' real lengths."""
     from resofilter_jax.training.pipeline import read_training_rows
-    from resofilter_jax.training.sft_data import collate_rows
+    from resofilter_jax.training.sft_data import StepRows, collate_rows, collate_step, pick_rows
 
     rows, info = read_training_rows(config, tok, data_path)
     if not rows:
         raise SystemExit("error: no usable training row (all truncated away?)")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches, lengths = [], []
+    batches, layouts, lengths = [], [], []
     for s in range(n_steps):
         picks = np.arange(s * batch, (s + 1) * batch) % len(rows)
         batches.append(collate_rows(rows, picks, accum=1, length=seq_len, pad_id=pad_id))
+        layouts.append(pick_rows(rows, picks, accum=1, length=seq_len, pack=pack))
         lengths.append([len(rows[i]) for i in picks.tolist()])
+    # one shape for every packed step (empty rows added), so no timed step compiles
+    most = max(x.per_micro for x in layouts)
+    layouts = [StepRows(x.rows + [None] * (most - x.per_micro), most, x.length) for x in layouts]
+    own = [collate_step(x, accum=1, pad_id=pad_id) for x in layouts] if pack else batches
     info["cycled"] = n_steps * batch > len(rows)
-    return batches, lengths, info
+    return batches, own, lengths, info
 
 
 def target_count(batch: dict[str, np.ndarray]) -> int:
@@ -216,7 +234,8 @@ def project_side(
     prec = run_precision(args, config)
     t0 = time.perf_counter()
     lm = load_model(config.model.path, dtype=args.dtype, param_dtype=args.param_dtype)
-    attention = configure_for_training(lm.model, config, packed=False)  # as the train command
+    # as the train command
+    attention = configure_for_training(lm.model, config, packed=args.pack_batches)
     shapes = {n: tuple(v.shape) for n, v in named_params(lm.model).items()}
     tx, _, warm = optimizer_from_config(config.optim, shapes, n_steps)
     devices = jax.local_devices()[:1]  # one device, as the torch loop
@@ -247,7 +266,8 @@ def run_steps(
     batches: list[dict[str, np.ndarray]],
     order: str,
 ) -> dict[str, dict[str, list[float]]]:
-    """Every side on every batch: interleaved (step s of each side in turn) or sequential."""
+    """Every side on every batch (a side's own ``info["batches"]`` where it has them: the same
+    steps collated its way): interleaved (step s of each side in turn) or sequential."""
     res = {n: {"per_step_s": [], "losses": [], "grad_norms": []} for n in sides}
     plan = (
         [(s, n) for s in range(len(batches)) for n in sides]
@@ -259,7 +279,7 @@ def run_steps(
         print(f"[{n}] step {s + 1}/{len(batches)} ...", file=sys.stderr)
         info.get("sync", lambda: None)()
         t0 = time.perf_counter()
-        loss, norm = step(batches[s])
+        loss, norm = step(info.get("batches", batches)[s])
         res[n]["per_step_s"].append(time.perf_counter() - t0)
         res[n]["losses"].append(loss)
         res[n]["grad_norms"].append(norm)
@@ -282,7 +302,8 @@ def measure(
     real = sum(sum(lengths[s]) for s in timed)
     targets = sum(target_count(batches[s]) for s in timed)
     useful = sum(fm.train_step(n) for s in timed for n in lengths[s])
-    executed = len(timed) * args.batch * fm.train_step(args.seq_len)
+    rows = r.get("rows_per_step") or [args.batch] * len(batches)  # rows each step ran
+    executed = sum(rows[s] for s in timed) * fm.train_step(args.seq_len)
     steady = [r["per_step_s"][s] for s in timed]
     return results.Measure(
         name,
@@ -300,7 +321,7 @@ def measure(
             "first_steps_s": r["per_step_s"][:w],
             "target_tokens": int(targets),
             "target_tokens_per_s": targets / seconds,
-            "padded_tokens_per_s": len(timed) * args.batch * args.seq_len / seconds,
+            "padded_tokens_per_s": sum(rows[s] for s in timed) * args.seq_len / seconds,
             "load_s": r["load_s"],
         },
     )
@@ -336,8 +357,8 @@ def main() -> None:
     mach = machine.machine_report(shapes, args.gemm_repeats, torch_device=torch_device)
 
     tok = common.load_tokenizer(model_path)
-    batches, lengths, data_info = make_batches(
-        config, tok, data_path, args.batch, args.seq_len, n_steps
+    batches, own, lengths, data_info = make_batches(
+        config, tok, data_path, args.batch, args.seq_len, n_steps, args.pack_batches
     )
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -345,8 +366,11 @@ def main() -> None:
         "project": project_side(args, config, n_steps),
         "torch": torch_loop.train_step_fn(args, config, n_steps),
     }
+    sides["project"][1]["batches"] = own
     res = run_steps(sides, batches, args.order)
-    proj = {**sides["project"][1], **res["project"], "device_mb": common.jax_device_mb()}
+    pinfo = {k: v for k, v in sides["project"][1].items() if k != "batches"}
+    proj = {**pinfo, **res["project"], "device_mb": common.jax_device_mb()}
+    proj["rows_per_step"] = [int(b["input_ids"].shape[1]) for b in own]
     tinfo = {k: v for k, v in sides["torch"][1].items() if k != "sync"}
     tr = {**tinfo, **res["torch"], **torch_loop.torch_stats(torch_device)}
     proj["host_rss_mb"] = tr["host_rss_mb"]  # one process: the peak of both
@@ -397,6 +421,11 @@ def report(
         f"{prec}, attention {proj['attention']['backend']}, on {proj['device']}; peak: "
         f"{peak_note}"
     )
+    if args.pack_batches:
+        print(
+            f"project rows packed per step (--pack_batches; torch: {args.batch} padded rows): "
+            f"{proj['rows_per_step']}"
+        )
     print(
         f"torch: {name_t} on {tr['device_kind']}, {tr['threads']} threads, tf32={tr['tf32']}; "
         f"peak: {tnote}"

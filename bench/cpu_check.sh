@@ -19,6 +19,8 @@
 #   reso_bf16   bench_reso.py bf16, RESO_ROWS rows, + torch fp32 loop + fp32 rankings
 #   train_fp32  bench_train.py fp32: the SFT step vs the torch AdamW loop (TRAIN_STEPS steps)
 #   train_bf16  bench_train.py bf16 compute (fp32 master weights) vs the same fp32 torch loop
+#   train_bf16_packed  the same with --pack_batches: the project packs each step's rows into
+#               fewer rows (data.pack_batches: same examples and loss); torch keeps them padded
 #   summary     bench/cpu_targets.py: each target, the measured figure, met or not
 # Outputs in $OUT (default ./cpu_out): <step>.log, <step>.json, summary.txt, summary.json.
 set -uo pipefail
@@ -66,4 +68,7 @@ for pair in fp32:float32 bf16:bfloat16; do
     --seq_len "$TRAIN_LEN" --steps "$TRAIN_STEPS" --warmup_steps 1 --dtype "${pair#*:}" \
     --json "$OUT/train_${pair%%:*}.json"
 done
+step train_bf16_packed "$PY" bench/bench_train.py --batch "$TRAIN_BATCH" --seq_len "$TRAIN_LEN" \
+  --steps "$TRAIN_STEPS" --warmup_steps 1 --dtype bfloat16 --pack_batches \
+  --json "$OUT/train_bf16_packed.json"
 "$PY" bench/cpu_targets.py "$OUT" | tee "$OUT/summary.txt"

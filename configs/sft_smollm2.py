@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.on_error = "status"  # status: unusable rows are dropped and counted | raise
     c.data.limit = 0  # train on the records of the first N input rows; 0 = all
     c.data.packing = False  # several examples per row (segment-masked attention)
+    # Pack each step's rows into as few rows as hold them: the same examples and loss per step
+    # as unpacked training (HF's loop), without computing the padding (segment-masked attention)
+    c.data.pack_batches = False
     c.template = "chatml"  # chatml (SmolLM2's) | gemma | alpaca | none | chat
     c.max_length = 512  # right-truncation of prompt + response + EOS (the packed row length)
     c.min_bucket = 64  # batches are padded to min_bucket * 2**k or max_length

@@ -260,7 +260,8 @@ def dry_run_training(config: Any) -> dict[str, Any]:
 
     target = target_of(config)
     topo = target.topo
-    mcfg, model, attention = _abstract_model(config, target, bool(config.data.get("packing")))
+    packed = bool(config.data.get("packing")) or bool(config.data.get("pack_batches"))
+    mcfg, model, attention = _abstract_model(config, target, packed)
     remat = check_remat(config.train.get("remat", "none"))
     model.remat = remat  # as the train pipeline sets it
     mesh = make_train_mesh(config.mesh.data, config.mesh.fsdp, target.devices)

@@ -62,11 +62,12 @@ from resofilter_jax.training.run_control import (
 from resofilter_jax.training.sft_data import (
     BatchPlan,
     Row,
-    batch_at,
     batch_tokens,
+    collate_step,
     packed_rows,
     rows_fingerprint,
     single_rows,
+    step_rows,
 )
 from resofilter_jax.training.trainer import Trainer, configure_for_training, merge_model
 
@@ -102,6 +103,7 @@ def read_training_rows(
         "dropped": dropped,
         "rows": len(rows),
         "packing": bool(d.packing),
+        "pack_batches": bool(d.get("pack_batches", False)),
         "tokens": int(sum(len(r) for r in rows)),
         "target_tokens": int(sum(int(np.sum(r.labels[1:] != -100)) for r in rows)),
         "read_truncated": bool(report.truncated),
@@ -198,7 +200,7 @@ def _train_steps(
     A held-out evaluation (``evaluator``) is dispatched after its step and read, like the
     step's metrics, after the next step is dispatched; its record follows the step's.
     """
-    pending: tuple[int, dict[str, Any], int] | None = None
+    pending: tuple[int, dict[str, Any], int, int] | None = None
     pending_eval: tuple[int, Any] | None = None
     last = [time.perf_counter()]
     total_tokens = 0
@@ -213,8 +215,8 @@ def _train_steps(
         )
     kill = multihost.kill_hook()
 
-    def flush(entry: tuple[int, dict[str, Any], int]) -> None:
-        step, metrics, n_tokens = entry
+    def flush(entry: tuple[int, dict[str, Any], int, int]) -> None:
+        step, metrics, n_tokens, padded = entry
         # Read one step behind (the next step is already dispatched): the learning rate comes
         # back with the step's metrics, so nothing waits for a step right after dispatching it.
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -229,6 +231,7 @@ def _train_steps(
                     "grad_norm": values["grad_norm"],
                     "target_tokens": values["tokens"],
                     "tokens": n_tokens,
+                    "padded_tokens": padded,  # token slots computed (all rows, all processes)
                     "tokens_per_s": n_tokens / dt,
                     "step_time_s": dt,
                     "epoch": step / plan.steps_per_epoch,
@@ -248,22 +251,27 @@ def _train_steps(
             logger.log_eval(step, values)
             pending_eval = None
 
+    pack = bool(config.data.get("pack_batches", False))
     for step in steps:
-        batch = batch_at(
+        layout = step_rows(
             rows,
             plan,
             step,
             accum=accum,
             max_length=config.max_length,
             min_bucket=config.min_bucket,
-            pad_id=pad_id,
-            local=local,
+            pack=pack,
+            row_multiple=num_devices(trainer.mesh),
         )
-        metrics = trainer.step(batch, micro)
+        per_micro = layout.per_micro  # rows of each micro-batch, all processes
+        mine = local if per_micro == micro else trainer.local_rows(per_micro)
+        batch = collate_step(layout, accum=accum, pad_id=pad_id, local=mine)
+        metrics = trainer.step(batch, per_micro)
         flush_all()
         n_tokens = batch_tokens(rows, plan, step)  # real (non-padding) tokens
         total_tokens += n_tokens
-        pending = (step + 1, metrics, n_tokens)  # not read yet (see flush)
+        padded = accum * per_micro * layout.length
+        pending = (step + 1, metrics, n_tokens, padded)  # not read yet (see flush)
         if evaluator is not None and evaluator.due(step + 1, steps.stop):
             pending_eval = (step + 1, evaluator.dispatch(trainer.params))  # not read yet
         if ckpt.should_save(step + 1):
@@ -337,7 +345,8 @@ def _run_locked(
         max_length=config.max_length,
         shardings=lambda shapes: param_shardings(shapes, mesh),
     )
-    attention = configure_for_training(lm.model, config, packed=bool(config.data.packing))
+    packed = bool(config.data.packing) or bool(config.data.get("pack_batches", False))
+    attention = configure_for_training(lm.model, config, packed=packed)
     rows, data_info = read_training_rows(config, lm.tokenizer, data_path)
     plan, total = _plan(config, len(rows))
     fingerprint = rows_fingerprint(rows)

@@ -236,6 +236,107 @@ def collate_rows(
     return {k: v.reshape(accum, bsz // accum, length) for k, v in out.items()}
 
 
+def merge_rows(parts: Sequence[Row]) -> Row:
+    """One row holding ``parts`` in order, kept apart by segment ids (renumbered 1..k over the
+    parts' own segments); each part's first label is ``IGNORE_INDEX`` (never predicted from
+    the previous part's last token; a row's first label is never predicted anyway)."""
+    labels, segments, offset = [], [], 0
+    for r in parts:
+        lab = r.labels.copy()
+        lab[:1] = IGNORE_INDEX
+        labels.append(lab)
+        segments.append(r.segments + offset)
+        offset += int(r.segments.max(initial=0))
+    return Row(
+        np.concatenate([r.ids for r in parts]),
+        np.concatenate(labels),
+        np.concatenate(segments),
+        np.concatenate([r.positions for r in parts]),
+        tuple(e for r in parts for e in r.examples),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRows:
+    """The rows of one optimizer step, as collated: ``rows`` [accum * per_micro] (None: an
+    all-padding row), micro-batch ``m`` being ``rows[m * per_micro : (m + 1) * per_micro]``,
+    each padded to ``length``."""
+
+    rows: list[Row | None]
+    per_micro: int
+    length: int
+
+
+def step_rows(
+    rows: Sequence[Row],
+    plan: BatchPlan,
+    step: int,
+    *,
+    accum: int,
+    max_length: int,
+    min_bucket: int,
+    pack: bool = False,
+    row_multiple: int = 1,
+) -> StepRows:
+    """The rows of optimizer step ``step``, padded to the length bucket of its longest row.
+
+    ``pack``: the rows of each micro-batch are packed (best-fit decreasing,
+    :func:`resofilter_jax.data.pack_sequences`) into as few rows of that length as hold them,
+    the same count for every micro-batch, rounded up to ``row_multiple`` (the devices the
+    rows split over): the same examples and targets per step as unpacked, less padding to
+    compute (padding-free steps; the loss is the same up to summation order). Where packing
+    would save no row the step stays unpacked.
+    """
+    picks = plan.rows_at(step)  # [batch]
+    longest = max((len(rows[i]) for i in picks.tolist() if i >= 0), default=1)
+    length = row_length(longest, max_length, min_bucket)
+    return pick_rows(rows, picks, accum=accum, length=length, pack=pack, row_multiple=row_multiple)
+
+
+def pick_rows(
+    rows: Sequence[Row],
+    picks: np.ndarray,
+    *,
+    accum: int,
+    length: int,
+    pack: bool = False,
+    row_multiple: int = 1,
+) -> StepRows:
+    """The rows ``picks`` [batch] (-1: an all-padding row) as ``accum`` micro-batches of
+    ``length``-token rows, packed as :func:`step_rows` describes where ``pack``."""
+    micro = picks.size // accum
+    unpacked = StepRows([rows[i] if i >= 0 else None for i in picks.tolist()], micro, length)
+    if not pack:
+        return unpacked
+    groups = []  # per micro-batch: rows to merge, as lists of row indices
+    for members in picks.reshape(accum, micro).tolist():
+        real = [i for i in members if i >= 0]
+        placed = pack_sequences([len(rows[i]) for i in real], [length]) if real else []
+        groups.append([[real[j] for j in sorted(g)] for g in placed])
+    most = max(1, max(len(g) for g in groups))
+    per_micro = -(-most // row_multiple) * row_multiple
+    if per_micro >= micro:
+        return unpacked
+    out: list[Row | None] = []
+    for g in groups:
+        out += [merge_rows([rows[i] for i in members]) for members in g]
+        out += [None] * (per_micro - len(g))
+    return StepRows(out, per_micro, length)
+
+
+def collate_step(
+    layout: StepRows, *, accum: int, pad_id: int, local: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Arrays [accum, per_micro, length] of ``layout`` (:func:`collate_rows`); ``local``: only
+    these rows of every micro-batch (one process's share), [accum, local.size, length]."""
+    present = [r for r in layout.rows if r is not None]
+    index = iter(range(len(present)))
+    picks = np.array([-1 if r is None else next(index) for r in layout.rows], np.int64)
+    if local is not None:
+        picks = picks.reshape(accum, -1)[:, local].reshape(-1)  # [accum * local rows]
+    return collate_rows(present, picks, accum=accum, length=layout.length, pad_id=pad_id)
+
+
 def batch_at(
     rows: Sequence[Row],
     plan: BatchPlan,
@@ -246,19 +347,27 @@ def batch_at(
     min_bucket: int,
     pad_id: int,
     local: np.ndarray | None = None,
+    pack: bool = False,
+    row_multiple: int = 1,
 ) -> dict[str, np.ndarray]:
-    """The collated batch of optimizer step ``step`` (padded to a length bucket).
+    """The collated batch of optimizer step ``step`` (padded to a length bucket;
+    :func:`step_rows`, :func:`collate_step`).
 
-    ``local``: only these rows of every micro-batch (sorted indices into its
-    ``batch_size // accum`` rows; one process's share), [accum, local.size, length]; the
-    length is still that of the whole batch, so every process pads alike.
+    ``local``: only these rows of every micro-batch (sorted indices into its rows; one
+    process's share), [accum, local.size, length]; the length is still that of the whole
+    batch, so every process pads alike.
     """
-    picks = plan.rows_at(step)
-    longest = max((len(rows[i]) for i in picks.tolist() if i >= 0), default=1)
-    length = row_length(longest, max_length, min_bucket)
-    if local is not None:
-        picks = picks.reshape(accum, -1)[:, local].reshape(-1)  # [accum * local rows]
-    return collate_rows(rows, picks, accum=accum, length=length, pad_id=pad_id)
+    layout = step_rows(
+        rows,
+        plan,
+        step,
+        accum=accum,
+        max_length=max_length,
+        min_bucket=min_bucket,
+        pack=pack,
+        row_multiple=row_multiple,
+    )
+    return collate_step(layout, accum=accum, pad_id=pad_id, local=local)
 
 
 def batch_tokens(rows: Sequence[Row], plan: BatchPlan, step: int) -> int:
