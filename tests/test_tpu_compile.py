@@ -29,8 +29,9 @@ from resofilter_jax.dry_run_targets import (
     parse_topology,
     tpu_topology_args,
 )
-from resofilter_jax.models.attention import _batch_axes, self_attention
+from resofilter_jax.models.attention import self_attention
 from resofilter_jax.models.config import config_from_hf
+from resofilter_jax.models.fused_attention import batch_axes
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_LIBTPU = {"path": "/opt/libtpu.so", "version": "0.0.0"}
@@ -220,10 +221,10 @@ def test_peaks_and_the_roofline() -> None:
 
 def test_batch_axes() -> None:
     sizes = {"data": 4, "fsdp": 2}
-    assert _batch_axes(sizes, 8) == ("data", "fsdp")
-    assert _batch_axes(sizes, 4) == ("data",)
-    assert _batch_axes(sizes, 2) == ("fsdp",)
-    assert _batch_axes(sizes, 1) == ()
+    assert batch_axes(sizes, 8) == ("data", "fsdp")
+    assert batch_axes(sizes, 4) == ("data",)
+    assert batch_axes(sizes, 2) == ("fsdp",)
+    assert batch_axes(sizes, 1) == ()
 
 
 def test_splash_runs_per_device_under_a_mesh() -> None:
