@@ -201,12 +201,20 @@ def make_batches(
     for s in range(n_steps):
         picks = np.arange(s * batch, (s + 1) * batch) % len(rows)
         batches.append(collate_rows(rows, picks, accum=1, length=seq_len, pad_id=pad_id))
-        layouts.append(pick_rows(rows, picks, accum=1, length=seq_len, pack=pack))
+        if pack:
+            layouts.append(pick_rows(rows, picks, accum=1, length=seq_len, pack=True))
         lengths.append([len(rows[i]) for i in picks.tolist()])
-    # one shape for every packed step (empty rows added), so no timed step compiles
-    most = max(x.per_micro for x in layouts)
-    layouts = [StepRows(x.rows + [None] * (most - x.per_micro), most, x.length) for x in layouts]
-    own = [collate_step(x, accum=1, pad_id=pad_id) for x in layouts] if pack else batches
+    own = batches
+    if pack:  # one shape for every packed step (empty rows added): no timed step compiles
+        most = max(x.per_micro for x in layouts)
+        own = [
+            collate_step(
+                StepRows(x.rows + [None] * (most - x.per_micro), most, x.length),
+                accum=1,
+                pad_id=pad_id,
+            )
+            for x in layouts
+        ]
     info["cycled"] = n_steps * batch > len(rows)
     return batches, own, lengths, info
 

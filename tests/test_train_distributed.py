@@ -27,7 +27,13 @@ import pytest
 from support.training import char_tokenizer, random_examples, sft_config, tiny_hf
 
 from resofilter_jax.training import pipeline as train_main
-from resofilter_jax.training.sft_data import BatchPlan, batch_at, batch_tokens, single_rows
+from resofilter_jax.training.sft_data import (
+    BatchPlan,
+    batch_tokens,
+    collate_step,
+    single_rows,
+    step_rows,
+)
 
 pytestmark = pytest.mark.slow  # multi-process jax.distributed jobs
 
@@ -160,16 +166,16 @@ def assert_same_run(got: Path, want: Path) -> None:
 
 
 def test_local_rows_of_a_batch_are_its_columns() -> None:
-    """A process's batch (``batch_at(local=...)``) is the whole batch's rows ``local`` of every
+    """A process's batch (``collate_step(local=...)``) is the whole batch's rows ``local`` of every
     micro-batch, padded to the whole batch's length."""
     examples = random_examples(40, seed=3, lo=6, hi=60)
     rows = single_rows(examples)
     plan = BatchPlan(len(rows), 16, 2, seed=1)
-    kw = {"accum": 2, "max_length": 64, "min_bucket": 16, "pad_id": 0}
     for step in range(plan.total_steps):
-        full = batch_at(rows, plan, step, **kw)  # [2, 8, L]
+        layout = step_rows(rows, plan, step, accum=2, max_length=64, min_bucket=16)
+        full = collate_step(layout, accum=2, pad_id=0)  # [2, 8, L]
         for local in (np.arange(0, 4), np.arange(4, 8), np.array([1, 5])):
-            part = batch_at(rows, plan, step, local=local, **kw)
+            part = collate_step(layout, accum=2, pad_id=0, local=local)
             for k, v in full.items():
                 np.testing.assert_array_equal(part[k], v[:, local], err_msg=k)
         assert batch_tokens(rows, plan, step) == int(np.sum(full["segment_ids"] > 0))

@@ -170,9 +170,10 @@ def _lp_bwd(spec: str, res: tuple[Array, Array], ct: Array) -> tuple[Array, Arra
 _low_precision_einsum.defvjp(_lp_fwd, _lp_bwd)
 
 
-def _widened(dtype: jnp.dtype) -> bool:
-    """Whether low-precision operands are widened to fp32 here (no bf16 units on this CPU)."""
-    return dtype != jnp.float32 and not native_low_precision_matmul()
+def _native(dtype: jnp.dtype) -> bool:
+    """Whether products in ``dtype`` run on low-precision units here: a dtype other than fp32
+    on a machine that has them (elsewhere bf16 operands are widened to fp32)."""
+    return dtype != jnp.float32 and native_low_precision_matmul()
 
 
 def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -> Array:
@@ -187,10 +188,10 @@ def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype, out_dtype=None) -
             op is a softmax, logsumexp or loss.
     """
     dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32 or _widened(dtype):
-        y = _contract(spec, a, b, dtype=dtype)  # plain autodiff is already exact here
-    else:
+    if _native(dtype):
         y = _low_precision_einsum(spec, a.astype(dtype), b.astype(dtype))
+    else:
+        y = _contract(spec, a, b, dtype=dtype)  # plain autodiff is already exact here
     return y.astype(dtype if out_dtype is None else out_dtype)
 
 
@@ -200,7 +201,7 @@ def _contract(spec: str, a: Array, b: Array, *, dtype: jnp.dtype) -> Array:
     model code). On a CPU without bf16 units the bf16 operands are widened to fp32 (bf16
     values are exact in fp32: the same products, fp32 sums, the fp32 kernels' speed)."""
     dtype = jnp.dtype(dtype)
-    wide = jnp.float32 if _widened(dtype) else dtype
+    wide = dtype if _native(dtype) else jnp.float32
     return _f32_acc(spec, a.astype(dtype).astype(wide), b.astype(dtype).astype(wide))
 
 
@@ -211,7 +212,7 @@ def _contract_gradient(spec: str, ct: Array, a: Array, *, dtype: jnp.dtype) -> A
     pinned row-major so that a later transpose cannot fold into the dot (XLA:CPU cannot run
     that dot: "Unsupported element type for DotThunk: BF16 x BF16 = F32"). fp32 result."""
     dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32 or _widened(dtype):
+    if not _native(dtype):
         return _contract(spec, ct, a, dtype=dtype)
     y = _operand_gradient(spec, ct.astype(dtype), a.astype(dtype))
     return _row_major(y) if target_platform() == "cpu" else y

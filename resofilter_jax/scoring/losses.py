@@ -405,8 +405,7 @@ def token_losses(
     """
     hidden, weight, targets, kw = _head_inputs(model, input_ids, attention_mask, positions, targets)
     scored = loss_mask[:, 1:]
-    ce = chunked_token_ce(hidden, weight, targets, **kw, chunk=chunk, scored=scored)
-    return ce * scored.astype(jnp.float32)  # [batch, seq - 1]
+    return chunked_token_ce(hidden, weight, targets, **kw, chunk=chunk, scored=scored)  # 0 unscored
 
 
 def _head_inputs(

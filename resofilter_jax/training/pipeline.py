@@ -264,7 +264,7 @@ def _train_steps(
             row_multiple=num_devices(trainer.mesh),
         )
         per_micro = layout.per_micro  # rows of each micro-batch, all processes
-        mine = local if per_micro == micro else trainer.local_rows(per_micro)
+        mine = trainer.local_rows(per_micro)  # this process's rows of them (None: all)
         batch = collate_step(layout, accum=accum, pad_id=pad_id, local=mine)
         metrics = trainer.step(batch, per_micro)
         flush_all()

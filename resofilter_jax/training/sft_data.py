@@ -71,27 +71,11 @@ def packed_rows(examples: Sequence[SFTExample], max_length: int) -> list[Row]:
     Raises:
         ValueError: If an example is longer than ``max_length``.
     """
-    rows = []
-    for placed in pack_sequences([ex.ids.size for ex in examples], [max_length]):
-        members = sorted(placed)
-        parts = [examples[i] for i in members]
-        labels = []
-        for ex in parts:
-            lab = ex.labels.astype(np.int32).copy()
-            lab[:1] = IGNORE_INDEX  # never predicted from the previous segment's last token
-            labels.append(lab)
-        rows.append(
-            Row(
-                np.concatenate([ex.ids for ex in parts]).astype(np.int32),
-                np.concatenate(labels),
-                np.concatenate(
-                    [np.full(ex.ids.size, k + 1, np.int32) for k, ex in enumerate(parts)]
-                ),
-                np.concatenate([np.arange(ex.ids.size, dtype=np.int32) for ex in parts]),
-                tuple(members),
-            )
-        )
-    return rows
+    singles = single_rows(examples)
+    return [
+        merge_rows([singles[i] for i in sorted(placed)])
+        for placed in pack_sequences([ex.ids.size for ex in examples], [max_length])
+    ]
 
 
 def rows_fingerprint(rows: Sequence[Row]) -> str:
@@ -335,39 +319,6 @@ def collate_step(
     if local is not None:
         picks = picks.reshape(accum, -1)[:, local].reshape(-1)  # [accum * local rows]
     return collate_rows(present, picks, accum=accum, length=layout.length, pad_id=pad_id)
-
-
-def batch_at(
-    rows: Sequence[Row],
-    plan: BatchPlan,
-    step: int,
-    *,
-    accum: int,
-    max_length: int,
-    min_bucket: int,
-    pad_id: int,
-    local: np.ndarray | None = None,
-    pack: bool = False,
-    row_multiple: int = 1,
-) -> dict[str, np.ndarray]:
-    """The collated batch of optimizer step ``step`` (padded to a length bucket;
-    :func:`step_rows`, :func:`collate_step`).
-
-    ``local``: only these rows of every micro-batch (sorted indices into its rows; one
-    process's share), [accum, local.size, length]; the length is still that of the whole
-    batch, so every process pads alike.
-    """
-    layout = step_rows(
-        rows,
-        plan,
-        step,
-        accum=accum,
-        max_length=max_length,
-        min_bucket=min_bucket,
-        pack=pack,
-        row_multiple=row_multiple,
-    )
-    return collate_step(layout, accum=accum, pad_id=pad_id, local=local)
 
 
 def batch_tokens(rows: Sequence[Row], plan: BatchPlan, step: int) -> int:
